@@ -1,0 +1,23 @@
+"""Quickstart: masked autoencoder on a generated 20,000-cell x 2,000-gene atlas, on a laptop CPU.
+
+    python -m sscell.main --config=experiments/quickstart.py
+
+Generates the atlas and its store in runs/quickstart/, pretrains with random gene masking
+(rate 0.5), then evaluates (zero-shot kNN vs PCA, reconstruction). About 3 minutes on 2 CPU
+cores; rerunning resumes (or, when training is done, only evaluates). Expected: the
+embedding's kNN macro F1 at or above PCA's, reconstruction weighted EV about 0.3 (see README).
+"""
+from sscell.config import default_config
+
+
+def get_config():
+    config = default_config()
+    config.data.synthetic.n_cells = 20_000
+    config.model.hidden = (256, 256, 128, 128)  # the study's widths halved for 2,000 genes
+    config.train.steps = 4_000
+    config.train.batch_size = 256
+    config.train.log_every = 25
+    config.train.val_every = 250
+    config.train.checkpoint_every = 250
+    config.train.lr_decay_epochs = 10
+    return config

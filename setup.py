@@ -1,0 +1,22 @@
+"""sscell: self-supervised pretraining on single-cell gene expression, in JAX."""
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+requirements = [
+    line.strip()
+    for line in Path(__file__).with_name("requirements.txt").read_text().splitlines()
+    if line.strip() and not line.startswith("#")
+]
+
+setup(
+    name="sscell",
+    version="0.1.0",
+    description="Self-supervised pretraining on single-cell gene expression at atlas scale (JAX/Flax).",
+    long_description=Path(__file__).with_name("README.md").read_text(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["sscell", "sscell.*"]),
+    install_requires=requirements,
+    extras_require={"test": ["pytest>=8", "pytest-timeout>=2.3"]},
+)

@@ -1,0 +1,229 @@
+"""sscell's on-disk count-matrix store: an AnnData zarr v3 group whose CSR X is read with tensorstore.
+
+Layout (`anndata.read_zarr(STORE)` opens it; the loader reads cells through `Store`)::
+
+    STORE/zarr.json    group: encoding-type "anndata" + attribute "sscell" (format_version, provenance)
+    STORE/X/           group: encoding-type "csr_matrix", shape [n_cells, n_genes]
+    STORE/X/data       counts, uint16 if every count < 65536 else uint32
+    STORE/X/indices    gene index, uint16 if n_genes <= 65536 else uint32
+    STORE/X/indptr     int64, n_cells + 1 (held in RAM by `Store`)
+    STORE/obs, /var    written by anndata, so dtypes and categoricals round trip
+
+Rows are grouped by obs["split"] (train, val, test) and shuffled within each split at write time,
+so a split is one contiguous row range and any contiguous block of it is a random sample.
+
+Chunking of data/indices/indptr (1-D, zarr v3 `sharding_indexed`, blosc lz4 + byte shuffle per
+inner chunk, all readable by zarr-python too): inner chunks hold about 128 cells' worth of
+nonzeros (a power of two between 2**12 and 2**20 elements, chosen from the mean nonzeros per
+cell), so a loader block of 64-512 cells decodes little beyond what it needs; shards hold
+2**24 elements (32 MiB of uint16 before compression), so 20 M cells of ~2,000 nonzeros make a
+few thousand shard files per array rather than millions of chunk files.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import anndata
+import numpy as np
+import pandas as pd
+import scipy.sparse
+import tensorstore as ts
+import zarr
+
+from sscell.errors import SscellError
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "val", "test")
+SHARD_ELEMENTS = 2**24
+CELLS_PER_CHUNK = 128
+_HOW_TO_CREATE = "create one with python -m sscell.data.convert"
+
+
+def _context() -> ts.Context:
+    """Threads for blosc decode on every core, many file reads in flight; no chunk cache."""
+    return ts.Context({
+        "data_copy_concurrency": {"limit": os.cpu_count() or 1},
+        "file_io_concurrency": {"limit": 64},
+    })
+
+
+def inner_chunk_elements(nnz: int, n_cells: int) -> int:
+    """Inner chunk size: about CELLS_PER_CHUNK cells' worth of nonzeros, a power of two."""
+    per_cell = max(nnz / max(n_cells, 1), 1.0)
+    return 2 ** int(np.clip(round(np.log2(CELLS_PER_CHUNK * per_cell)), 12, 20))
+
+
+def _create_array(path: Path, size: int, dtype: np.dtype, chunks: tuple[int, int],
+                  ctx: ts.Context) -> ts.TensorStore:
+    """A 1-D zarr v3 array of `size` elements, sharded as chunks = (inner chunk, shard)."""
+    dtype = np.dtype(dtype)
+    inner = [
+        {"name": "bytes", "configuration": {"endian": "little"}},
+        {"name": "blosc", "configuration": {
+            "cname": "lz4", "clevel": 5, "shuffle": "shuffle", "typesize": dtype.itemsize, "blocksize": 0}},
+    ]
+    spec = {
+        "driver": "zarr3",
+        "kvstore": {"driver": "file", "path": str(path)},
+        "metadata": {
+            "shape": [size],
+            "data_type": dtype.name,
+            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [chunks[1]]}},
+            "codecs": [{"name": "sharding_indexed", "configuration": {"chunk_shape": [chunks[0]], "codecs": inner}}],
+            "fill_value": 0,
+        },
+        "create": True,
+    }
+    return ts.open(spec, context=ctx).result()
+
+
+def _open_array(path: Path, ctx: ts.Context) -> ts.TensorStore:
+    return ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}},
+                   read=True, context=ctx).result()
+
+
+class StoreWriter:
+    """Writes a new store at `path`: X rows appended in order, then obs and var.
+
+    The row layout (`indptr`) is known up front, so data/indices are created at their final
+    size and written in shard-aligned pieces (each shard written once); the tail is written by
+    `close`. At most one piece is being written while the caller prepares the next block.
+    `data_dtype` must hold every count; blocks may carry any dtypes that cast exactly.
+    """
+
+    def __init__(self, path: str | os.PathLike, indptr: np.ndarray, n_genes: int,
+                 data_dtype: np.dtype, attrs: dict, shard_elements: int = SHARD_ELEMENTS):
+        self.path = Path(path)
+        self.shard_elements = shard_elements
+        self.indptr = np.asarray(indptr, dtype=np.int64)
+        n_cells, nnz = len(self.indptr) - 1, int(self.indptr[-1])
+        root = zarr.open_group(self.path, mode="w-", zarr_format=3)
+        root.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0",
+                           "sscell": {"format_version": FORMAT_VERSION, **attrs}})
+        root.create_group("X").attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0",
+                                             "shape": [n_cells, n_genes]})
+        ctx = _context()
+        chunks = (min(inner_chunk_elements(nnz, n_cells), shard_elements), shard_elements)
+        index_dtype = np.uint16 if n_genes <= 2**16 else np.uint32
+        self._data = _create_array(self.path / "X" / "data", nnz, data_dtype, chunks, ctx)
+        self._indices = _create_array(self.path / "X" / "indices", nnz, index_dtype, chunks, ctx)
+        indptr_store = _create_array(self.path / "X" / "indptr", n_cells + 1, np.int64, chunks, ctx)
+        indptr_store.write(self.indptr).result()
+        self._rows = 0        # rows appended so far
+        self._flushed = 0     # nonzeros written to disk so far
+        self._buffer: list[tuple[np.ndarray, np.ndarray]] = []
+        self._pending: list[ts.WriteFutures] = []
+
+    def append(self, block: scipy.sparse.csr_matrix) -> None:
+        """Append the next block of rows (csr, n_genes columns) after those already appended."""
+        stop = self._rows + block.shape[0]
+        expected = self.indptr[stop] - self.indptr[self._rows]
+        if block.nnz != expected:
+            raise ValueError(f"rows {self._rows}:{stop} have {block.nnz} nonzeros, indptr says {expected}")
+        self._buffer.append((block.data, block.indices))
+        self._rows = stop
+        buffered = int(self.indptr[stop]) - self._flushed
+        if buffered >= self.shard_elements:
+            self._flush(buffered // self.shard_elements * self.shard_elements)
+
+    def _flush(self, n: int) -> None:
+        data = np.concatenate([d for d, _ in self._buffer])
+        indices = np.concatenate([i for _, i in self._buffer])
+        self._buffer = [(data[n:].copy(), indices[n:].copy())]
+        for pending in self._pending:
+            pending.result()
+        lo, hi = self._flushed, self._flushed + n
+        self._pending = [
+            self._data[lo:hi].write(data[:n].astype(self._data.dtype.numpy_dtype, copy=False)),
+            self._indices[lo:hi].write(indices[:n].astype(self._indices.dtype.numpy_dtype, copy=False)),
+        ]
+        self._flushed = hi
+
+    def close(self, obs: pd.DataFrame, var: pd.DataFrame) -> None:
+        """Write the remaining nonzeros, then obs and var (obs rows in store order)."""
+        if self._rows != len(self.indptr) - 1:
+            raise ValueError(f"{self._rows} rows appended, indptr describes {len(self.indptr) - 1}")
+        if self._flushed < self.indptr[-1]:
+            self._flush(int(self.indptr[-1]) - self._flushed)
+        for pending in self._pending:
+            pending.result()
+        root = zarr.open_group(self.path, mode="r+", zarr_format=3)
+        with anndata.settings.override(auto_shard_zarr_v3=False):  # obs/var columns are small: unsharded
+            anndata.io.write_elem(root, "obs", obs)
+            anndata.io.write_elem(root, "var", var)
+
+
+@dataclasses.dataclass(eq=False)
+class Store:
+    """An open store: indptr, obs and var in RAM; counts read on demand with tensorstore."""
+
+    path: str
+    n_cells: int
+    n_genes: int
+    indptr: np.ndarray = dataclasses.field(repr=False)
+    obs: pd.DataFrame = dataclasses.field(repr=False)
+    var: pd.DataFrame = dataclasses.field(repr=False)
+    _data: ts.TensorStore = dataclasses.field(repr=False)
+    _indices: ts.TensorStore = dataclasses.field(repr=False)
+
+    def split_range(self, split: str) -> tuple[int, int]:
+        """Contiguous [start, stop) rows of `split` ("train", "val" or "test")."""
+        if split not in SPLITS:
+            raise SscellError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+        codes = self.obs["split"].cat.codes.to_numpy()
+        k = SPLITS.index(split)
+        return int(np.searchsorted(codes, k, "left")), int(np.searchsorted(codes, k, "right"))
+
+    def read_rows(self, start: int, stop: int) -> scipy.sparse.csr_matrix:
+        """Counts of rows [start, stop) as csr (data in the stored integer dtype)."""
+        return self.read_blocks([(start, stop)])[0]
+
+    def read_blocks(self, ranges: Sequence[tuple[int, int]]) -> list[scipy.sparse.csr_matrix]:
+        """One csr per [start, stop) range; all reads are issued before any is awaited."""
+        futures = []
+        for start, stop in ranges:
+            if not 0 <= start <= stop <= self.n_cells:
+                raise SscellError(f"rows [{start}, {stop}) are outside the store's {self.n_cells} cells ({self.path})")
+            lo, hi = self.indptr[start], self.indptr[stop]
+            futures.append((start, stop, self._data[lo:hi].read(), self._indices[lo:hi].read()))
+        return [
+            scipy.sparse.csr_matrix((data.result(), indices.result(), self.indptr[start:stop + 1] - self.indptr[start]),
+                                    shape=(stop - start, self.n_genes))
+            for start, stop, data, indices in futures
+        ]
+
+
+def open_store(path: str | os.PathLike) -> Store:
+    """Open a store written by `sscell.data.convert`."""
+    root_path = Path(path)
+
+    def not_a_store(why: str) -> SscellError:
+        return SscellError(f"{root_path} is not an sscell store: {why}; {_HOW_TO_CREATE}")
+
+    if not root_path.exists():
+        raise not_a_store("it does not exist")
+    if not (root_path / "zarr.json").is_file():
+        raise not_a_store("no zarr.json")
+    root = zarr.open_group(root_path, mode="r", zarr_format=3)
+    version = root.attrs.get("sscell", {}).get("format_version")
+    if version is None:
+        raise not_a_store("its zarr.json has no sscell format_version attribute")
+    if version != FORMAT_VERSION:
+        raise not_a_store(f"sscell format_version is {version}, this sscell reads {FORMAT_VERSION}")
+    if not (root_path / "X" / "indptr" / "zarr.json").is_file():
+        raise not_a_store("no X/indptr")
+    obs = anndata.io.read_elem(root["obs"])
+    split = obs.get("split")
+    if (split is None or not isinstance(split.dtype, pd.CategoricalDtype)
+            or tuple(split.cat.categories) != SPLITS or np.any(np.diff(split.cat.codes.to_numpy()) < 0)):
+        raise not_a_store(f"obs['split'] is not a categorical {list(SPLITS)} with rows grouped in that order")
+    ctx = _context()
+    indptr = _open_array(root_path / "X" / "indptr", ctx).read().result()
+    n_cells, n_genes = root["X"].attrs["shape"]
+    return Store(path=str(root_path), n_cells=n_cells, n_genes=n_genes, indptr=indptr,
+                 obs=obs, var=anndata.io.read_elem(root["var"]),
+                 _data=_open_array(root_path / "X" / "data", ctx),
+                 _indices=_open_array(root_path / "X" / "indices", ctx))

@@ -1,0 +1,63 @@
+"""Entry point: `python -m sscell.main --config=experiments/quickstart.py [--workdir=DIR] [--config.x=y]`.
+
+Prepares the data, trains (or resumes) and, unless `--noeval`, evaluates the run.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from sscell.config import check_compatible, save_config
+from sscell.data.prepare import prepare_store
+from sscell.errors import SscellError
+from sscell.evaluation.evaluate import evaluate
+from sscell.losses import get_loss
+from sscell.training import distributed
+from sscell.training.train import train
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. experiments/quickstart.py.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config file name>).")
+_EVAL = flags.DEFINE_bool("eval", True, "Evaluate the run once training is done.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-host run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
+flags.mark_flags_as_required(["config"])
+
+
+def default_workdir() -> str:
+    """runs/<config file name without .py>."""
+    config_file = config_flags.get_config_filename(flags.FLAGS["config"])
+    return os.path.join("runs", os.path.splitext(os.path.basename(config_file))[0])
+
+
+def run(argv: list[str]) -> None:
+    del argv
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    config, workdir = _CONFIG.value, _WORKDIR.value or default_workdir()
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+
+    get_loss(config.loss.name)
+    os.makedirs(workdir, exist_ok=True)
+    check_compatible(config, workdir)
+    store = prepare_store(config, workdir)
+    save_config(config, workdir)
+    train(config, workdir, store)
+    if _EVAL.value:
+        evaluate(workdir)
+
+
+def main(argv: list[str]) -> None:
+    """Runs `run`, turning SscellError into one line on stderr and exit code 2."""
+    try:
+        run(argv)
+    except SscellError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,42 @@
+"""Metrics of a run: one JSON object per line in `metrics.jsonl`, plus TensorBoard events."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+from tensorboardX import SummaryWriter
+
+
+class MetricWriter:
+    """Appends `{"step": s, name: value, ...}` records; on resume drops records past `resume_step`."""
+
+    def __init__(self, workdir: str | os.PathLike, resume_step: int = 0):
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self._truncate_after(resume_step)
+        self._file = open(self.path, "a")
+        self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def _truncate_after(self, step: int) -> None:
+        """A crashed run may have logged steps beyond its last checkpoint: they will be redone."""
+        if not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, self.path)
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        """Record scalar metrics at `step`."""
+        record = {"step": int(step), **{k: float(np.asarray(v)) for k, v in metrics.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        for name, value in record.items():
+            if name != "step":
+                self._tensorboard.add_scalar(name, value, step)
+
+    def close(self) -> None:
+        self._file.close()
+        self._tensorboard.close()

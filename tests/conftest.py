@@ -1,0 +1,45 @@
+"""Shared fixtures: a tiny generated atlas converted into a store, once per test session."""
+from __future__ import annotations
+
+import pytest
+
+from sscell.config import default_config
+from sscell.data.convert import convert
+from sscell.data.store import open_store
+from sscell.data.synthetic import AtlasSpec, write_atlas
+
+TINY_ATLAS = AtlasSpec(n_cells=1600, n_genes=96, n_datasets=2, donors_per_dataset=4, seed=0)
+
+
+def pytest_collection_modifyitems(items):
+    """A hung test (e.g. a stuck collective) fails after 5 minutes instead of stalling CI."""
+    for item in items:
+        if item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(300))
+
+
+@pytest.fixture(scope="session")
+def tiny_h5ad(tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("atlas") / "atlas.h5ad")
+    write_atlas(TINY_ATLAS, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tiny_h5ad, tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("store") / "store")
+    convert([tiny_h5ad], path, seed=0)
+    return open_store(path)
+
+
+@pytest.fixture
+def tiny_config(tiny_store):
+    """A config that trains the tiny store in seconds."""
+    config = default_config()
+    config.data.store = tiny_store.path
+    config.model.hidden = (32, 32)
+    config.model.latent = 8
+    config.train.update(steps=30, batch_size=64, log_every=5, val_every=10, val_batches=2,
+                        checkpoint_every=10, lr_decay_epochs=100)
+    config.eval.update(batch_size=128, pca_components=8)
+    return config

@@ -1,0 +1,85 @@
+"""The two entry points end to end, in subprocesses, on a tiny generated atlas."""
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+
+TINY = ["--config.data.synthetic.n_cells=1600", "--config.data.synthetic.n_genes=96",
+        "--config.data.synthetic.n_datasets=2", "--config.model.hidden=(32,32)", "--config.model.latent=8",
+        "--config.train.steps=20", "--config.train.batch_size=64", "--config.train.log_every=5",
+        "--config.train.val_every=10", "--config.train.checkpoint_every=10", "--config.eval.pca_components=8"]
+
+
+def sscell(*args, module="sscell.main"):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=env,
+                          cwd=os.path.dirname(os.path.dirname(__file__)), timeout=240)
+
+
+@pytest.fixture(scope="module")
+def quickstart_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("run") / "quickstart"
+    result = sscell("--config=experiments/quickstart.py", f"--workdir={workdir}", *TINY)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir, result
+
+
+def test_quickstart_trains_and_evaluates(quickstart_run):
+    workdir, result = quickstart_run
+    for name in ("atlas.h5ad", "store", "config.json", "metrics.jsonl", "results.md", "results.csv",
+                 "loss_curve.png", "checkpoints"):
+        assert (workdir / name).exists(), name
+    with open(workdir / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["method"].split()[0] for r in rows] == ["sscell", "PCA(8)"]
+    assert all(0 < float(r["knn_macro_f1"]) <= 1 for r in rows)
+    assert "knn_macro_f1" in result.stdout and "PCA(8)" in result.stdout
+
+
+def test_rerun_goes_straight_to_evaluation(quickstart_run):
+    workdir, _ = quickstart_run
+    result = sscell("--config=experiments/quickstart.py", f"--workdir={workdir}", *TINY)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "training already complete at step 20" in result.stdout
+    assert "knn_macro_f1" in result.stdout
+
+
+def test_evaluation_entry_point_needs_only_the_workdir(quickstart_run):
+    workdir, _ = quickstart_run
+    result = sscell(f"--workdir={workdir}", module="sscell.evaluation")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "knn_macro_f1" in result.stdout
+
+
+def one_line_error(result, pattern):
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and pattern in lines[0], result.stderr[-2000:]
+
+
+def test_incompatible_workdir(quickstart_run):
+    workdir, _ = quickstart_run
+    result = sscell("--config=experiments/quickstart.py", f"--workdir={workdir}", *TINY, "--config.model.latent=16")
+    one_line_error(result, "incompatible config")
+
+
+def test_unknown_loss(tmp_path):
+    one_line_error(sscell("--config=experiments/quickstart.py", f"--workdir={tmp_path}", "--config.loss.name=nope"),
+                   "unknown loss 'nope'")
+
+
+def test_missing_store(tmp_path):
+    result = sscell("--config=experiments/quickstart.py", f"--workdir={tmp_path}",
+                    f"--config.data.store={tmp_path}/missing")
+    one_line_error(result, "missing")
+
+
+def test_unknown_config_field(tmp_path):
+    result = sscell("--config=experiments/quickstart.py", f"--workdir={tmp_path}", "--config.train.stepz=3")
+    assert result.returncode != 0 and "stepz" in result.stderr
+
+
+def test_evaluating_an_empty_workdir(tmp_path):
+    one_line_error(sscell(f"--workdir={tmp_path}", module="sscell.evaluation"), "holds no sscell run")

@@ -1,0 +1,264 @@
+"""Evaluation metrics and report writing against numpy / scikit-learn references."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+from sklearn.metrics import explained_variance_score, mean_squared_error
+
+from sscell.errors import SscellError
+from sscell.evaluation.metrics import (
+    ExplainedVariance,
+    explained_variance,
+    f1_scores,
+    knn_predict,
+    log1p_normalise,
+    pca_embedding,
+)
+from sscell.evaluation.report import _read_losses, plot_loss_curves, write_results
+
+
+def brute_force_knn(ref, labels, query, k):
+    """Majority labels of the k nearest references, and whether each vote was tied."""
+    dist = ((query[:, None, :] - ref[None, :, :]) ** 2).sum(-1)
+    nearest = labels[np.argsort(dist, axis=1)[:, :k]]
+    preds, tied = [], []
+    for row in nearest:
+        values, counts = np.unique(row, return_counts=True)
+        preds.append(values[counts.argmax()])
+        tied.append((counts == counts.max()).sum() > 1)
+    return np.array(preds), np.array(tied)
+
+
+def test_knn_matches_brute_force_majority_vote():
+    rng = np.random.default_rng(0)
+    ref, query = rng.normal(size=(80, 6)), rng.normal(size=(40, 6))
+    labels = rng.integers(0, 4, size=80)
+    expected, tied = brute_force_knn(ref, labels, query, k=5)
+    assert (~tied).sum() >= 20
+    pred = knn_predict(ref, labels, query, k=5)
+    np.testing.assert_array_equal(pred[~tied], expected[~tied])
+
+
+def test_knn_tie_breaks_to_smallest_label():
+    ref = np.array([[0.0], [1.0], [10.0], [11.0]])
+    pred = knn_predict(ref, np.array(["b", "b", "a", "a"]), np.array([[5.5]]), k=4)
+    assert pred.tolist() == ["a"]
+
+
+def test_knn_keeps_identical_reference_point():
+    # Distances from the query are 0, 1, 2, 3: counting itself the vote is x, x, y -> x;
+    # dropping it would give x, y, y -> y.
+    ref = np.array([[0.0], [1.0], [-2.0], [3.0]])
+    labels = np.array(["x", "x", "y", "y"])
+    assert knn_predict(ref, labels, np.array([[0.0]]), k=3).tolist() == ["x"]
+
+
+def test_knn_rejects_bad_input():
+    ref = np.zeros((3, 2))
+    with pytest.raises(SscellError):
+        knn_predict(ref, np.arange(3), np.zeros((1, 2)), k=4)
+    with pytest.raises(SscellError):
+        knn_predict(ref, np.arange(3), np.zeros((1, 5)), k=1)
+
+
+def test_f1_scores_match_per_class_counts():
+    rng = np.random.default_rng(1)
+    true = rng.integers(0, 5, size=300)
+    pred = np.where(rng.random(300) < 0.6, true, rng.integers(0, 7, size=300))  # 5, 6 never true
+    per_class = []
+    for c in np.unique(true):
+        tp = np.sum((pred == c) & (true == c))
+        fp = np.sum((pred == c) & (true != c))
+        fn = np.sum((pred != c) & (true == c))
+        per_class.append(2 * tp / (2 * tp + fp + fn))
+    scores = f1_scores(true, pred)
+    assert scores["macro_f1"] == pytest.approx(np.mean(per_class), abs=1e-12)
+    assert scores["micro_f1"] == pytest.approx(np.mean(true == pred), abs=1e-12)
+
+
+def test_f1_scores_tiny_example():
+    # a: P=1, R=1/2 -> F1 2/3; b: P=1/2, R=1/2 -> 1/2; c is never true, so not averaged.
+    scores = f1_scores(np.array(["a", "a", "b", "b"]), np.array(["a", "b", "b", "c"]))
+    assert scores["macro_f1"] == pytest.approx(7 / 12)
+    assert scores["micro_f1"] == pytest.approx(0.5)
+
+
+def reconstruction_pair(seed=2, n=120, g=25):
+    rng = np.random.default_rng(seed)
+    x = rng.gamma(2.0, size=(n, g)) * rng.uniform(0.2, 3.0, size=g)
+    x_hat = 0.7 * x + rng.normal(scale=0.5, size=(n, g)) + 0.3
+    return x, x_hat
+
+
+def test_explained_variance_matches_sklearn():
+    x, x_hat = reconstruction_pair()
+    ev = explained_variance(x, x_hat)
+    assert ev["ev_weighted"] == pytest.approx(
+        explained_variance_score(x, x_hat, multioutput="variance_weighted"), abs=1e-12
+    )
+    assert ev["ev_uniform"] == pytest.approx(
+        explained_variance_score(x, x_hat, multioutput="uniform_average"), abs=1e-12
+    )
+    assert ev["mse"] == pytest.approx(mean_squared_error(x, x_hat), rel=1e-12)
+
+
+def test_explained_variance_with_a_constant_gene():
+    x, x_hat = reconstruction_pair()
+    x[:, 3], x_hat[:, 3] = 2.7, np.linspace(0, 1, len(x))  # never varies, badly reconstructed
+    ev = explained_variance(x, x_hat)
+    weighted = 1 - np.var(x - x_hat, axis=0).sum() / np.var(x, axis=0).sum()
+    assert ev["ev_weighted"] == pytest.approx(weighted, abs=1e-12)
+    per_gene = explained_variance_score(x, x_hat, multioutput="raw_values")
+    assert ev["ev_uniform"] == pytest.approx(np.delete(per_gene, 3).mean(), abs=1e-12)
+
+
+def test_explained_variance_perfect_and_mean_predictions():
+    x, _ = reconstruction_pair()
+    perfect = explained_variance(x, x)
+    assert perfect == {"ev_weighted": 1.0, "ev_uniform": 1.0, "mse": 0.0}
+    mean = explained_variance(x, np.broadcast_to(x.mean(axis=0), x.shape))
+    assert mean["ev_weighted"] == pytest.approx(0.0, abs=1e-12)
+    assert mean["ev_uniform"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_explained_variance_streaming_equals_one_shot_and_is_stable():
+    x, x_hat = reconstruction_pair()
+    one_shot = explained_variance(x, x_hat)
+    for offset in (0.0, 1e6):  # a naive sum-of-squares variance loses ~4 digits at 1e6
+        stream = ExplainedVariance()
+        for lo, hi in [(0, 1), (1, 18), (18, 18), (18, 70), (70, len(x))]:
+            stream.update(sp.csr_matrix(x[lo:hi] + offset), x_hat[lo:hi] + offset)
+        result = stream.result()
+        assert result["ev_weighted"] == pytest.approx(one_shot["ev_weighted"], abs=1e-9)
+        assert result["ev_uniform"] == pytest.approx(one_shot["ev_uniform"], abs=1e-9)
+    assert ExplainedVariance().update(x, x_hat) is None
+
+
+def test_explained_variance_rejects_mismatched_chunks():
+    stream = ExplainedVariance()
+    with pytest.raises(SscellError):
+        stream.result()
+    stream.update(np.ones((2, 3)), np.ones((2, 3)))
+    with pytest.raises(SscellError):
+        stream.update(np.ones((2, 4)), np.ones((2, 4)))
+    with pytest.raises(SscellError):
+        stream.update(np.ones((2, 3)), np.ones((3, 3)))
+
+
+def counts_matrix():
+    rng = np.random.default_rng(3)
+    counts = rng.poisson(1.5, size=(12, 9)).astype(np.int64)
+    counts[4] = 0
+    return counts
+
+
+def test_log1p_normalise_dense_matches_formula():
+    counts = counts_matrix()
+    library = counts.sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        expected = np.nan_to_num(np.log1p(counts / library * 1e4))
+    out = log1p_normalise(counts)
+    assert out.dtype == np.float32 and isinstance(out, np.ndarray)
+    np.testing.assert_allclose(out, expected, rtol=1e-6)
+    assert not out[4].any()
+    np.testing.assert_allclose(log1p_normalise(counts, target_sum=50.0)[0],
+                               np.log1p(counts[0] / library[0] * 50.0), rtol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", ["csr", "csc"])
+def test_log1p_normalise_sparse_matches_dense(fmt):
+    counts = counts_matrix()
+    out = log1p_normalise(sp.csr_matrix(counts).asformat(fmt))
+    assert sp.issparse(out) and out.format == fmt and out.dtype == np.float32
+    np.testing.assert_allclose(out.toarray(), log1p_normalise(counts), rtol=1e-6)
+    assert not np.isnan(out.data).any() and out[4].nnz == 0
+
+
+def test_log1p_normalise_rejects_negative_counts():
+    with pytest.raises(SscellError):
+        log1p_normalise(-np.ones((2, 2)))
+
+
+def low_rank_data(seed=4, n=90, g=40):
+    rng = np.random.default_rng(seed)
+    scores = rng.normal(size=(n, 4)) * np.array([8.0, 5.0, 3.0, 2.0])
+    data = scores @ np.linalg.qr(rng.normal(size=(g, 4)))[0].T + rng.normal(scale=0.1, size=(n, g))
+    return np.abs(data)  # non-negative, like log1p values
+
+
+def test_pca_embedding_matches_svd_of_centred_data():
+    x = low_rank_data()
+    test = low_rank_data(seed=5, n=30)
+    fit_emb, test_emb = pca_embedding(x, [x, test], n_components=3)
+    assert fit_emb.shape == (90, 3) and test_emb.shape == (30, 3)
+    u, s, vt = np.linalg.svd(x - x.mean(axis=0), full_matrices=False)
+    np.testing.assert_allclose(np.abs(fit_emb), np.abs(u[:, :3] * s[:3]), rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(
+        np.abs(test_emb), np.abs((test - x.mean(axis=0)) @ vt[:3].T), rtol=1e-6, atol=1e-8
+    )
+    variances = fit_emb.var(axis=0)
+    assert np.all(np.diff(variances) < 0)
+
+
+def test_pca_embedding_sparse_caps_components_and_is_deterministic():
+    x = low_rank_data(n=30, g=12)
+    x[x < 1.0] = 0.0
+    dense = pca_embedding(x, [x], n_components=64)[0]
+    assert dense.shape == (30, 11)  # capped at min(30, 12) - 1
+    first = pca_embedding(sp.csr_matrix(x), [sp.csr_matrix(x)], n_components=5, seed=7)[0]
+    again = pca_embedding(sp.csr_matrix(x), [sp.csr_matrix(x)], n_components=5, seed=7)[0]
+    np.testing.assert_array_equal(first, again)
+    # Implicit centring of sparse input gives the dense projection (up to sign).
+    np.testing.assert_allclose(np.abs(first), np.abs(dense[:, :5]), rtol=1e-5, atol=1e-8)
+
+
+def test_write_results_round_trips(tmp_path):
+    rows = [
+        {"method": "sscell (masked)", "representation": "embedding", "knn_macro_f1": 0.81234,
+         "n_cells": 1000},
+        {"method": "PCA | 64", "representation": "pca", "knn_macro_f1": 0.5, "ev_weighted": 0.37},
+    ]
+    markdown = write_results(rows, tmp_path / "run", name="eval")
+    read_back = pd.read_csv(tmp_path / "run" / "eval.csv")
+    pd.testing.assert_frame_equal(read_back, pd.DataFrame(rows))
+    assert (tmp_path / "run" / "eval.md").read_text() == markdown
+    lines = markdown.strip().split("\n")
+    assert len(lines) == 2 + len(rows)
+    assert lines[0] == "| method | representation | knn_macro_f1 | n_cells | ev_weighted |"
+    assert lines[2] == "| sscell (masked) | embedding | 0.812 | 1000 | - |"
+    assert lines[3] == "| PCA \\| 64 | pca | 0.500 | - | 0.370 |"
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["eval.csv", "eval.md"]
+
+
+def test_plot_loss_curves_writes_png_and_keeps_last_duplicate(tmp_path):
+    records = [
+        {"step": 0, "train/loss": 9.0, "lr": 1e-3},
+        {"step": 10, "train/loss": 4.0},
+        {"step": 10, "val/loss": 5.0},
+        {"step": 20, "train/loss": 2.0},
+        {"step": 10, "train/loss": 3.5},  # resumed from step 10: this value wins
+        {"step": 20, "train/loss": 0.5},
+        {"step": 20, "val/loss": 1.0, "val/ev_weighted": 0.3},
+    ]
+    jsonl = tmp_path / "metrics.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in records) + "\n\n")
+    assert _read_losses(jsonl) == {
+        "train/loss": {0: 9.0, 10: 3.5, 20: 0.5},
+        "val/loss": {10: 5.0, 20: 1.0},
+    }
+    out = tmp_path / "loss.png"
+    plot_loss_curves(jsonl, out)
+    data = out.read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 1000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loss.png", "metrics.jsonl"]
+
+
+def test_plot_loss_curves_rejects_file_without_losses(tmp_path):
+    jsonl = tmp_path / "metrics.jsonl"
+    jsonl.write_text(json.dumps({"step": 1, "lr": 0.1}) + "\n")
+    with pytest.raises(SscellError):
+        plot_loss_curves(jsonl, tmp_path / "loss.png")

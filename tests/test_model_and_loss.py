@@ -1,0 +1,100 @@
+"""The MLP autoencoder and the masking loss against numpy references."""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from sscell.errors import SscellError
+from sscell.losses import get_loss
+from sscell.losses.masking import mask_input, random_gene_mask
+from sscell.models.mlp import Autoencoder, init_params
+
+SELU_ALPHA, SELU_SCALE = 1.6732632423543772, 1.0507009873554805
+
+
+def numpy_selu(x):
+    return SELU_SCALE * np.where(x > 0, x, SELU_ALPHA * np.expm1(np.minimum(x, 0)))
+
+
+def numpy_mlp(layers, x):
+    for i, layer in enumerate(layers):
+        x = x @ np.asarray(layer["kernel"]) + np.asarray(layer["bias"])
+        if i < len(layers) - 1:
+            x = numpy_selu(x)
+    return x
+
+
+def model_and_params(n_genes=24, dropout=0.0):
+    model = Autoencoder(n_genes=n_genes, hidden=(16, 12), latent=4, dropout=dropout)
+    return model, init_params(model, jax.random.key(0))
+
+
+def dense_layers(tree):
+    return [tree[f"dense_{i}"] for i in range(len(tree))]
+
+
+def test_autoencoder_matches_numpy_mlp():
+    model, params = model_and_params()
+    x = np.random.default_rng(0).random((5, 24)).astype(np.float32) * 3
+    reconstruction, z = model.apply({"params": params}, x)
+    z_ref = numpy_mlp(dense_layers(params["encoder"]), x)
+    np.testing.assert_allclose(np.asarray(z), z_ref, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(reconstruction), numpy_mlp(dense_layers(params["decoder"]), z_ref),
+                               rtol=1e-4, atol=1e-5)
+    assert [p["kernel"].shape for p in dense_layers(params["encoder"])] == [(24, 16), (16, 12), (12, 4)]
+    assert [p["kernel"].shape for p in dense_layers(params["decoder"])] == [(4, 12), (12, 16), (16, 24)]
+
+
+def test_output_is_not_squashed():
+    """log1p values reach ~9: the decoder must be able to output them (no sigmoid)."""
+    model, params = model_and_params()
+    params = jax.tree.map(lambda p: p, params)
+    params["decoder"]["dense_2"]["bias"] = jnp.full(24, 9.0)
+    reconstruction, _ = model.apply({"params": params}, np.zeros((2, 24), np.float32))
+    assert float(reconstruction.max()) > 5
+
+
+def test_mask_rate_and_inverted_dropout():
+    mask = np.asarray(random_gene_mask(jax.random.key(1), (400, 500), 0.5))
+    assert abs(mask.mean() - 0.5) < 0.005
+    assert abs(mask.mean(1).std() - np.sqrt(0.25 / 500)) < 0.005  # independent per cell
+    x = np.ones((400, 500), np.float32)
+    masked = np.asarray(mask_input(x, mask, 0.5))
+    np.testing.assert_array_equal(masked, np.where(mask, 0.0, 2.0))
+
+
+def test_masked_loss_matches_numpy_reference():
+    model, params = model_and_params()
+    loss_fn = get_loss("masked")
+    config = ml_collections.ConfigDict({"mask_rate": 0.3})
+    x = np.random.default_rng(2).random((6, 24)).astype(np.float32) * 4
+    key = jax.random.key(7)
+    loss, metrics = loss_fn(params, {"x": x}, key, model=model, config=config, train=True)
+
+    mask_key, _ = jax.random.split(key)
+    mask = np.asarray(random_gene_mask(mask_key, x.shape, 0.3))
+    inputs = np.where(mask, 0.0, x / 0.7)
+    reconstruction = numpy_mlp(dense_layers(params["decoder"]), numpy_mlp(dense_layers(params["encoder"]), inputs))
+    expected = ((reconstruction - x) ** 2 * mask).sum() / mask.sum()
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-4)
+    np.testing.assert_allclose(float(metrics["mse_all"]), ((reconstruction - x) ** 2).mean(), rtol=1e-4)
+
+    grads = jax.grad(lambda p: loss_fn(p, {"x": x}, key, model=model, config=config)[0])(params)
+    norms = [float(jnp.linalg.norm(g)) for g in jax.tree.leaves(grads)]
+    assert all(np.isfinite(norms)) and sum(norms) > 0
+
+
+def test_dropout_only_in_training():
+    model, params = model_and_params(dropout=0.5)
+    x = np.random.default_rng(3).random((4, 24)).astype(np.float32)
+    a = model.apply({"params": params}, x, train=True, rngs={"dropout": jax.random.key(0)})[0]
+    b = model.apply({"params": params}, x, train=False)[0]
+    c = model.apply({"params": params}, x, train=False)[0]
+    assert not np.allclose(a, b)
+    np.testing.assert_array_equal(b, c)
+
+
+def test_unknown_loss_names_the_choices():
+    with pytest.raises(SscellError, match="unknown loss 'nope'.*masked"):
+        get_loss("nope")

@@ -1,0 +1,80 @@
+"""Training on the tiny store: the loss falls, checkpoints restore, resume is exact."""
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from sscell.config import check_compatible, save_config
+from sscell.errors import SscellError
+from sscell.training import checkpoint
+from sscell.training.mesh import data_mesh, replicated
+from sscell.training.state import abstract_state
+from sscell.training.train import build, train
+
+
+def read_metrics(workdir):
+    with open(workdir / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def assert_trees_equal(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_loss_decreases_and_metrics_are_logged(tiny_config, tiny_store, tmp_path):
+    tiny_config.train.steps = 60
+    train(tiny_config, str(tmp_path), tiny_store)
+    records = read_metrics(tmp_path)
+    losses = [r["train/loss"] for r in records]
+    assert [r["step"] for r in records] == list(range(5, 61, 5))
+    assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:2])
+    assert "val/loss" in records[-1] and np.isfinite(records[-1]["val/loss"])
+    assert records[-1]["train/cells_per_s"] > 0
+    assert list((tmp_path / "tensorboard").iterdir())
+
+
+def test_checkpoint_restores_the_final_state(tiny_config, tiny_store, tmp_path):
+    state = train(tiny_config, str(tmp_path), tiny_store)
+    model, optimizer, _ = build(tiny_config, tiny_store)
+    manager = checkpoint.checkpoint_manager(tmp_path, 10, 3)
+    assert manager.all_steps() == [10, 20, 30]
+    restored, data_state = checkpoint.restore_latest(manager, abstract_state(model, optimizer, replicated(data_mesh())))
+    manager.close()
+    assert data_state == {"step": 30, "epoch": 30 // (tiny_store.split_range("train")[1] // 64)}
+    assert_trees_equal(restored, state)
+
+
+def test_resume_continues_and_equals_an_uninterrupted_run(tiny_config, tiny_store, tmp_path):
+    tiny_config.train.steps = 24
+    straight = train(tiny_config, str(tmp_path / "straight"), tiny_store)
+
+    tiny_config.train.steps = 14  # stops (as if killed) after its step-14 checkpoint
+    train(tiny_config, str(tmp_path / "resumed"), tiny_store)
+    tiny_config.train.steps = 24
+    resumed = train(tiny_config, str(tmp_path / "resumed"), tiny_store)
+
+    assert int(resumed["step"]) == 24
+    assert_trees_equal(resumed["params"], straight["params"])
+    steps = [r["step"] for r in read_metrics(tmp_path / "resumed")]
+    assert steps == sorted(set(steps)) and steps[-1] == 24
+
+
+def test_resume_after_a_crash_drops_metrics_past_the_checkpoint(tiny_config, tiny_store, tmp_path):
+    train(tiny_config, str(tmp_path), tiny_store)
+    with open(tmp_path / "metrics.jsonl", "a") as f:  # a run that logged step 35 and died
+        f.write(json.dumps({"step": 35, "train/loss": 1.0}) + "\n")
+    tiny_config.train.steps = 40
+    train(tiny_config, str(tmp_path), tiny_store)
+    steps = [r["step"] for r in read_metrics(tmp_path)]
+    assert steps == list(range(5, 41, 5))
+
+
+def test_incompatible_workdir_is_refused(tiny_config, tmp_path):
+    save_config(tiny_config, tmp_path)
+    tiny_config.train.steps += 100  # allowed: extends the run
+    check_compatible(tiny_config, tmp_path)
+    tiny_config.model.latent = 16
+    with pytest.raises(SscellError, match="incompatible config.*model.latent"):
+        check_compatible(tiny_config, tmp_path)
