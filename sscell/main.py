@@ -7,12 +7,13 @@ from __future__ import annotations
 import os
 import sys
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from sscell.config import check_compatible, save_config
 from sscell.data.prepare import prepare_store
-from sscell.errors import SscellError
+from sscell.errors import exit_on_error
 from sscell.evaluation.evaluate import evaluate
 from sscell.losses import get_loss
 from sscell.training import distributed
@@ -44,20 +45,30 @@ def run(argv: list[str]) -> None:
     os.makedirs(workdir, exist_ok=True)
     check_compatible(config, workdir)
     store = prepare_store(config, workdir)
-    save_config(config, workdir)
+    if jax.process_index() == 0:
+        save_config(config, workdir)
     train(config, workdir, store)
     if _EVAL.value:
         evaluate(workdir)
 
 
-def main(argv: list[str]) -> None:
-    """Runs `run`, turning SscellError into one line on stderr and exit code 2."""
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a bad flag, config file or override reported in one line."""
     try:
-        run(argv)
-    except SscellError as error:
-        print(f"error: {error}", file=sys.stderr)
+        remaining = flags.FLAGS(argv)
+        _CONFIG.value.to_dict()  # a config file that failed to load raises only when first used
+    except Exception as error:  # noqa: BLE001 (absl and ml_collections raise many types here)
+        message = " ".join(str(error).replace("\\n", " ").replace("\\'", "").strip("'").split())
+        print(f"error: bad command line: {message}; see --helpfull for the flags", file=sys.stderr)
         sys.exit(2)
+    return remaining
+
+
+def main(argv: list[str]) -> None:
+    """Runs `run`; bad input ends with one `error: ...` line and exit code 2."""
+    with exit_on_error():
+        run(argv)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -78,7 +78,11 @@ def test_missing_store(tmp_path):
 
 def test_unknown_config_field(tmp_path):
     result = sscell("--config=experiments/quickstart.py", f"--workdir={tmp_path}", "--config.train.stepz=3")
-    assert result.returncode != 0 and "stepz" in result.stderr
+    one_line_error(result, 'stepz Did you mean "steps"')
+
+
+def test_missing_config_file(tmp_path):
+    one_line_error(sscell("--config=experiments/nope.py", f"--workdir={tmp_path}"), "experiments/nope.py")
 
 
 def test_evaluating_an_empty_workdir(tmp_path):

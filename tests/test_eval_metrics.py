@@ -15,8 +15,7 @@ from sscell.evaluation.metrics import (
     explained_variance,
     f1_scores,
     knn_predict,
-    log1p_normalise,
-    pca_embedding,
+    fit_pca,
 )
 from sscell.evaluation.report import _read_losses, plot_loss_curves, write_results
 
@@ -149,40 +148,6 @@ def test_explained_variance_rejects_mismatched_chunks():
         stream.update(np.ones((2, 3)), np.ones((3, 3)))
 
 
-def counts_matrix():
-    rng = np.random.default_rng(3)
-    counts = rng.poisson(1.5, size=(12, 9)).astype(np.int64)
-    counts[4] = 0
-    return counts
-
-
-def test_log1p_normalise_dense_matches_formula():
-    counts = counts_matrix()
-    library = counts.sum(axis=1, keepdims=True)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        expected = np.nan_to_num(np.log1p(counts / library * 1e4))
-    out = log1p_normalise(counts)
-    assert out.dtype == np.float32 and isinstance(out, np.ndarray)
-    np.testing.assert_allclose(out, expected, rtol=1e-6)
-    assert not out[4].any()
-    np.testing.assert_allclose(log1p_normalise(counts, target_sum=50.0)[0],
-                               np.log1p(counts[0] / library[0] * 50.0), rtol=1e-6)
-
-
-@pytest.mark.parametrize("fmt", ["csr", "csc"])
-def test_log1p_normalise_sparse_matches_dense(fmt):
-    counts = counts_matrix()
-    out = log1p_normalise(sp.csr_matrix(counts).asformat(fmt))
-    assert sp.issparse(out) and out.format == fmt and out.dtype == np.float32
-    np.testing.assert_allclose(out.toarray(), log1p_normalise(counts), rtol=1e-6)
-    assert not np.isnan(out.data).any() and out[4].nnz == 0
-
-
-def test_log1p_normalise_rejects_negative_counts():
-    with pytest.raises(SscellError):
-        log1p_normalise(-np.ones((2, 2)))
-
-
 def low_rank_data(seed=4, n=90, g=40):
     rng = np.random.default_rng(seed)
     scores = rng.normal(size=(n, 4)) * np.array([8.0, 5.0, 3.0, 2.0])
@@ -190,10 +155,11 @@ def low_rank_data(seed=4, n=90, g=40):
     return np.abs(data)  # non-negative, like log1p values
 
 
-def test_pca_embedding_matches_svd_of_centred_data():
+def test_pca_matches_svd_of_centred_data():
     x = low_rank_data()
     test = low_rank_data(seed=5, n=30)
-    fit_emb, test_emb = pca_embedding(x, [x, test], n_components=3)
+    pca = fit_pca(x, n_components=3)
+    fit_emb, test_emb = pca.transform(x), pca.transform(test)
     assert fit_emb.shape == (90, 3) and test_emb.shape == (30, 3)
     u, s, vt = np.linalg.svd(x - x.mean(axis=0), full_matrices=False)
     np.testing.assert_allclose(np.abs(fit_emb), np.abs(u[:, :3] * s[:3]), rtol=1e-6, atol=1e-8)
@@ -202,15 +168,17 @@ def test_pca_embedding_matches_svd_of_centred_data():
     )
     variances = fit_emb.var(axis=0)
     assert np.all(np.diff(variances) < 0)
+    reconstruction = x.mean(axis=0) + (x - x.mean(axis=0)) @ vt[:3].T @ vt[:3]
+    np.testing.assert_allclose(pca.inverse_transform(fit_emb), reconstruction, rtol=1e-6, atol=1e-8)
 
 
-def test_pca_embedding_sparse_caps_components_and_is_deterministic():
+def test_pca_sparse_caps_components_and_is_deterministic():
     x = low_rank_data(n=30, g=12)
     x[x < 1.0] = 0.0
-    dense = pca_embedding(x, [x], n_components=64)[0]
+    dense = fit_pca(x, n_components=64).transform(x)
     assert dense.shape == (30, 11)  # capped at min(30, 12) - 1
-    first = pca_embedding(sp.csr_matrix(x), [sp.csr_matrix(x)], n_components=5, seed=7)[0]
-    again = pca_embedding(sp.csr_matrix(x), [sp.csr_matrix(x)], n_components=5, seed=7)[0]
+    first = fit_pca(sp.csr_matrix(x), n_components=5, seed=7).transform(sp.csr_matrix(x))
+    again = fit_pca(sp.csr_matrix(x), n_components=5, seed=7).transform(sp.csr_matrix(x))
     np.testing.assert_array_equal(first, again)
     # Implicit centring of sparse input gives the dense projection (up to sign).
     np.testing.assert_allclose(np.abs(first), np.abs(dense[:, :5]), rtol=1e-5, atol=1e-8)

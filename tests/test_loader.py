@@ -27,7 +27,9 @@ def test_two_hosts_split_each_global_batch(tiny_store):
     hosts = [CellLoader(tiny_store, "train", batch_size=64, seed=0, block_cells=16,
                         process_index=i, process_count=2) for i in range(2)]
     for step in (0, 3, single.steps_per_epoch + 1):
-        parts = [set(h.batch(step)["cell"].tolist()) for h in hosts]
+        batches = [h.batch(step) for h in hosts]
+        assert batches[0]["genes"].shape == batches[1]["genes"].shape  # global arrays need equal shapes
+        parts = [set(b["cell"].tolist()) for b in batches]
         assert len(parts[0]) == len(parts[1]) == 32 and not parts[0] & parts[1]
         assert parts[0] | parts[1] == set(single.batch(step)["cell"].tolist())
 

@@ -16,7 +16,7 @@ def random_counts(cells=50, genes=40, density=0.2, seed=0):
 
 def test_padded_rows_round_trip_and_power_of_two_width():
     counts = random_counts()
-    genes, values = padded_rows(counts, counts.shape[1])
+    genes, values = padded_rows(counts)
     width = genes.shape[1]
     assert width & (width - 1) == 0 and width >= np.diff(counts.indptr).max()
     dense = np.zeros(counts.shape, np.float32)
@@ -26,7 +26,7 @@ def test_padded_rows_round_trip_and_power_of_two_width():
 
 def test_densify_matches_csr():
     counts = random_counts()
-    genes, values = padded_rows(counts, counts.shape[1])
+    genes, values = padded_rows(counts)
     np.testing.assert_array_equal(np.asarray(densify(genes, values, counts.shape[1])), counts.toarray())
 
 
@@ -42,7 +42,7 @@ def test_log1p_normalise_matches_numpy_formula():
 
 def test_expression_of_a_loader_batch():
     counts = random_counts(seed=3)
-    genes, values = padded_rows(counts, counts.shape[1])
+    genes, values = padded_rows(counts)
     dense = counts.toarray()
     library = np.maximum(dense.sum(1, keepdims=True), 1)
     got = np.asarray(expression({"genes": genes, "counts": values}, counts.shape[1]))

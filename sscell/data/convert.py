@@ -24,7 +24,6 @@ import dataclasses
 import json
 import os
 import shutil
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,7 +35,7 @@ import pandas as pd
 import scipy.sparse
 
 from sscell.data.store import SPLITS, StoreWriter
-from sscell.errors import SscellError
+from sscell.errors import SscellError, exit_on_error
 
 REQUIRED_OBS = ("cell_type", "donor_id")
 OPTIONAL_OBS = ("cell_type_ontology_term_id", "dataset_id", "assay", "tissue")
@@ -267,12 +266,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                         metavar=("TRAIN", "VAL", "TEST"))
     parser.add_argument("--block-cells", type=int, default=8192, help="rows read and written at a time")
     args = parser.parse_args(argv)
-    try:
+    with exit_on_error():
         report = convert(args.inputs, args.output, seed=args.seed, split_fractions=tuple(args.split_fractions),
                          block_cells=args.block_cells)
-    except SscellError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     print(json.dumps(report, indent=2))
 
 

@@ -42,14 +42,19 @@ def label_names(store: Store, name: str) -> list[str]:
     return [str(c) for c in column.cat.categories]
 
 
-def padded_rows(matrix: sp.csr_matrix, max_width: int) -> tuple[np.ndarray, np.ndarray]:
+def bucket_width(fullest: int, n_genes: int) -> int:
+    """Padded row width for rows of at most `fullest` nonzeros: a power of two >= 16, at most n_genes."""
+    return min(n_genes, max(16, 1 << (max(fullest, 1) - 1).bit_length()))
+
+
+def padded_rows(matrix: sp.csr_matrix, width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(genes int32, counts float32) of shape (cells, width): each row's nonzeros, zero-padded.
 
-    width is the smallest power of two (>= 16) holding the fullest row, capped at `max_width`.
+    `width` defaults to the bucket of the fullest row.
     """
     nnz_per_row = np.diff(matrix.indptr)
-    fullest = int(nnz_per_row.max(initial=1))
-    width = min(max_width, max(16, 1 << (fullest - 1).bit_length()))
+    if width is None:
+        width = bucket_width(int(nnz_per_row.max(initial=1)), matrix.shape[1])
     rows = np.repeat(np.arange(matrix.shape[0]), nnz_per_row)
     cols = np.arange(matrix.nnz) - np.repeat(matrix.indptr[:-1], nnz_per_row)
     genes = np.zeros((matrix.shape[0], width), np.int32)
@@ -79,6 +84,7 @@ class CellLoader:
         self.seed = seed
         self.block_cells = block_cells
         self.process_index = process_index
+        self.process_count = process_count
         self.prefetch = prefetch
         self.steps_per_epoch = self.n_cells // batch_size
         self.labels = label_codes(store, self.start, self.stop)
@@ -91,11 +97,12 @@ class CellLoader:
         lengths = np.minimum(starts + self.block_cells, self.n_cells) - starts
         return starts, np.cumsum(lengths) - lengths
 
-    def cell_ranges(self, step: int) -> list[tuple[int, int]]:
-        """Store row ranges [a, b) that make up this process's slice of global batch `step`."""
+    def cell_ranges(self, step: int, process_index: int | None = None) -> list[tuple[int, int]]:
+        """Store row ranges [a, b) of a process's slice (default: this one's) of global batch `step`."""
         epoch, index = divmod(step, self.steps_per_epoch)
         starts, positions = self._epoch_blocks(epoch)
-        first = index * self.batch_size + self.process_index * self.local_batch_size
+        process_index = self.process_index if process_index is None else process_index
+        first = index * self.batch_size + process_index * self.local_batch_size
         last = first + self.local_batch_size
         ranges = []
         block = int(np.searchsorted(positions, first, side="right")) - 1
@@ -114,10 +121,17 @@ class CellLoader:
         rows = np.concatenate([np.arange(a, b) for a, b in ranges]) - self.start
         epoch, index = divmod(step, self.steps_per_epoch)
         order = np.random.default_rng([self.seed, epoch, index, self.process_index]).permutation(len(rows))
-        genes, counts = padded_rows(matrix[order], self.store.n_genes)
+        genes, counts = padded_rows(matrix[order], self._global_width(step))
         labels = {name: codes[rows[order]] for name, codes in self.labels.items()}
         cell = (rows[order] + self.start).astype(np.int32)
         return {"genes": genes, "counts": counts, "cell": cell, **labels}
+
+    def _global_width(self, step: int) -> int:
+        """One padded width for every process's slice (global arrays need equal shapes), from
+        the in-RAM indptr alone: no process reads another's cells."""
+        ranges = [r for p in range(self.process_count) for r in self.cell_ranges(step, p)]
+        fullest = max(int(np.diff(self.store.indptr[a:b + 1]).max()) for a, b in ranges)
+        return bucket_width(fullest, self.store.n_genes)
 
     def iterate(self, start_step: int, stop_step: int) -> Iterator[dict[str, np.ndarray]]:
         """Batches for steps [start_step, stop_step), read `prefetch` steps ahead on threads."""
@@ -145,7 +159,7 @@ def sequential_batches(store: Store, start: int, stop: int, batch_size: int
         if b - a < batch_size:
             matrix = sp.vstack([matrix, sp.csr_matrix((batch_size - (b - a), store.n_genes), dtype=matrix.dtype)],
                                format="csr")
-        genes, counts = padded_rows(matrix, store.n_genes)
+        genes, counts = padded_rows(matrix)
         pad = batch_size - (b - a)
         batch = {name: np.pad(codes[a - start:b - start], (0, pad)) for name, codes in labels.items()}
         cell = np.pad(np.arange(a, b, dtype=np.int32), (0, pad))

@@ -24,7 +24,7 @@ import pandas as pd
 import scipy.optimize
 import scipy.sparse as sp
 
-from sscell.errors import SscellError
+from sscell.errors import SscellError, exit_on_error
 
 
 class CellType(NamedTuple):
@@ -314,8 +314,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--genes", type=int, default=AtlasSpec.n_genes)
     parser.add_argument("--seed", type=int, default=AtlasSpec.seed)
     args = parser.parse_args(argv)
-    spec = AtlasSpec(n_cells=args.cells, n_genes=args.genes, seed=args.seed)
-    adata = write_atlas(spec, args.output)
+    with exit_on_error():
+        spec = AtlasSpec(n_cells=args.cells, n_genes=args.genes, seed=args.seed)
+        adata = write_atlas(spec, args.output)
     zeros = 1 - adata.X.nnz / (adata.n_obs * adata.n_vars)
     print(
         f"wrote {args.output}: {adata.n_obs} cells x {adata.n_vars} genes, "

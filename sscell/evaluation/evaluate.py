@@ -2,7 +2,8 @@
 
 Embeds validation and test cells with the latest checkpoint, then reports zero-shot kNN cell
 typing (reference = validation cells, query = test cells) for the embedding and for PCA of
-log1p-normalised counts, and the test cells' reconstruction explained variance. Writes
+log1p-normalised counts, and the test cells' reconstruction explained variance (PCA's is its
+projection back to genes). Writes
 `results.md`, `results.csv` and `loss_curve.png` into the workdir.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ from sscell.data.prepare import store_path
 from sscell.data.preprocess import expression
 from sscell.data.store import Store, open_store
 from sscell.errors import SscellError
-from sscell.evaluation.metrics import ExplainedVariance, f1_scores, knn_predict, pca_embedding
+from sscell.evaluation.metrics import ExplainedVariance, explained_variance, f1_scores, fit_pca, knn_predict
 from sscell.evaluation.report import plot_loss_curves, write_results
 from sscell.training import checkpoint
 from sscell.training.mesh import data_mesh, replicated
@@ -73,16 +74,21 @@ def evaluate(workdir: str) -> list[dict]:
     reconstruction = ExplainedVariance()
     val = embed_split(model, params, store, "val", settings.batch_size, settings.max_cells)
     test = embed_split(model, params, store, "test", settings.batch_size, settings.max_cells, reconstruction)
-    pca_val, pca_test = pca_embedding(val["x"], [val["x"], test["x"]], settings.pca_components, config.seed)
+    pca = fit_pca(val["x"], settings.pca_components, config.seed)
+    pca_val, pca_test = pca.transform(val["x"]), pca.transform(test["x"])
 
     rows = []
-    for method, ref, query in ((f"sscell {config.loss.name} (step {step})", val["z"], test["z"]),
-                               (f"PCA({pca_val.shape[1]}) log1p", pca_val, pca_test)):
+    for method, ref, query, ev in (
+            (f"sscell {config.loss.name} (step {step})", val["z"], test["z"], reconstruction.result()),
+            (f"PCA({pca.n_components_}) log1p", pca_val, pca_test,
+             explained_variance(test["x"], pca.inverse_transform(pca_test)))):
         predicted = knn_predict(ref, val["cell_type"], query, settings.knn_k)
         scores = f1_scores(test["cell_type"], predicted)
-        rows.append({"method": method, "knn_macro_f1": scores["macro_f1"], "knn_micro_f1": scores["micro_f1"]})
-    rows[0].update({f"recon_{k}": v for k, v in reconstruction.result().items()})
+        rows.append({"method": method, "knn_macro_f1": scores["macro_f1"], "knn_micro_f1": scores["micro_f1"],
+                     **{f"recon_{k}": v for k, v in ev.items()}})
 
+    if jax.process_index() != 0:  # every process computes (params are global arrays), one writes
+        return rows
     table = write_results(rows, workdir)
     plot_loss_curves(os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "loss_curve.png"))
     print(f"\nZero-shot kNN (k={settings.knn_k}): reference = {len(val['z'])} validation cells, "

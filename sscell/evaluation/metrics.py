@@ -143,10 +143,9 @@ def explained_variance(x: ArrayLike, x_hat: ArrayLike) -> dict[str, float]:
     return ev.result()
 
 
-def pca_embedding(
-    fit_x: ArrayLike, transform_xs: Sequence[ArrayLike], n_components: int = 64, seed: int = 0
-) -> list[np.ndarray]:
-    """PCA baseline: fit on `fit_x` (log1p-normalised cells x genes), project each `transform_xs`.
+def fit_pca(fit_x: ArrayLike, n_components: int = 64, seed: int = 0) -> PCA:
+    """PCA baseline fitted on `fit_x` (log1p-normalised cells x genes); `.transform` embeds,
+    `.inverse_transform` reconstructs.
 
     Sparse input is centred implicitly by scikit-learn (never densified). `n_components` is
     capped at min(n_cells, n_genes) - 1.
@@ -155,31 +154,8 @@ def pca_embedding(
     n = min(n_components, n_cells - 1, n_genes - 1)
     if n < 1:
         raise SscellError(
-            f"pca_embedding needs at least 2 cells and 2 genes to fit on, got {fit_x.shape}"
+            f"fit_pca needs at least 2 cells and 2 genes to fit on, got {fit_x.shape}"
         )
     # arpack is the solver that takes sparse input in every supported scikit-learn (>= 1.4).
     solver = "arpack" if sp.issparse(fit_x) else "auto"
-    pca = PCA(n_components=n, svd_solver=solver, random_state=seed).fit(fit_x)
-    return [pca.transform(x) for x in transform_xs]
-
-
-def log1p_normalise(counts: ArrayLike, target_sum: float = 1e4) -> ArrayLike:
-    """log1p(counts / library size * target_sum) per cell, as float32, dense or sparse as given.
-
-    Cells with no counts stay all zero. Negative counts raise SscellError.
-    """
-    if counts.ndim != 2:
-        raise SscellError(f"log1p_normalise needs a (cells, genes) matrix, got {counts.shape}")
-    values = counts.data if sp.issparse(counts) else counts
-    if values.size and values.min() < 0:
-        raise SscellError("log1p_normalise got negative counts: pass raw counts, not log values")
-    library = np.asarray(counts.sum(axis=1, dtype=np.float64)).ravel()
-    scale = np.divide(target_sum, library, out=np.zeros_like(library), where=library > 0)
-    scale = scale.astype(np.float32)
-    if sp.issparse(counts):
-        out = counts.tocsr(copy=True).astype(np.float32)
-        out.data *= np.repeat(scale, np.diff(out.indptr))
-        np.log1p(out.data, out=out.data)
-        return out.asformat(counts.format)
-    out = np.asarray(counts, dtype=np.float32) * scale[:, None]
-    return np.log1p(out, out=out)
+    return PCA(n_components=n, svd_solver=solver, random_state=seed).fit(fit_x)

@@ -4,15 +4,22 @@ from __future__ import annotations
 import json
 import os
 
+import jax
 import numpy as np
 from tensorboardX import SummaryWriter
 
 
 class MetricWriter:
-    """Appends `{"step": s, name: value, ...}` records; on resume drops records past `resume_step`."""
+    """Appends `{"step": s, name: value, ...}` records; on resume drops records past `resume_step`.
+
+    In a multi-host run only process 0 writes; the others' writer does nothing.
+    """
 
     def __init__(self, workdir: str | os.PathLike, resume_step: int = 0):
+        self.enabled = jax.process_index() == 0
         self.path = os.path.join(workdir, "metrics.jsonl")
+        if not self.enabled:
+            return
         self._truncate_after(resume_step)
         self._file = open(self.path, "a")
         self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
@@ -30,6 +37,8 @@ class MetricWriter:
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         """Record scalar metrics at `step`."""
+        if not self.enabled:
+            return
         record = {"step": int(step), **{k: float(np.asarray(v)) for k, v in metrics.items()}}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
@@ -38,5 +47,7 @@ class MetricWriter:
                 self._tensorboard.add_scalar(name, value, step)
 
     def close(self) -> None:
+        if not self.enabled:
+            return
         self._file.close()
         self._tensorboard.close()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import time
 
 import jax
@@ -81,11 +82,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, store: Store) -> dict
                                  state_sharding, batch_sharding)
     eval_step = make_eval_step(model, loss_fn, config.loss, store.n_genes)
     writer = MetricWriter(workdir, resume_step=start)
-    print(f"{'resuming at' if start else 'starting'} step {start} of {total}: {loader.n_cells} train cells, "
-          f"{steps_per_epoch} steps per epoch, batch {config.train.batch_size}, {jax.device_count()} device(s)")
+    primary = jax.process_index() == 0
+    if primary:
+        print(f"{'resuming at' if start else 'starting'} step {start} of {total}: {loader.n_cells} train cells, "
+              f"{steps_per_epoch} steps per epoch, batch {config.train.batch_size}, {jax.device_count()} device(s)")
 
     window, window_start = [], time.perf_counter()
-    progress = tqdm(total=total, initial=start, desc="train", unit="step", mininterval=1.0)
+    progress = tqdm(total=total, initial=start, desc="train", unit="step", disable=not primary,
+                    mininterval=1.0 if sys.stderr.isatty() else 30.0)  # logs get a line every 30 s
     for step, local_batch in enumerate(loader.iterate(start, total), start=start + 1):
         state, metrics = train_step(state, global_batch(local_batch, batch_sharding), step_key)
         window.append(metrics)
