@@ -18,5 +18,6 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["sscell", "sscell.*"]),
     install_requires=requirements,
-    extras_require={"test": ["pytest>=8", "pytest-timeout>=2.3"]},
+    extras_require={"test": ["pytest>=8", "pytest-timeout>=2.3"],
+                    "bench": ["scDataset>=0.3"]},  # annbatch (Python >= 3.12) runs in its own venv
 )

@@ -11,7 +11,7 @@ from sscell.errors import SscellError
 # Fields that may differ between a run and its resumption (they do not change what is learned
 # up to the current step).
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.val_every", "train.checkpoint_every",
-                     "train.keep_checkpoints", "data.prefetch", "eval.")
+                     "train.keep_checkpoints", "train.profile_steps", "data.prefetch", "mesh.", "eval.")
 
 CONFIG_FILE = "config.json"
 
@@ -65,18 +65,49 @@ def default_config() -> ml_collections.ConfigDict:
     config.data = ml_collections.ConfigDict(dict(
         store="",               # a store made by `python -m sscell.data.convert`, or
         h5ad="",                # comma-separated .h5ad paths/globs, converted into WORKDIR/store, or
+        vocabulary="",          # with h5ad: gene-id list file (one per line); empty: the inputs' genes
         # a generated atlas (sscell.data.synthetic.AtlasSpec fields), used when n_cells > 0
         synthetic=ml_collections.ConfigDict(dict(n_cells=0, n_genes=2000, n_datasets=4, donors_per_dataset=4)),
+        train_datasets=(),      # dataset_id values to train on (empty: all); other cells are never read
+        train_fraction=1.0,     # share of those train cells used, a seed-drawn random sample (nested)
         block_cells=64,         # contiguous cells per read; blocks are shuffled per epoch
         prefetch=4,             # batches read ahead on background threads
     ))
     config.model = ml_collections.ConfigDict(dict(
-        hidden=(512, 512, 256, 256), latent=64, activation="selu", dropout=0.1))
-    config.loss = ml_collections.ConfigDict(dict(name="masked", mask_rate=0.5))
+        hidden=(512, 512, 256, 256), latent=64, activation="selu", dropout=0.1,
+        norm="none",            # or "layer" (LayerNorm after each hidden layer)
+        dtype="float32"))       # compute dtype, e.g. "bfloat16"; parameters stay float32
+    # The pretext task (sscell/losses); each task reads only its own fields.
+    config.loss = ml_collections.ConfigDict(dict(
+        name="masked",          # masked | gp_masked | gp_to_tf | gp_to_gp | byol | barlow_twins | supervised
+        module="",              # a module to import first that registers `name` (a task of your own)
+        mask_rate=0.5,          # masked: share of genes hidden; gp_masked: share of programmes hidden
+        likelihood="mse",       # reconstruction head: "mse" on log1p values or "nb" on counts
+        gmt="",                 # gene programmes (.gmt); empty: the one written beside a generated store
+        per_cell_masks=True,    # gp_masked: a mask per cell (False: one per batch, as the authors did)
+        class_weights="balanced",  # supervised: "balanced" or "none"
+        projector=(4096, 256), predictor=(4096, 256),  # byol / barlow_twins heads (batch norm between)
+        ema_decay=0.99, ema_schedule="constant", ema_steps=0,  # byol target; "cosine": decay -> 1 over ema_steps
+        lambd=0.0051,           # barlow_twins off-diagonal weight
+        # contrastive views: each augmentation is applied to a cell with its probability
+        aug_nb_prob=0.5, aug_nb_theta=10.0,
+        aug_dropout_prob=0.5, aug_dropout_rate=0.2,
+        aug_gauss_prob=0.5, aug_gauss_std=0.2))
     config.train = ml_collections.ConfigDict(dict(
-        steps=10_000, batch_size=8192, lr=1e-3, weight_decay=0.01, grad_clip=1.0,
+        steps=10_000, batch_size=8192, optimizer="adamw", lr=1e-3, weight_decay=0.01, grad_clip=1.0,
         lr_decay=0.9, lr_decay_epochs=2,
-        log_every=50, val_every=500, val_batches=8, checkpoint_every=500, keep_checkpoints=3))
+        log_every=50, val_every=500, val_batches=8, checkpoint_every=500, keep_checkpoints=3,
+        schedule="step_decay",  # or "warmup_cosine" (warmup_steps, then cosine decay to 0 at `steps`)
+        warmup_steps=0,
+        grad_accum=1,           # micro-batches of batch_size per optimiser update
+        skip_nonfinite=0,       # N > 0: skip non-finite steps (state unchanged), stop at N+1 in a row
+        profile_steps=(),       # (start, stop): jax.profiler trace of those steps into WORKDIR/profile
+    ))
+    config.mesh = ml_collections.ConfigDict(dict(
+        data=-1, model=1,       # device mesh axes; -1: all devices left over
+        rules=(),               # (regex over state paths, "fsdp" | "replicate" | spec tuple); see training/mesh.py
+    ))
     config.eval = ml_collections.ConfigDict(dict(
-        knn_k=5, pca_components=64, batch_size=1024, max_cells=0))
+        knn_k=5, pca_components=64, batch_size=1024, max_cells=0,
+        checkpoint="latest"))   # or "best" (lowest validation loss)
     return config

@@ -1,6 +1,8 @@
 """Entry point: `python -m sscell.main --config=experiments/quickstart.py [--workdir=DIR] [--config.x=y]`.
 
-Prepares the data, trains (or resumes) and, unless `--noeval`, evaluates the run.
+Prepares the data, trains (or resumes) and, unless `--noeval`, evaluates the run. On SIGTERM
+(preemption) training saves a checkpoint and the command exits 0 without evaluating; rerun it
+to resume.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from sscell.config import check_compatible, save_config
 from sscell.data.prepare import prepare_store
 from sscell.errors import exit_on_error
 from sscell.evaluation.evaluate import evaluate
-from sscell.losses import get_loss
+from sscell.losses import load_task
 from sscell.training import distributed
 from sscell.training.train import train
 
@@ -41,14 +43,14 @@ def run(argv: list[str]) -> None:
     config, workdir = _CONFIG.value, _WORKDIR.value or default_workdir()
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
 
-    get_loss(config.loss.name)
+    load_task(config.loss)  # an unknown task fails before any data is prepared
     os.makedirs(workdir, exist_ok=True)
     check_compatible(config, workdir)
     store = prepare_store(config, workdir)
     if jax.process_index() == 0:
         save_config(config, workdir)
-    train(config, workdir, store)
-    if _EVAL.value:
+    state = train(config, workdir, store)
+    if _EVAL.value and int(state["step"]) >= config.train.steps:  # not after a preemption
         evaluate(workdir)
 
 

@@ -1,9 +1,11 @@
-"""The loader: exactly-once epochs, determinism, exact resume, host slices, label alignment."""
+"""The loader: exactly-once epochs, determinism, exact resume, host slices, label alignment,
+subsets (datasets, fractions) that read nothing else."""
 import numpy as np
 import pytest
 
-from sscell.data.loader import CellLoader, sequential_batches
+from sscell.data.loader import CellLoader, select_rows, sequential_batches
 from sscell.errors import SscellError
+from sscell.training.train import make_loader
 
 
 def epoch_rows(loader, epoch):
@@ -65,9 +67,10 @@ def test_counts_and_labels_travel_with_their_cells(tiny_store):
         np.testing.assert_array_equal(names[batch[name]], obs[column].astype(str))
 
 
-def test_batches_mix_labels_like_random_sampling(tiny_store):
-    """The store is shuffled at write time: a batch's cell-type mix is close to the split's."""
-    loader = CellLoader(tiny_store, "train", batch_size=128, seed=0, block_cells=16)
+@pytest.mark.parametrize("subset", [{}, {"fraction": 0.5}])
+def test_batches_mix_labels_like_random_sampling(tiny_store, subset):
+    """The store is shuffled at write time: a batch's cell-type mix is close to the selection's."""
+    loader = CellLoader(tiny_store, "train", batch_size=128, seed=0, block_cells=16, **subset)
     n_types = int(loader.labels["cell_type"].max()) + 1
     overall = np.bincount(loader.labels["cell_type"], minlength=n_types) / loader.n_cells
     distances = [0.5 * np.abs(np.bincount(loader.batch(s)["cell_type"], minlength=n_types) / 128 - overall).sum()
@@ -95,3 +98,98 @@ def test_bad_batch_sizes(tiny_store):
         CellLoader(tiny_store, "train", batch_size=63, seed=0, process_count=2)
     with pytest.raises(SscellError, match="fewer than one batch"):
         CellLoader(tiny_store, "val", batch_size=100_000, seed=0)
+
+
+SUBSET = dict(datasets=["dataset_1"], fraction=0.5)
+
+
+def test_select_rows_keeps_the_datasets_and_a_nested_seeded_fraction(tiny_store):
+    start, stop = tiny_store.split_range("train")
+    dataset = tiny_store.obs["dataset_id"].astype(str).to_numpy()
+    expected = np.flatnonzero(dataset[start:stop] == "dataset_1") + start
+    np.testing.assert_array_equal(select_rows(tiny_store, "train", datasets=["dataset_1"]), expected)
+    half = select_rows(tiny_store, "train", **SUBSET, seed=0)
+    tenth = select_rows(tiny_store, "train", datasets=["dataset_1"], fraction=0.1, seed=0)
+    assert len(half) == round(0.5 * len(expected)) and len(tenth) == round(0.1 * len(expected))
+    assert np.all(np.diff(half) > 0) and set(half) <= set(expected) and set(tenth) <= set(half)
+    np.testing.assert_array_equal(half, select_rows(tiny_store, "train", **SUBSET, seed=0))
+    assert set(half) != set(select_rows(tiny_store, "train", **SUBSET, seed=1))
+    fraction = select_rows(tiny_store, "train", fraction=0.3, seed=0)
+    assert len(np.unique((fraction - start) // 64)) <= np.ceil(0.3 * (stop - start) / 64) + 1  # whole windows
+
+
+def test_subset_epoch_once_on_one_and_two_hosts(tiny_store):
+    single = CellLoader(tiny_store, "train", batch_size=32, seed=0, block_cells=16, **SUBSET)
+    selected = set(single.rows.tolist())
+    for epoch in (0, 1):
+        rows = epoch_rows(single, epoch)
+        assert len(rows) == len(set(rows)) == single.steps_per_epoch * 32
+        assert set(rows) <= selected and len(selected) - len(rows) < 32
+    hosts = [CellLoader(tiny_store, "train", batch_size=32, seed=0, block_cells=16, process_index=i,
+                        process_count=2, **SUBSET) for i in range(2)]
+    for epoch in (0, 1):
+        parts = [epoch_rows(h, epoch) for h in hosts]
+        assert len(parts[0]) == len(parts[1]) and not set(parts[0]) & set(parts[1])
+        assert set(parts[0]) | set(parts[1]) == set(epoch_rows(single, epoch))
+
+
+def test_subset_reads_no_other_rows(tiny_store, monkeypatch):
+    """Every range handed to the store lies inside the selection, and each selected cell is
+    read once per epoch."""
+    read = []
+    original = tiny_store.read_blocks
+
+    def recording(ranges):
+        read.extend(ranges)
+        return original(ranges)
+
+    monkeypatch.setattr(tiny_store, "read_blocks", recording)
+    for subset in (SUBSET, dict(fraction=0.2), dict(datasets=["dataset_0"])):
+        read.clear()
+        loader = CellLoader(tiny_store, "train", batch_size=32, seed=0, block_cells=16, **subset)
+        batches = list(loader.iterate(0, loader.steps_per_epoch))
+        rows = [r for a, b in read for r in range(a, b)]
+        assert len(rows) == len(set(rows)) == loader.steps_per_epoch * 32
+        assert set(rows) <= set(loader.rows.tolist())
+        assert sorted(rows) == sorted(c for batch in batches for c in batch["cell"].tolist())
+
+
+def test_subset_deterministic_and_resumes_exactly(tiny_store):
+    def run(start, stop):
+        loader = CellLoader(tiny_store, "train", batch_size=32, seed=0, block_cells=16, prefetch=2, **SUBSET)
+        return list(loader.iterate(start, stop))
+
+    full = run(0, 20)  # crosses epoch boundaries (9 steps per epoch)
+    for a, b in zip(full, run(0, 5) + run(5, 13) + run(13, 20), strict=True):
+        for name in a:
+            np.testing.assert_array_equal(a[name], b[name])
+
+
+def test_subset_counts_and_labels_travel_with_their_cells(tiny_store):
+    loader = CellLoader(tiny_store, "train", batch_size=32, seed=0, block_cells=16, **SUBSET)
+    batch = loader.batch(3)
+    expected = tiny_store.read_rows(0, tiny_store.n_cells)[batch["cell"]].toarray()
+    np.testing.assert_array_equal(dense_rows(batch, tiny_store.n_genes), expected)
+    names = np.asarray(tiny_store.obs["dataset_id"].cat.categories)
+    assert set(names[batch["dataset"]]) == {"dataset_1"}
+    types = np.asarray(tiny_store.obs["cell_type"].cat.categories)
+    np.testing.assert_array_equal(types[batch["cell_type"]], tiny_store.obs["cell_type"].iloc[batch["cell"]])
+
+
+def test_config_selects_the_train_subset(tiny_config, tiny_store):
+    tiny_config.data.train_datasets = ("dataset_1",)
+    tiny_config.data.train_fraction = 0.5
+    train = make_loader(tiny_config, tiny_store, "train")
+    np.testing.assert_array_equal(train.rows, select_rows(tiny_store, "train", **SUBSET, seed=tiny_config.seed))
+    start, stop = tiny_store.split_range("val")
+    assert make_loader(tiny_config, tiny_store, "val").n_cells == stop - start  # validation stays whole
+
+
+def test_bad_subsets(tiny_store):
+    with pytest.raises(SscellError, match="dataset_9"):
+        select_rows(tiny_store, "train", datasets=["dataset_9"])
+    for fraction in (0.0, 1.5):
+        with pytest.raises(SscellError, match="not in"):
+            select_rows(tiny_store, "train", fraction=fraction)
+    with pytest.raises(SscellError, match="fewer than one batch"):
+        CellLoader(tiny_store, "train", batch_size=512, seed=0, datasets=["dataset_1"], fraction=0.1)

@@ -70,7 +70,8 @@ def test_masked_loss_matches_numpy_reference():
     config = ml_collections.ConfigDict({"mask_rate": 0.3})
     x = np.random.default_rng(2).random((6, 24)).astype(np.float32) * 4
     key = jax.random.key(7)
-    loss, metrics = loss_fn(params, {"x": x}, key, model=model, config=config, train=True)
+    batch = {"x": x, "measured": np.ones_like(x, bool)}
+    loss, metrics = loss_fn(params, batch, key, model=model, config=config, train=True)
 
     mask_key, _ = jax.random.split(key)
     mask = np.asarray(random_gene_mask(mask_key, x.shape, 0.3))
@@ -80,7 +81,7 @@ def test_masked_loss_matches_numpy_reference():
     np.testing.assert_allclose(float(loss), expected, rtol=1e-4)
     np.testing.assert_allclose(float(metrics["mse_all"]), ((reconstruction - x) ** 2).mean(), rtol=1e-4)
 
-    grads = jax.grad(lambda p: loss_fn(p, {"x": x}, key, model=model, config=config)[0])(params)
+    grads = jax.grad(lambda p: loss_fn(p, batch, key, model=model, config=config)[0])(params)
     norms = [float(jnp.linalg.norm(g)) for g in jax.tree.leaves(grads)]
     assert all(np.isfinite(norms)) and sum(norms) > 0
 

@@ -8,7 +8,7 @@ import pytest
 from sscell.config import check_compatible, save_config
 from sscell.errors import SscellError
 from sscell.training import checkpoint
-from sscell.training.mesh import data_mesh, replicated
+from sscell.training.mesh import make_mesh, replicated
 from sscell.training.state import abstract_state
 from sscell.training.train import build, train
 
@@ -37,10 +37,11 @@ def test_loss_decreases_and_metrics_are_logged(tiny_config, tiny_store, tmp_path
 
 def test_checkpoint_restores_the_final_state(tiny_config, tiny_store, tmp_path):
     state = train(tiny_config, str(tmp_path), tiny_store)
-    model, optimizer, _ = build(tiny_config, tiny_store)
+    model, optimizer = build(tiny_config, tiny_store)[2:4]
     manager = checkpoint.checkpoint_manager(tmp_path, 10, 3)
     assert manager.all_steps() == [10, 20, 30]
-    restored, data_state = checkpoint.restore_latest(manager, abstract_state(model, optimizer, replicated(data_mesh())))
+    layout = abstract_state(model, optimizer, replicated(make_mesh(tiny_config.mesh)))
+    restored, data_state = checkpoint.restore(manager, layout)
     manager.close()
     assert data_state == {"step": 30, "epoch": 30 // (tiny_store.split_range("train")[1] // 64)}
     assert_trees_equal(restored, state)

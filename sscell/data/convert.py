@@ -1,20 +1,23 @@
 """Convert CELLxGENE-style .h5ad files into an sscell store (layout: sscell.data.store).
 
-    python -m sscell.data.convert --output=STORE IN1.h5ad [IN2.h5ad ...] [--seed 0]
+    python -m sscell.data.convert --output=STORE IN1.h5ad [IN2.h5ad | DIR ...] [--vocabulary=GENES.txt]
+    python -m sscell.data.convert --output=STORE --append NEW.h5ad
 
-Counts come from layers['counts'], else raw.X, else X. Cells are split by donor unit
-(dataset_id + donor_id) into train/val/test and stored grouped by split, shuffled within each.
+Cells are split by donor unit (dataset_id + donor_id) into train/val/test and stored grouped by
+split, shuffled within each (inputs: sscell.data.inputs). Memory stays bounded by a block of rows
+plus a few numbers per cell, whatever the input size, in three streaming passes:
+1. count: validate every block of counts, count nonzeros per cell, find the largest count;
+2. bucket: the split and the shuffled order give each cell its store row; read each input once
+   in blocks and append every cell to a scratch file region per bucket (a range of store rows
+   holding about `bucket_nonzeros` nonzeros), so no pass gathers scattered rows;
+3. write: load one bucket at a time, order its rows and append them to the store.
+Scratch space: the uncompressed counts, once (beside the output, removed at the end).
 
-Inputs are opened lazily with h5py and anndata's element readers (`anndata.io.read_elem` for
-obs/var, `anndata.io.sparse_dataset` for the counts), because `read_h5ad(backed='r')` loads
-layers, obsm and uns into memory. Two passes, each in blocks of `block_cells` rows, keep memory
-to a block plus a few numbers per cell:
-1. validate counts, count nonzeros per cell, find the largest count (which picks the data dtype);
-2. for each block of output rows, gather its cells from the inputs by sorted fancy indexing and
-   append them to the store.
-Out-of-core at 20 M cells: pass 2's gathers read rows scattered over every input for every block;
-at that scale replace them with a bucket pass (stream each input once, sending each cell to a
-temporary bucket per output block range, then shuffle within buckets).
+The store is built in `.STORE.tmp-PID/` beside STORE and renamed into place, so STORE appears
+complete or not at all; `--append` builds the merged store there and swaps it in with two
+renames. A run killed at any point leaves only that directory: the next run removes it (putting
+the previous store back if the kill fell between the two renames) and converts again; an
+append rerun skips inputs whose cells are all in the store already.
 """
 from __future__ import annotations
 
@@ -23,122 +26,53 @@ import contextlib
 import dataclasses
 import json
 import os
+import resource
 import shutil
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import anndata
-import h5py
 import numpy as np
 import pandas as pd
 import scipy.sparse
+import tqdm
+import zarr
 
-from sscell.data.store import SPLITS, StoreWriter
+from sscell.data.inputs import H5adInput, align, id_kind, open_input, read_vocabulary, union_vocabulary
+from sscell.data.store import SPLITS, Store, StoreWriter, count_dtype, open_store
 from sscell.errors import SscellError, exit_on_error
 
-REQUIRED_OBS = ("cell_type", "donor_id")
-OPTIONAL_OBS = ("cell_type_ontology_term_id", "dataset_id", "assay", "tissue")
+BUCKET_NONZEROS = 2**24  # a bucket is loaded whole in pass 3: ~2**24 x 8 bytes, twice
 
 
 @dataclasses.dataclass
-class _Input:
-    """One opened .h5ad: its counts matrix (lazy), obs, gene ids and column mapping."""
+class _StoreSource:
+    """An existing store read back as one more input (for --append)."""
 
-    path: Path
-    counts: anndata.abc.CSRDataset | h5py.Dataset
-    source: str                 # where the counts came from, for the report
-    obs: pd.DataFrame           # kept columns only, values as strings
-    var: pd.DataFrame           # index: gene ids of the counts' columns
-    columns: np.ndarray | None = None  # store column of each input column; None when identical
+    store: Store
+    source: str = "store"
 
-    def read(self, rows: slice | np.ndarray) -> scipy.sparse.csr_matrix:
-        """Rows (a slice or sorted indices) as csr in store gene order, explicit zeros dropped."""
-        block = scipy.sparse.csr_matrix(self.counts[rows])
-        block.eliminate_zeros()
-        if self.columns is not None:
-            block.indices = self.columns[block.indices]
-            block.has_sorted_indices = False
-            block.sort_indices()
-        return block
+    @property
+    def path(self) -> Path:
+        return Path(self.store.path)
 
-    def check(self, data: np.ndarray, rows: str) -> None:
-        """Raise if `data` (stored values of some rows) are not non-negative integer counts."""
-        problem = None
-        if data.dtype.kind == "f" and not np.isfinite(data).all():
-            problem = "NaN or infinite values"
-        elif data.dtype.kind in "fi" and (data < 0).any():
-            problem = "negative values"
-        elif data.dtype.kind == "f" and (data != np.round(data)).any():
-            problem = "non-integer values (normalised data?)"
-        elif data.dtype.kind not in "fiu":
-            problem = f"values of dtype {data.dtype}"
-        if problem:
-            raise SscellError(f"{self.path}: counts in {self.source} have {problem} in rows {rows}; "
-                              "convert needs raw integer counts")
+    @property
+    def n_cells(self) -> int:
+        return self.store.n_cells
+
+    @property
+    def obs(self) -> pd.DataFrame:
+        return self.store.obs.drop(columns="split")
+
+    def measured(self, dataset: str) -> np.ndarray:
+        return self.store.measured[self.store.datasets.index(dataset)]
+
+    def read(self, start: int, stop: int) -> scipy.sparse.csr_matrix:
+        return self.store.read_rows(start, stop)
 
 
-def _open_input(path: Path, stack: contextlib.ExitStack) -> _Input:
-    if not path.is_file():
-        raise SscellError(f"{path}: no such input file")
-    try:
-        f = stack.enter_context(h5py.File(path, "r"))
-    except OSError as e:
-        raise SscellError(f"{path}: cannot read it as .h5ad ({e})") from None
-    if "layers/counts" in f:
-        key, source, var_key = "layers/counts", "layers['counts']", "var"
-    elif "raw/X" in f:
-        key, source, var_key = "raw/X", "raw.X", "raw/var"
-    else:
-        key, source, var_key = "X", "X", "var"
-    if isinstance(f[key], h5py.Dataset):
-        counts = f[key]
-    else:
-        counts = anndata.io.sparse_dataset(f[key])
-        if counts.format != "csr":
-            raise SscellError(f"{path}: counts in {source} are stored as {counts.format}; "
-                              "rewrite them as csr (e.g. adata.X = adata.X.tocsr()) and convert again")
-    obs = anndata.io.read_elem(f["obs"])
-    missing = [c for c in REQUIRED_OBS if c not in obs.columns]
-    if missing:
-        raise SscellError(f"{path}: obs lacks required column(s) {', '.join(missing)}")
-    for c in REQUIRED_OBS:
-        if obs[c].isna().any():
-            raise SscellError(f"{path}: obs column {c} has missing values")
-    kept = pd.DataFrame({c: obs[c].map(str, na_action="ignore") for c in REQUIRED_OBS + OPTIONAL_OBS if c in obs})
-    if "dataset_id" not in kept:
-        kept["dataset_id"] = path.stem
-    kept.index = obs.index.astype(str)
-    var = anndata.io.read_elem(f[var_key])
-    if var.index.has_duplicates:
-        raise SscellError(f"{path}: gene id {var.index[var.index.duplicated()][0]!r} appears more than once "
-                          f"in {var_key}")
-    return _Input(path, counts, source, kept, var)
-
-
-def _align_genes(inputs: list[_Input]) -> None:
-    """Map each later input's genes onto the first input's order (the vocabulary)."""
-    vocab = inputs[0].var.index
-    for inp in inputs[1:]:
-        genes = inp.var.index
-        missing, extra = vocab.difference(genes), genes.difference(vocab)
-        if len(missing) or len(extra):
-            raise SscellError(f"{inp.path}: genes differ from {inputs[0].path} ({len(missing)} missing, e.g. "
-                              f"{list(missing[:3])}; {len(extra)} extra, e.g. {list(extra[:3])}); "
-                              "all inputs must measure the same gene set")
-        if not genes.equals(vocab):
-            inp.columns = vocab.get_indexer(genes)
-
-
-def _merge_obs(inputs: list[_Input]) -> pd.DataFrame:
-    """The inputs' kept obs columns, concatenated, as categoricals; cell ids must be unique."""
-    obs = pd.concat([inp.obs for inp in inputs])
-    duplicated = obs.index[obs.index.duplicated()]
-    if len(duplicated):
-        cell = duplicated[0]
-        where = ", ".join(str(inp.path) for inp in inputs if cell in inp.obs.index)
-        raise SscellError(f"cell id {cell!r} appears more than once (in {where}); cell ids must be unique")
-    return obs[[c for c in REQUIRED_OBS + OPTIONAL_OBS if c in obs]].astype("category")
+_Source = H5adInput | _StoreSource
 
 
 def split_by_unit(unit: np.ndarray, fractions: Sequence[float], rng: np.random.Generator) -> np.ndarray:
@@ -161,114 +95,296 @@ def split_by_unit(unit: np.ndarray, fractions: Sequence[float], rng: np.random.G
     return split_of_unit[unit]
 
 
-def _count_pass(inputs: list[_Input], block_cells: int) -> tuple[np.ndarray, int]:
-    """Validate every block of counts; return nonzeros per cell (inputs concatenated) and the max count."""
+def _assign_splits(unit: np.ndarray, known: np.ndarray, fractions: Sequence[float],
+                   rng: np.random.Generator) -> np.ndarray:
+    """Split per cell: `known` where >= 0, else the split of the cell's unit if the unit has known
+    cells, else a fresh `split_by_unit` over the cells of units never seen."""
+    unit_split = np.full(int(unit.max()) + 1, -1, np.int8)
+    unit_split[unit[known >= 0]] = known[known >= 0]
+    split = np.where(known >= 0, known, unit_split[unit]).astype(np.int8)
+    new = split < 0
+    if new.any():
+        _, new_unit = np.unique(unit[new], return_inverse=True)
+        split[new] = split_by_unit(new_unit, fractions, rng)
+    return split
+
+
+def _merge_obs(sources: Sequence[_Source]) -> pd.DataFrame:
+    """The sources' kept obs columns, concatenated, as categoricals; cell ids must be unique."""
+    obs = pd.concat([src.obs for src in sources])
+    duplicated = obs.index[obs.index.duplicated()]
+    if len(duplicated):
+        cell = duplicated[0]
+        where = ", ".join(str(src.path) for src in sources if cell in src.obs.index)
+        raise SscellError(f"cell id {cell!r} appears more than once (in {where}); cell ids must be unique")
+    return obs.astype("category")
+
+
+def _measured(sources: Sequence[_Source], genes: pd.Index) -> pd.DataFrame:
+    """genes x datasets: a gene counts as measured by a dataset if every source holding it measured it."""
+    masks: dict[str, np.ndarray] = {}
+    for src in sources:
+        for dataset in src.obs["dataset_id"].unique():
+            mask = src.measured(dataset)
+            masks[dataset] = masks[dataset] & mask if dataset in masks else mask
+    return pd.DataFrame({d: masks[d] for d in sorted(masks)}, index=genes)
+
+
+def _progress(total: int, what: str) -> tqdm.tqdm:
+    """A progress bar on stderr, shown only when stderr is a terminal."""
+    return tqdm.tqdm(total=total, desc=what, unit="cells", unit_scale=True, disable=None,
+                     file=sys.stderr, leave=False)
+
+
+def _count_pass(sources: Sequence[_Source], block_cells: int) -> tuple[np.ndarray, int]:
+    """Validate every block of counts; return nonzeros per cell (sources concatenated) and the max count."""
     nnz, max_count = [], 0
-    for inp in inputs:
-        for start in range(0, len(inp.obs), block_cells):
-            stop = min(start + block_cells, len(inp.obs))
-            block = inp.read(slice(start, stop))
-            inp.check(block.data, f"{start}-{stop - 1}")
-            nnz.append(np.diff(block.indptr))
-            max_count = max(max_count, int(block.data.max(initial=0)))
+    with _progress(sum(src.n_cells for src in sources), "checking") as bar:
+        for src in sources:
+            if isinstance(src, _StoreSource):  # already valid; keep its count dtype at least
+                nnz.append(np.diff(src.store.indptr))
+                max_count = max(max_count, 0 if src.store.data_dtype == np.uint16 else 2**16)
+                bar.update(src.n_cells)
+                continue
+            for start in range(0, src.n_cells, block_cells):
+                block = src.read(start, min(start + block_cells, src.n_cells))
+                nnz.append(np.diff(block.indptr))
+                max_count = max(max_count, int(block.data.max(initial=0)))
+                bar.update(block.shape[0])
     return np.concatenate(nnz), max_count
 
 
-def _gather(inputs: list[_Input], offsets: np.ndarray, cells: np.ndarray) -> scipy.sparse.csr_matrix:
-    """Rows `cells` (indices into the concatenated inputs) in the given order."""
-    by_input = np.argsort(cells, kind="stable")
-    ordered = cells[by_input]
-    bounds = np.searchsorted(ordered, offsets)
-    parts = [inp.read(ordered[lo:hi] - offset)
-             for inp, offset, lo, hi in zip(inputs, offsets, bounds[:-1], bounds[1:]) if hi > lo]
-    return scipy.sparse.vstack(parts, format="csr")[np.argsort(by_input)]
+def _pwrite(fd: int, array: np.ndarray, offset: int) -> None:
+    view = memoryview(np.ascontiguousarray(array)).cast("B")
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
+def _shuffle_into(writer: StoreWriter, sources: Sequence[_Source], order: np.ndarray, scratch: Path,
+                  block_cells: int, bucket_nonzeros: int) -> None:
+    """Append the cells to `writer` in `order` (store row i holds concatenated-source cell order[i]).
+
+    Passes 2 and 3 of the module docstring: bucket k holds store rows [starts[k], starts[k+1]) and
+    nonzeros [indptr[starts[k]], indptr[starts[k+1]]), so each bucket is one region of each scratch
+    file (rows, indices, data), filled from its start by a cursor.
+    """
+    indptr, n = writer.indptr, len(order)
+    dest = np.empty(n, np.int64)
+    dest[order] = np.arange(n)
+    starts = np.flatnonzero(np.diff(indptr[:-1] // bucket_nonzeros, prepend=-1))
+    bounds = np.append(starts, n)
+    bucket_of_row = np.repeat(np.arange(len(starts)), np.diff(bounds))
+    row_cursor, nz_cursor = starts.copy(), indptr[starts].copy()
+    dtypes = {"rows": np.dtype(np.int64), "indices": writer.indices_dtype, "data": writer.data_dtype}
+    scratch.mkdir()
+    fds = {name: os.open(scratch / name, os.O_RDWR | os.O_CREAT) for name in dtypes}
+    try:
+        offset = 0
+        with _progress(n, "bucketing") as bar:
+            for src in sources:
+                for start in range(0, src.n_cells, block_cells):
+                    stop = min(start + block_cells, src.n_cells)
+                    rows = dest[offset + start:offset + stop]
+                    by_bucket = np.argsort(bucket_of_row[rows], kind="stable")
+                    block, rows = src.read(start, stop)[by_bucket], rows[by_bucket]
+                    parts = {"rows": rows, "indices": block.indices.astype(dtypes["indices"]),
+                             "data": block.data.astype(dtypes["data"])}
+                    buckets = bucket_of_row[rows]
+                    cuts = np.flatnonzero(np.diff(buckets)) + 1
+                    for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(rows)]):
+                        k, nz_lo, nz_hi = buckets[lo], block.indptr[lo], block.indptr[hi]
+                        _pwrite(fds["rows"], parts["rows"][lo:hi], row_cursor[k] * 8)
+                        for name in ("indices", "data"):
+                            _pwrite(fds[name], parts[name][nz_lo:nz_hi], nz_cursor[k] * dtypes[name].itemsize)
+                        row_cursor[k] += hi - lo
+                        nz_cursor[k] += nz_hi - nz_lo
+                    bar.update(stop - start)
+                offset += src.n_cells
+        with _progress(n, "writing") as bar:
+            for lo, hi in zip(bounds[:-1], bounds[1:]):
+                part = {name: np.fromfile(scratch / name, dtypes[name], offset=start * dtypes[name].itemsize,
+                                          count=stop - start)
+                        for name, (start, stop) in [("rows", (lo, hi)), ("indices", (indptr[lo], indptr[hi])),
+                                                    ("data", (indptr[lo], indptr[hi]))]}
+                rows = part["rows"]
+                local = np.concatenate([[0], np.cumsum(indptr[rows + 1] - indptr[rows])])
+                block = scipy.sparse.csr_matrix((part["data"], part["indices"], local), shape=(hi - lo, writer.n_genes))
+                writer.append(block[np.argsort(rows)])
+                bar.update(hi - lo)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _build(sources: Sequence[_Source], var: pd.DataFrame, known: np.ndarray, attrs: dict, tmp: Path, *,
+           seed: int, split_fractions: Sequence[float], block_cells: int, bucket_nonzeros: int) -> None:
+    """Write the store of `sources` (gene order: var) at tmp/store; `known`: fixed splits (-1: assign)."""
+    obs = _merge_obs(sources)
+    nnz, max_count = _count_pass(sources, block_cells)
+    rng = np.random.default_rng(seed)
+    unit = obs.groupby(["dataset_id", "donor_id"], observed=True).ngroup().to_numpy()
+    split = _assign_splits(unit, known, split_fractions, rng)
+    order = np.concatenate([rng.permutation(np.flatnonzero(split == k)) for k in range(len(SPLITS))])
+    obs = obs.iloc[order].assign(split=pd.Categorical.from_codes(split[order], SPLITS))
+    writer = StoreWriter(tmp / "store", np.concatenate([[0], np.cumsum(nnz[order])]), len(var),
+                         count_dtype(max_count), attrs)
+    _shuffle_into(writer, sources, order, tmp / "buckets", block_cells, bucket_nonzeros)
+    writer.close(obs, var, {"measured": _measured(sources, var.index)})
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _clean_stale(output: Path) -> None:
+    """Remove build directories of killed runs; put back a store an append had moved aside."""
+    for tmp in output.parent.glob(f".{output.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[1]
+        if pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)):
+            continue  # another conversion at work
+        if (tmp / "old").is_dir() and not output.exists():
+            os.rename(tmp / "old", output)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _disk_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def _build(paths: Sequence[Path], store: Path, seed: int, split_fractions: Sequence[float],
-           block_cells: int) -> dict:
-    """Write the store at `store` (an existing empty directory); return the report's numbers."""
-    with contextlib.ExitStack() as stack:
-        inputs = [_open_input(p, stack) for p in paths]
-        _align_genes(inputs)
-        obs = _merge_obs(inputs)
-        if len(obs) == 0:
-            raise SscellError("the inputs hold no cells")
-        nnz, max_count = _count_pass(inputs, block_cells)
-        if max_count >= 2**32:
-            raise SscellError(f"a count of {max_count} does not fit the store's uint32 counts; check the inputs")
-
-        rng = np.random.default_rng(seed)
-        unit = obs.groupby(["dataset_id", "donor_id"], observed=True).ngroup().to_numpy()
-        split = split_by_unit(unit, split_fractions, rng)
-        order = np.concatenate([rng.permutation(np.flatnonzero(split == k)) for k in range(len(SPLITS))])
-        obs = obs.iloc[order].assign(split=pd.Categorical.from_codes(split[order], SPLITS))
-
-        indptr = np.concatenate([[0], np.cumsum(nnz[order])])
-        offsets = np.cumsum([0] + [len(inp.obs) for inp in inputs])
-        var = inputs[0].var
-        counts_source = {str(inp.path): inp.source for inp in inputs}
-        attrs = {"inputs": list(counts_source), "counts_source": list(counts_source.values()),
-                 "seed": seed, "split_fractions": list(split_fractions)}
-        writer = StoreWriter(store, indptr, len(var), np.uint16 if max_count < 2**16 else np.uint32, attrs)
-        for start in range(0, len(order), block_cells):
-            writer.append(_gather(inputs, offsets, order[start:start + block_cells]))
-        writer.close(obs, var)
-    return {"cells": len(obs), "genes": len(var), "nonzeros": int(indptr[-1]), "counts_source": counts_source,
-            "split_cells": {name: int((split == k).sum()) for k, name in enumerate(SPLITS)}}
+def _report(output: Path, t0: float, cells_written: int, **extra) -> dict:
+    """The run's report, its figures read back from the finished store."""
+    store = open_store(output)
+    seconds = time.perf_counter() - t0
+    size = _disk_bytes(output)
+    return {
+        "output": str(output), "cells": store.n_cells, "genes": store.n_genes, "nonzeros": int(store.indptr[-1]),
+        "split_cells": {s: int(np.diff(store.split_range(s))[0]) for s in SPLITS}, **extra,
+        "gene_coverage": {d: round(float(m.mean()), 4) for d, m in zip(store.datasets, store.measured)},
+        "bytes_on_disk": size, "bytes_per_cell": size / store.n_cells, "seconds": seconds,
+        "cells_per_s": cells_written / seconds,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
 
 
-def convert(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, *, seed: int = 0,
-            split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
-            block_cells: int = 8192) -> dict:
-    """Write the cells of `inputs` (.h5ad) into a new store at `output`; return a report dict.
+def _expand(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    """Input paths, a directory standing for the .h5ad files in it."""
+    paths = []
+    for p in map(Path, inputs):
+        paths.extend(sorted(p.glob("*.h5ad")) if p.is_dir() else [p])
+    return paths
 
-    The store is built in a temporary directory beside `output` and renamed into place at the
-    end, so `output` either appears complete or not at all.
+
+def convert(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, *, vocabulary: str | None = None,
+            append: bool = False, gene_column: str | None = None, round_counts: bool = False, seed: int = 0,
+            split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15), block_cells: int = 8192,
+            bucket_nonzeros: int = BUCKET_NONZEROS) -> dict:
+    """Write the cells of `inputs` (.h5ad files or directories of them) into a store at `output`.
+
+    vocabulary: a text file of gene ids, one per line, fixing the store's genes and their order;
+    by default the union of the inputs' genes in first-seen order. append: add the inputs to the
+    existing store at `output` (its genes stay; cells of donor units already in it keep their
+    split). gene_column: a var column holding the gene ids (default: the var index).
+    round_counts: round non-integer counts instead of refusing them. Returns the report (a dict).
     """
     t0 = time.perf_counter()
     output = Path(output)
-    if output.exists():
-        raise SscellError(f"{output} exists; remove it or choose another --output")
-    if not inputs:
+    paths = _expand(inputs)
+    if not paths:
         raise SscellError("no input files given")
     if len(split_fractions) != 3 or min(split_fractions) < 0 or abs(sum(split_fractions) - 1) > 1e-6:
         raise SscellError(f"split_fractions {split_fractions} must be three non-negative numbers summing to 1")
-    if block_cells < 1:
-        raise SscellError(f"block_cells is {block_cells}; it must be at least 1")
+    if block_cells < 1 or bucket_nonzeros < 1:
+        raise SscellError(f"block_cells ({block_cells}) and bucket_nonzeros ({bucket_nonzeros}) must be at least 1")
+    if append and vocabulary:
+        raise SscellError("--append keeps the store's genes; drop --vocabulary")
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
-    tmp.mkdir()
-    try:
-        report = {"output": str(output), **_build([Path(p) for p in inputs], tmp, seed, split_fractions, block_cells)}
-        if output.exists():
-            raise SscellError(f"{output} exists; remove it or choose another --output")
-        os.rename(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    seconds = time.perf_counter() - t0
-    size = _disk_bytes(output)
-    return {**report, "bytes_on_disk": size, "bytes_per_cell": size / report["cells"], "seconds": seconds,
-            "cells_per_s": report["cells"] / seconds}
+    _clean_stale(output)
+    if append and not output.exists():
+        raise SscellError(f"{output} does not exist; drop --append to create it")
+    if not append and output.exists():
+        raise SscellError(f"{output} exists; remove it, choose another --output or pass --append")
+
+    with contextlib.ExitStack() as stack:
+        h5ads = [open_input(p, stack, gene_column=gene_column, round_counts=round_counts) for p in paths]
+        sources: list[_Source] = []
+        attrs = {"inputs": [], "counts_source": [], "seed": seed, "split_fractions": list(split_fractions)}
+        if append:
+            old = open_store(output)
+            genes, var, what = old.var.index, old.var, f"the store's genes ({output})"
+            skipped = [str(inp.path) for inp in h5ads if inp.obs.index.isin(old.obs.index).all()]
+            h5ads = [inp for inp in h5ads if str(inp.path) not in skipped]
+            if not h5ads:
+                return _report(output, t0, 0, appended_cells=0, skipped=skipped)
+            sources.append(_StoreSource(old))
+            previous = zarr.open_group(output, mode="r").attrs["sscell"]
+            attrs.update(inputs=previous["inputs"], counts_source=previous["counts_source"])
+            known = np.r_[old.obs["split"].cat.codes.to_numpy(np.int8), np.full(sum(i.n_cells for i in h5ads), -1)]
+        else:
+            skipped = []
+            genes = read_vocabulary(vocabulary) if vocabulary else union_vocabulary(h5ads)
+            what = f"the vocabulary {vocabulary}" if vocabulary else f"the first input's genes ({h5ads[0].path})"
+            var = pd.concat([inp.var for inp in h5ads])
+            var = var[~var.index.duplicated()].reindex(genes)
+            known = np.full(sum(i.n_cells for i in h5ads), -1)
+        kind = id_kind(h5ads[0].var.index) if not (append or vocabulary) else None  # a union may mix kinds
+        for inp in h5ads:
+            align(inp, genes, what, kind)
+        sources.extend(h5ads)
+        attrs["inputs"] = attrs["inputs"] + [str(inp.path) for inp in h5ads]
+        attrs["counts_source"] = attrs["counts_source"] + [inp.source for inp in h5ads]
+
+        tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
+        tmp.mkdir()
+        try:
+            _build(sources, var, known, attrs, tmp, seed=seed, split_fractions=split_fractions,
+                   block_cells=block_cells, bucket_nonzeros=bucket_nonzeros)
+            if append:
+                os.rename(output, tmp / "old")
+            elif output.exists():
+                raise SscellError(f"{output} appeared while converting; remove it or choose another --output")
+            os.rename(tmp / "store", output)
+        except BaseException:
+            if (tmp / "old").is_dir() and not output.exists():
+                os.rename(tmp / "old", output)
+            raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return _report(output, t0, sum(src.n_cells for src in sources),
+                   appended_cells=sum(inp.n_cells for inp in h5ads) if append else 0, skipped=skipped,
+                   counts_source={str(inp.path): inp.source for inp in h5ads},
+                   genes_dropped={str(inp.path): inp.dropped for inp in h5ads})
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Command line entry point; prints the report as JSON."""
     parser = argparse.ArgumentParser(prog="python -m sscell.data.convert", description=__doc__.splitlines()[0])
-    parser.add_argument("inputs", nargs="+", help=".h5ad files (the first one's genes set the gene order)")
-    parser.add_argument("--output", required=True, help="store directory to create (must not exist)")
+    parser.add_argument("inputs", nargs="+", help=".h5ad files or directories holding them")
+    parser.add_argument("--output", required=True, help="store directory to create (or to extend with --append)")
+    parser.add_argument("--append", action="store_true", help="add the inputs' cells to the existing store")
+    parser.add_argument("--vocabulary", help="text file of gene ids, one per line (default: the inputs' genes)")
+    parser.add_argument("--gene-column", help="var column holding gene ids (default: the var index)")
+    parser.add_argument("--round-counts", action="store_true",
+                        help="round non-integer counts (e.g. ambient-corrected) to integers instead of refusing them")
     parser.add_argument("--seed", type=int, default=0, help="seed for the split and the cell order")
     parser.add_argument("--split-fractions", type=float, nargs=3, default=(0.7, 0.15, 0.15),
                         metavar=("TRAIN", "VAL", "TEST"))
-    parser.add_argument("--block-cells", type=int, default=8192, help="rows read and written at a time")
+    parser.add_argument("--block-cells", type=int, default=8192, help="rows read at a time")
+    parser.add_argument("--bucket-nonzeros", type=int, default=BUCKET_NONZEROS,
+                        help="nonzeros per shuffle bucket (bounds memory of the write pass)")
     args = parser.parse_args(argv)
     with exit_on_error():
-        report = convert(args.inputs, args.output, seed=args.seed, split_fractions=tuple(args.split_fractions),
-                         block_cells=args.block_cells)
+        report = convert(args.inputs, args.output, vocabulary=args.vocabulary, append=args.append,
+                         gene_column=args.gene_column, round_counts=args.round_counts, seed=args.seed,
+                         split_fractions=tuple(args.split_fractions), block_cells=args.block_cells,
+                         bucket_nonzeros=args.bucket_nonzeros)
     print(json.dumps(report, indent=2))
 
 

@@ -9,6 +9,11 @@ Layout (`anndata.read_zarr(STORE)` opens it; the loader reads cells through `Sto
     STORE/X/indptr     int64, n_cells + 1 (held in RAM by `Store`)
     STORE/obs, /var    written by anndata, so dtypes and categoricals round trip
 
+    STORE/varm/measured  bool DataFrame, genes x datasets: which genes each dataset_id measured
+
+The sscell attribute is written last, after every array, so a half-written directory is never
+accepted by `open_store`.
+
 Rows are grouped by obs["split"] (train, val, test) and shuffled within each split at write time,
 so a split is one contiguous row range and any contiguous block of it is a random sample.
 
@@ -56,6 +61,18 @@ def inner_chunk_elements(nnz: int, n_cells: int) -> int:
     return 2 ** int(np.clip(round(np.log2(CELLS_PER_CHUNK * per_cell)), 12, 20))
 
 
+def count_dtype(max_count: int) -> np.dtype:
+    """Store dtype of counts whose largest value is `max_count`."""
+    if max_count >= 2**32:
+        raise SscellError(f"a count of {max_count} does not fit the store's uint32 counts; check the inputs")
+    return np.dtype(np.uint16 if max_count < 2**16 else np.uint32)
+
+
+def index_dtype(n_genes: int) -> np.dtype:
+    """Store dtype of gene indices for `n_genes` genes."""
+    return np.dtype(np.uint16 if n_genes <= 2**16 else np.uint32)
+
+
 def _create_array(path: Path, size: int, dtype: np.dtype, chunks: tuple[int, int],
                   ctx: ts.Context) -> ts.TensorStore:
     """A 1-D zarr v3 array of `size` elements, sharded as chunks = (inner chunk, shard)."""
@@ -101,17 +118,18 @@ class StoreWriter:
         self.indptr = np.asarray(indptr, dtype=np.int64)
         n_cells, nnz = len(self.indptr) - 1, int(self.indptr[-1])
         root = zarr.open_group(self.path, mode="w-", zarr_format=3)
-        root.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0",
-                           "sscell": {"format_version": FORMAT_VERSION, **attrs}})
+        root.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
+        self.attrs = {"format_version": FORMAT_VERSION, **attrs}
         root.create_group("X").attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0",
                                              "shape": [n_cells, n_genes]})
         ctx = _context()
         chunks = (min(inner_chunk_elements(nnz, n_cells), shard_elements), shard_elements)
-        index_dtype = np.uint16 if n_genes <= 2**16 else np.uint32
         self._data = _create_array(self.path / "X" / "data", nnz, data_dtype, chunks, ctx)
-        self._indices = _create_array(self.path / "X" / "indices", nnz, index_dtype, chunks, ctx)
+        self._indices = _create_array(self.path / "X" / "indices", nnz, index_dtype(n_genes), chunks, ctx)
         indptr_store = _create_array(self.path / "X" / "indptr", n_cells + 1, np.int64, chunks, ctx)
         indptr_store.write(self.indptr).result()
+        self.n_genes = n_genes
+        self.data_dtype, self.indices_dtype = np.dtype(data_dtype), index_dtype(n_genes)
         self._rows = 0        # rows appended so far
         self._flushed = 0     # nonzeros written to disk so far
         self._buffer: list[tuple[np.ndarray, np.ndarray]] = []
@@ -142,8 +160,8 @@ class StoreWriter:
         ]
         self._flushed = hi
 
-    def close(self, obs: pd.DataFrame, var: pd.DataFrame) -> None:
-        """Write the remaining nonzeros, then obs and var (obs rows in store order)."""
+    def close(self, obs: pd.DataFrame, var: pd.DataFrame, varm: dict[str, pd.DataFrame] | None = None) -> None:
+        """Write the remaining nonzeros, obs, var and varm (obs rows in store order), then the sscell attribute."""
         if self._rows != len(self.indptr) - 1:
             raise ValueError(f"{self._rows} rows appended, indptr describes {len(self.indptr) - 1}")
         if self._flushed < self.indptr[-1]:
@@ -154,11 +172,19 @@ class StoreWriter:
         with anndata.settings.override(auto_shard_zarr_v3=False):  # obs/var columns are small: unsharded
             anndata.io.write_elem(root, "obs", obs)
             anndata.io.write_elem(root, "var", var)
+            if varm:
+                anndata.io.write_elem(root, "varm", varm)
+        root.attrs["sscell"] = self.attrs
 
 
 @dataclasses.dataclass(eq=False)
 class Store:
-    """An open store: indptr, obs and var in RAM; counts read on demand with tensorstore."""
+    """An open store: indptr, obs and var in RAM; counts read on demand with tensorstore.
+
+    `datasets` are the obs dataset_id categories (the order of the loader's `dataset` codes);
+    `measured[d, g]` says whether dataset `datasets[d]` measured gene `g` (unmeasured genes
+    read as zeros but are unknown).
+    """
 
     path: str
     n_cells: int
@@ -166,8 +192,15 @@ class Store:
     indptr: np.ndarray = dataclasses.field(repr=False)
     obs: pd.DataFrame = dataclasses.field(repr=False)
     var: pd.DataFrame = dataclasses.field(repr=False)
+    datasets: list[str] = dataclasses.field(repr=False)
+    measured: np.ndarray = dataclasses.field(repr=False)
     _data: ts.TensorStore = dataclasses.field(repr=False)
     _indices: ts.TensorStore = dataclasses.field(repr=False)
+
+    @property
+    def data_dtype(self) -> np.dtype:
+        """The stored counts' dtype (uint16 or uint32)."""
+        return np.dtype(self._data.dtype.numpy_dtype)
 
     def split_range(self, split: str) -> tuple[int, int]:
         """Contiguous [start, stop) rows of `split` ("train", "val" or "test")."""
@@ -223,7 +256,15 @@ def open_store(path: str | os.PathLike) -> Store:
     ctx = _context()
     indptr = _open_array(root_path / "X" / "indptr", ctx).read().result()
     n_cells, n_genes = root["X"].attrs["shape"]
+    datasets = [str(d) for d in obs["dataset_id"].astype("category").cat.categories] if "dataset_id" in obs else []
+    if "varm" in root and "measured" in root["varm"]:
+        mask = anndata.io.read_elem(root["varm"]["measured"])
+        if not set(datasets) <= set(mask.columns):
+            raise not_a_store("varm['measured'] lacks a column for some obs dataset_id")
+        measured = mask[datasets].to_numpy(bool).T.copy()
+    else:  # written without a mask (e.g. by StoreWriter directly): every gene measured
+        measured = np.ones((len(datasets), n_genes), bool)
     return Store(path=str(root_path), n_cells=n_cells, n_genes=n_genes, indptr=indptr,
-                 obs=obs, var=anndata.io.read_elem(root["var"]),
+                 obs=obs, var=anndata.io.read_elem(root["var"]), datasets=datasets, measured=measured,
                  _data=_open_array(root_path / "X" / "data", ctx),
                  _indices=_open_array(root_path / "X" / "indices", ctx))

@@ -1,34 +1,51 @@
 """A synthetic single-cell atlas shaped like a CELLxGENE download, so quickstarts need no data.
 
-Cells come from a small Cell Ontology hierarchy (CELL_TYPES). Every cell type switches on its
-own gene programmes plus its ancestors', so siblings (CD4 vs CD8 T cells) are harder to tell
-apart than lineages. Datasets and donors shift genes on the log scale (batch effects), cells
-vary in library size and in a few cell-state programmes, and counts are negative binomial
-(Gamma-Poisson with per-gene dispersion). Cells are grouped by dataset then donor (types mixed
-within a donor), as in a concatenated atlas.
+Cells come from a small Cell Ontology hierarchy (CELL_TYPES, real CL ids and ancestors). Every
+cell type switches on its own gene programmes plus its ancestors', so siblings (CD4 vs CD8 T
+cells) are harder to tell apart than lineages; a few cell-state programmes switch on in random
+cells of any type. Each programme has a transcription factor (var['is_tf']) whose expression
+follows the programme's activity in every cell, so a TF's expression can be predicted from its
+targets and back. Datasets and donors shift genes on the log scale (batch effects), cells vary
+in library size, and counts are negative binomial (Gamma-Poisson, per-gene dispersion). Cells
+are grouped by dataset then donor (types mixed within a donor), as in a concatenated atlas.
 
-    python -m sscell.data.synthetic --output=atlas.h5ad --cells=20000 --genes=2000 --seed=0
+    python -m sscell.data.synthetic --output=atlas.h5ad --cells=1000000 --genes=19331 --seed=0 \
+        [--target-cells=20000 --target-cell-type="B cell" --target-cell-type="classical monocyte" ...]
+
+writes, each atomically, the atlas's siblings first so a present atlas means all are there:
+- `atlas.programmes.gmt`: gene programmes (also uns['gene_programmes']);
+- `atlas.tf_targets.gmt`: each TF's gene id -> its programme's genes (also uns['tf_targets']);
+- `atlas.target.h5ad` with --target-cells: a transfer "target" dataset (one dataset, its own
+  donors, a stronger batch effect, only the chosen leaf types; same genes and programmes);
+- `atlas.h5ad`: counts streamed to disk chunk by chunk, so memory stays bounded at any size.
+The same arguments always give the same files; adding a target leaves the atlas unchanged.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
 import anndata
+import h5py
 import numpy as np
 import pandas as pd
 import scipy.optimize
 import scipy.sparse as sp
 
+from sscell.data.gmt import write_gmt
 from sscell.errors import SscellError, exit_on_error
 
 
 class CellType(NamedTuple):
-    """One row of the hierarchy; only leaves (types that are nobody's parent) get cells."""
+    """One row of the hierarchy; only leaves (types that are nobody's parent) get cells.
+
+    `parent` is an ancestor in the Cell Ontology, not always the direct one (CD4 T cells sit
+    under "alpha-beta T cell" under "T cell"); tests check this against the ontology itself.
+    """
 
     name: str
     ontology_id: str
@@ -52,53 +69,68 @@ CELL_TYPES: tuple[CellType, ...] = (
 )
 _INDEX = {t.name: i for i, t in enumerate(CELL_TYPES)}
 _LEAVES = tuple(i for i, t in enumerate(CELL_TYPES) if t.name not in {u.parent for u in CELL_TYPES})
+LEAF_NAMES = tuple(CELL_TYPES[i].name for i in _LEAVES)
 
 ASSAYS = ("10x 3' v3", "10x 3' v2", "10x 5' v2")  # dataset k uses ASSAYS[k % 3]
 TISSUES = ("blood", "lung")  # dataset k uses TISSUES[k % 2]
+TARGET_ASSAY, TARGET_TISSUE = "10x 5' v1", "blood"  # an assay no atlas dataset uses
 
 CHUNK_ENTRIES = 2**23  # cells x genes sampled at once (4,096 x 2,048): bounds memory
+H5_CHUNK = 2**16  # HDF5 chunk (elements) of the streamed X.data and X.indices
 ZEROS = 0.89  # the mean library size is set so an average cell has this share of zeros
 LIBRARY_SD = 0.5  # per-cell log library size sd (CV ~0.5), before the dataset scale
 DATASET_LIBRARY_SD = 0.3  # per-dataset log library scale sd
-DONOR_SHIFT = 1 / 3  # donor shift sd as a fraction of spec.batch_effect
+DONOR_SHIFT = 1 / 3  # donor shift sd as a fraction of the batch effect
 BASELINE_SD = 1.5  # sd of per-gene log baseline: a few genes dominate, most are low
 DISPERSION = 0.3  # median per-gene negative-binomial dispersion (var = mu + disp * mu^2)
 DISPERSION_SD = 0.5  # sd of log dispersion across genes
 ROOT_EFFECT = 2.0  # mean log fold change of a root type's programme genes...
 DEPTH_DECAY = 0.75  # ...shrunk per level, so finer types differ by less
+ACTIVITY_SD = 0.3  # cell-to-cell log sd of a switched-on cell-type programme's activity
 STATE_EFFECT = 1.0  # mean log fold change of a cell-state programme
 STATE_RATE = 0.2  # share of cells with a given cell-state programme switched on
+TF_BASELINE = 2.5  # log baseline of a TF (top ~5% of genes), so it is detected in ~1 cell in 3
+TF_EFFECT = 2.0  # a TF's log fold change per unit of its programme's activity
 
 
 @dataclasses.dataclass(frozen=True)
 class AtlasSpec:
-    """Size and randomness of a synthetic atlas; the same spec always gives the same atlas."""
+    """Size and randomness of a synthetic atlas; the same spec always gives the same atlas.
+
+    With target_cells > 0 a separate target dataset is made too (see `generate_target`):
+    `target_cell_types` are leaf names of CELL_TYPES (empty: all leaves), and its batch effect
+    has sd `target_batch_effect` instead of `batch_effect`.
+    """
 
     n_cells: int = 20_000
     n_genes: int = 2_000
     n_datasets: int = 4
     donors_per_dataset: int = 4
-    n_programmes: int = 40  # gene programmes (sets of co-regulated genes)
+    n_programmes: int = 40  # gene programmes (sets of co-regulated genes), one TF each
     genes_per_programme: int = 40
     batch_effect: float = 0.3  # sd of per-dataset per-gene log-scale shifts
     seed: int = 0
+    target_cells: int = 0
+    target_cell_types: tuple[str, ...] = ()
+    target_batch_effect: float = 0.9
 
 
 def _check(spec: AtlasSpec) -> None:
     for field in ("n_cells", "n_genes", "n_datasets", "donors_per_dataset", "genes_per_programme"):
         if getattr(spec, field) < 1:
             raise SscellError(f"AtlasSpec.{field}={getattr(spec, field)}: must be at least 1.")
-    if spec.seed < 0 or spec.batch_effect < 0:
-        raise SscellError("AtlasSpec.seed and AtlasSpec.batch_effect must be non-negative.")
+    if spec.seed < 0 or spec.batch_effect < 0 or spec.target_batch_effect < 0 or spec.target_cells < 0:
+        raise SscellError("AtlasSpec.seed, target_cells and the batch effects must be non-negative.")
     if spec.n_programmes < len(CELL_TYPES) + 1:
         raise SscellError(
             f"AtlasSpec.n_programmes={spec.n_programmes}: need at least {len(CELL_TYPES) + 1} "
             "(one per entry of CELL_TYPES plus one cell-state programme)."
         )
-    if spec.genes_per_programme > spec.n_genes:
+    if spec.n_genes < spec.genes_per_programme + spec.n_programmes:
         raise SscellError(
-            f"AtlasSpec.genes_per_programme={spec.genes_per_programme} exceeds "
-            f"n_genes={spec.n_genes}: lower it or add genes."
+            f"AtlasSpec.n_genes={spec.n_genes} is too small for programmes of "
+            f"{spec.genes_per_programme} genes plus {spec.n_programmes} transcription factors: "
+            "lower genes_per_programme or n_programmes, or add genes."
         )
     per_dataset = max(len(_LEAVES), spec.donors_per_dataset)
     if spec.n_cells < spec.n_datasets * per_dataset:
@@ -106,6 +138,18 @@ def _check(spec: AtlasSpec) -> None:
             f"AtlasSpec.n_cells={spec.n_cells} is too small: every dataset needs at least "
             f"{per_dataset} cells (one per leaf cell type and per donor); use at least "
             f"{spec.n_datasets * per_dataset}."
+        )
+    unknown = sorted(set(spec.target_cell_types) - set(LEAF_NAMES))
+    if unknown or len(set(spec.target_cell_types)) < len(spec.target_cell_types):
+        raise SscellError(
+            f"AtlasSpec.target_cell_types: {unknown or 'duplicated names'} - give distinct leaf "
+            f"types from: {'; '.join(LEAF_NAMES)}."
+        )
+    needed = max(len(spec.target_cell_types) or len(_LEAVES), spec.donors_per_dataset)
+    if 0 < spec.target_cells < needed:
+        raise SscellError(
+            f"AtlasSpec.target_cells={spec.target_cells} is too small: use at least {needed} "
+            "(one per target cell type and per donor)."
         )
 
 
@@ -117,13 +161,41 @@ def _ancestors(index: int) -> list[int]:
     return chain
 
 
-def _programmes(
-    spec: AtlasSpec, rng: np.random.Generator
-) -> tuple[list[str], list[np.ndarray], np.ndarray, np.ndarray]:
-    """Programme names, member genes, log fold changes (programmes x genes) and owners.
+class _Biology(NamedTuple):
+    """What every cell shares, atlas and target alike."""
+
+    names: list[str]  # programme names
+    members: list[np.ndarray]  # each programme's genes
+    owner: np.ndarray  # the CELL_TYPES index owning each programme; -1: a cell-state programme
+    tfs: np.ndarray  # each programme's transcription factor (a gene index)
+    effects: np.ndarray  # programmes x genes log fold changes at activity 1, TFs included
+    baseline: np.ndarray  # per-gene log expression
+    dispersion: np.ndarray  # per-gene negative-binomial dispersion
+    lineage: np.ndarray  # leaves x programmes: 1 where a leaf type (or its ancestor) owns it
+
+
+class _Cohort(NamedTuple):
+    """A group of datasets: its cells (leaf position in _LEAVES, donor), batch effects, names."""
+
+    leaf: np.ndarray
+    donor: np.ndarray
+    donors_per_dataset: int
+    donor_shift: np.ndarray  # donors x genes: dataset shift + donor shift, log scale
+    library: np.ndarray  # mean library size per dataset
+    dataset_names: list[str]
+    donor_names: list[str]
+    assays: list[str]  # per dataset
+    tissues: list[str]  # per dataset
+    cell_prefix: str
+    stream: int  # tags the random streams of its count chunks
+
+
+def _programmes(spec: AtlasSpec, rng: np.random.Generator) -> _Biology:
+    """Programmes, their TFs and per-gene parameters.
 
     Each entry of CELL_TYPES owns n_programmes // (len(CELL_TYPES) + 1) programmes; the rest
-    are cell-state programmes (owner -1) that switch on in random cells of any type.
+    are cell-state programmes. A programme's TF is a gene outside it, preferably outside every
+    programme; its log fold change is TF_EFFECT per unit of the programme's activity.
     """
     per_type = spec.n_programmes // (len(CELL_TYPES) + 1)
     owner = np.full(spec.n_programmes, -1)
@@ -139,7 +211,22 @@ def _programmes(
         label = label.replace(",", "").replace(" ", "_")
         names.append(f"{label}_{int(np.sum(owner[:p] == owner[p])) + 1}")
         members.append(genes)
-    return names, members, effects, owner
+    # Free genes first, then the rest, in random order; greedily skip a programme's own genes.
+    in_any = np.zeros(spec.n_genes, bool)
+    in_any[np.concatenate(members)] = True
+    candidates = rng.permutation(spec.n_genes)
+    candidates = np.concatenate([candidates[~in_any[candidates]], candidates[in_any[candidates]]])
+    tfs: list[int] = []
+    for genes in members:
+        own = set(genes.tolist()) | set(tfs)
+        tfs.append(next(int(g) for g in candidates if g not in own))
+    tfs_array = np.array(tfs)
+    effects[np.arange(spec.n_programmes), tfs_array] = TF_EFFECT
+    baseline = rng.normal(0.0, BASELINE_SD, spec.n_genes).astype(np.float32)
+    baseline[tfs_array] = TF_BASELINE
+    dispersion = DISPERSION * np.exp(rng.normal(0.0, DISPERSION_SD, spec.n_genes))
+    lineage = np.array([np.isin(owner, _ancestors(i)) for i in _LEAVES], np.float32)
+    return _Biology(names, members, owner, tfs_array, effects, baseline, dispersion, lineage)
 
 
 def _split(total: int, weights: np.ndarray, minimum: int) -> np.ndarray:
@@ -152,10 +239,10 @@ def _split(total: int, weights: np.ndarray, minimum: int) -> np.ndarray:
 
 
 def _cover_all_types(counts: np.ndarray) -> None:
-    """Move single cells (in place) so every leaf type appears in a dataset's donors x types."""
+    """Move single cells (in place) so every type appears in a dataset's donors x types."""
     totals = counts.sum(axis=0)
     for missing in np.flatnonzero(totals == 0):
-        source = int(np.argmax(totals))  # holds >= 2 cells, since the dataset has >= n_leaves
+        source = int(np.argmax(totals))  # holds >= 2 cells, since the dataset has >= n_types
         donor = int(np.argmax(counts[:, source]))
         counts[donor, source] -= 1
         counts[donor, missing] += 1
@@ -163,59 +250,107 @@ def _cover_all_types(counts: np.ndarray) -> None:
         totals[missing] += 1
 
 
-def _assign_cells(spec: AtlasSpec, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Donor and leaf index of every cell: unequal type shares that vary per donor (Dirichlet)."""
-    n_leaves = len(_LEAVES)
-    overall = rng.permutation(0.5 ** np.linspace(0.0, 3.0, n_leaves))  # rarest 8x below commonest
+def _assign_cells(
+    rng: np.random.Generator, n_cells: int, n_datasets: int, per: int, n_types: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Donor and type (0..n_types-1) of every cell: unequal type shares varying per donor."""
+    overall = rng.permutation(0.5 ** np.linspace(0.0, 3.0, n_types))  # rarest 8x below commonest
     overall /= overall.sum()
-    dataset_sizes = _split(
-        spec.n_cells,
-        rng.dirichlet(np.full(spec.n_datasets, 20.0)),
-        max(n_leaves, spec.donors_per_dataset),
-    )
-    counts = np.zeros((spec.n_datasets * spec.donors_per_dataset, n_leaves), np.int64)
+    dataset_sizes = _split(n_cells, rng.dirichlet(np.full(n_datasets, 20.0)), max(n_types, per))
+    counts = np.zeros((n_datasets * per, n_types), np.int64)
     for k, size in enumerate(dataset_sizes):
-        rows = counts[k * spec.donors_per_dataset : (k + 1) * spec.donors_per_dataset]
-        donor_sizes = _split(size, rng.dirichlet(np.full(spec.donors_per_dataset, 20.0)), 1)
+        rows = counts[k * per : (k + 1) * per]
+        donor_sizes = _split(size, rng.dirichlet(np.full(per, 20.0)), 1)
         for row, n in zip(rows, donor_sizes):
-            share = 0.9 * rng.dirichlet(20.0 * overall) + 0.1 / n_leaves  # every type >= 1%
+            share = 0.9 * rng.dirichlet(20.0 * overall) + 0.1 / n_types  # every type >= 1%
             row[:] = rng.multinomial(n, share)
         _cover_all_types(rows)
     donor = np.repeat(np.arange(len(counts)), counts.sum(axis=1))
-    leaf = np.concatenate([rng.permutation(np.repeat(np.arange(n_leaves), row)) for row in counts])
-    return donor, leaf
+    kind = np.concatenate([rng.permutation(np.repeat(np.arange(n_types), row)) for row in counts])
+    return donor, kind
 
 
-def _library_for_zeros(leaf_logits: np.ndarray, dispersion: np.ndarray) -> float:
+def _library_for_zeros(bio: _Biology) -> float:
     """Library size at which cells at their type's mean expression have ZEROS zero counts.
 
     Scales with gene count and adapts to the programme layout, so every spec is ~90% sparse
     (library spread and batch shifts add a couple of points to ZEROS).
     """
+    leaf_logits = bio.baseline + bio.lineage @ bio.effects
     share = np.exp(leaf_logits - leaf_logits.max(axis=1, keepdims=True))
     share /= share.sum(axis=1, keepdims=True)
 
     def excess_zeros(log_size: float) -> float:
         mean = np.exp(log_size) * share
-        return float(np.mean((1 + dispersion * mean) ** (-1 / dispersion))) - ZEROS
+        return float(np.mean((1 + bio.dispersion * mean) ** (-1 / bio.dispersion))) - ZEROS
 
     return float(np.exp(scipy.optimize.brentq(excess_zeros, -5.0, 30.0)))
 
 
+def _cohort(
+    rng: np.random.Generator, spec: AtlasSpec, library: float, *, n_cells: int, n_datasets: int,
+    types: Sequence[int], batch_effect: float, target: bool,
+) -> _Cohort:
+    """Cells and batch effects of the atlas (target=False) or of the target dataset."""
+    per, n_genes = spec.donors_per_dataset, spec.n_genes
+    dataset_shift = rng.normal(0.0, batch_effect, (n_datasets, n_genes))
+    donor_shift = np.repeat(dataset_shift, per, axis=0) + rng.normal(
+        0.0, batch_effect * DONOR_SHIFT, (n_datasets * per, n_genes)
+    )
+    library_scale = rng.lognormal(0.0, DATASET_LIBRARY_SD, n_datasets)
+    donor, kind = _assign_cells(rng, n_cells, n_datasets, per, len(types))
+    datasets, letter = range(n_datasets), "T" if target else "D"
+    return _Cohort(
+        leaf=np.asarray(types)[kind],
+        donor=donor,
+        donors_per_dataset=per,
+        donor_shift=donor_shift.astype(np.float32),
+        library=library * library_scale,
+        dataset_names=[f"target_dataset_{k}" if target else f"dataset_{k}" for k in datasets],
+        donor_names=[f"{letter}{d // per:02d}_donor{d % per}" for d in range(n_datasets * per)],
+        assays=[TARGET_ASSAY if target else ASSAYS[k % len(ASSAYS)] for k in datasets],
+        tissues=[TARGET_TISSUE if target else TISSUES[k % len(TISSUES)] for k in datasets],
+        cell_prefix="target_cell" if target else "cell",
+        stream=3 if target else 2,
+    )
+
+
+def _model(spec: AtlasSpec) -> tuple[_Biology, _Cohort, _Cohort | None]:
+    """Everything but the counts: shared biology, the atlas's cells and the target's (or None).
+
+    Random streams (numpy SeedSequence entropy): [seed, 0] biology and atlas cells, [seed, 1]
+    target cells, [seed, 2, c] / [seed, 3, c] count chunk c of the atlas / target.
+    """
+    _check(spec)
+    rng = np.random.default_rng([spec.seed, 0])
+    bio = _programmes(spec, rng)
+    library = _library_for_zeros(bio)
+    atlas = _cohort(rng, spec, library, n_cells=spec.n_cells, n_datasets=spec.n_datasets,
+                    types=range(len(_LEAVES)), batch_effect=spec.batch_effect, target=False)
+    if spec.target_cells == 0:
+        return bio, atlas, None
+    types = [LEAF_NAMES.index(n) for n in spec.target_cell_types] or range(len(_LEAVES))
+    target = _cohort(np.random.default_rng([spec.seed, 1]), spec, library, n_cells=spec.target_cells,
+                     n_datasets=1, types=types, batch_effect=spec.target_batch_effect, target=True)
+    return bio, atlas, target
+
+
+def _activity(rng: np.random.Generator, on: np.ndarray, state: np.ndarray) -> np.ndarray:
+    """Cells x programmes activity: a cell type's programmes near 1 (lognormal spread), each
+    cell-state programme on (0.5-1.5) in STATE_RATE of cells; `on` is the cells' lineage rows."""
+    spread = rng.lognormal(-(ACTIVITY_SD**2) / 2, ACTIVITY_SD, on.shape)  # keeps the mean at 1
+    switched = (rng.random(on.shape) < STATE_RATE) * rng.uniform(0.5, 1.5, on.shape)
+    return np.where(state, switched, on * spread).astype(np.float32)
+
+
 def _sample_counts(
-    rng: np.random.Generator,
-    logits: np.ndarray,
-    library: np.ndarray,
-    state_effects: np.ndarray,
-    dispersion: np.ndarray,
+    rng: np.random.Generator, logits: np.ndarray, library: np.ndarray, dispersion: np.ndarray
 ) -> sp.csr_matrix:
     """Negative-binomial counts for cells with log expression `logits` and mean sizes `library`."""
     n_cells, n_genes = logits.shape
-    on = rng.random((n_cells, len(state_effects))) < STATE_RATE
-    logits = logits + (on * rng.uniform(0.5, 1.5, on.shape)).astype(np.float32) @ state_effects
     share = np.exp(logits - logits.max(axis=1, keepdims=True))
     share /= share.sum(axis=1, keepdims=True)
-    size = library * rng.lognormal(-LIBRARY_SD**2 / 2, LIBRARY_SD, n_cells)  # keeps the mean
+    size = library * rng.lognormal(-(LIBRARY_SD**2) / 2, LIBRARY_SD, n_cells)  # keeps the mean
     share *= size.astype(np.float32)[:, None]  # now the mean count, then the Gamma scale:
     share *= dispersion.astype(np.float32)
     shape = np.broadcast_to((1 / dispersion).astype(np.float32), (n_cells, n_genes))
@@ -227,102 +362,195 @@ def _sample_counts(
     return sp.csr_matrix(counts)
 
 
-def generate_atlas(spec: AtlasSpec) -> anndata.AnnData:
-    """A synthetic atlas: raw counts (CSR float32) in X, CELLxGENE-style obs and var.
+def _count_chunks(spec: AtlasSpec, bio: _Biology, cohort: _Cohort) -> Iterator[sp.csr_matrix]:
+    """The cohort's counts, CHUNK_ENTRIES cells x genes at a time: the one cell generator."""
+    chunk_cells = max(1, CHUNK_ENTRIES // spec.n_genes)
+    state = bio.owner < 0
+    for c, start in enumerate(range(0, len(cohort.leaf), chunk_cells)):
+        rng = np.random.default_rng([spec.seed, cohort.stream, c])
+        leaf = cohort.leaf[start : start + chunk_cells]
+        donor = cohort.donor[start : start + chunk_cells]
+        activity = _activity(rng, bio.lineage[leaf], state)
+        logits = activity @ bio.effects
+        logits += bio.baseline
+        logits += cohort.donor_shift[donor]
+        yield _sample_counts(rng, logits, cohort.library[donor // cohort.donors_per_dataset], bio.dispersion)
 
-    obs: cell_type, cell_type_ontology_term_id, donor_id, dataset_id, assay, tissue.
-    var: Ensembl-style ids as index, symbols in `feature_name`.
-    uns['gene_programmes']: {programme name: [gene ids]}.
-    """
-    _check(spec)
-    rng = np.random.default_rng([spec.seed, 0])  # model parameters; chunk c uses [seed, c + 1]
-    n_genes, per = spec.n_genes, spec.donors_per_dataset
-    n_donors = spec.n_datasets * per
-    names, members, effects, owner = _programmes(spec, rng)
-    lineage = np.array([np.isin(owner, _ancestors(i)) for i in _LEAVES], np.float32)
-    baseline = rng.normal(0.0, BASELINE_SD, n_genes).astype(np.float32)
-    leaf_logits = baseline + lineage @ effects  # state programmes: owner -1, never in lineage
-    dispersion = DISPERSION * np.exp(rng.normal(0.0, DISPERSION_SD, n_genes))
-    dataset_shift = rng.normal(0.0, spec.batch_effect, (spec.n_datasets, n_genes))
-    donor_shift = np.repeat(dataset_shift, per, axis=0) + rng.normal(
-        0.0, spec.batch_effect * DONOR_SHIFT, (n_donors, n_genes)
-    )
-    donor_shift = donor_shift.astype(np.float32)
-    library_scale = rng.lognormal(0.0, DATASET_LIBRARY_SD, spec.n_datasets)
-    dataset_library = _library_for_zeros(leaf_logits, dispersion) * library_scale
-    donor, leaf = _assign_cells(spec, rng)
-    dataset = donor // per
 
-    chunks, chunk_cells = [], max(1, CHUNK_ENTRIES // n_genes)
-    for c, start in enumerate(range(0, spec.n_cells, chunk_cells)):
-        cells = slice(start, start + chunk_cells)
-        chunks.append(
-            _sample_counts(
-                np.random.default_rng([spec.seed, c + 1]),
-                leaf_logits[leaf[cells]] + donor_shift[donor[cells]],
-                dataset_library[dataset[cells]],
-                effects[owner < 0],
-                dispersion,
-            )
-        )
-    x = sp.vstack(chunks, format="csr")
+def _annotations(spec: AtlasSpec, bio: _Biology, cohort: _Cohort) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """obs, var and uns of a cohort's AnnData."""
+    leaf, dataset = cohort.leaf, cohort.donor // cohort.donors_per_dataset
 
-    dataset_names = [f"dataset_{k}" for k in range(spec.n_datasets)]
-    donor_names = [f"D{d // per:02d}_donor{d % per}" for d in range(n_donors)]
+    def categorical(codes: np.ndarray, values: Sequence[str]) -> pd.Categorical:
+        return pd.Categorical.from_codes(codes, list(values)).remove_unused_categories()
+
     obs = pd.DataFrame(
         {
-            "cell_type": pd.Categorical.from_codes(leaf, [CELL_TYPES[i].name for i in _LEAVES]),
-            "cell_type_ontology_term_id": pd.Categorical.from_codes(
-                leaf, [CELL_TYPES[i].ontology_id for i in _LEAVES]
-            ),
-            "donor_id": pd.Categorical.from_codes(donor, donor_names),
-            "dataset_id": pd.Categorical.from_codes(dataset, dataset_names),
-            "assay": pd.Categorical(np.array(ASSAYS)[dataset % len(ASSAYS)]),
-            "tissue": pd.Categorical(np.array(TISSUES)[dataset % len(TISSUES)]),
+            "cell_type": categorical(leaf, LEAF_NAMES),
+            "cell_type_ontology_term_id": categorical(leaf, [CELL_TYPES[i].ontology_id for i in _LEAVES]),
+            "donor_id": categorical(cohort.donor, cohort.donor_names),
+            "dataset_id": categorical(dataset, cohort.dataset_names),
+            "assay": pd.Categorical(np.array(cohort.assays)[dataset]),
+            "tissue": pd.Categorical(np.array(cohort.tissues)[dataset]),
         },
-        index=[f"cell_{i:06d}" for i in range(spec.n_cells)],
+        index=[f"{cohort.cell_prefix}_{i:06d}" for i in range(len(leaf))],
     )
-    gene_ids = np.array([f"ENSG{i + 1:011d}" for i in range(n_genes)])
-    width = max(4, len(str(n_genes)))
-    symbols = [f"GENE{i + 1:0{width}d}" for i in range(n_genes)]
-    var = pd.DataFrame({"feature_name": symbols}, index=gene_ids)
-    programmes = {name: gene_ids[genes].tolist() for name, genes in zip(names, members)}
-    return anndata.AnnData(X=x, obs=obs, var=var, uns={"gene_programmes": programmes})
+    gene_ids = np.array([f"ENSG{i + 1:011d}" for i in range(spec.n_genes)])
+    width = max(4, len(str(spec.n_genes)))
+    symbols = [f"GENE{i + 1:0{width}d}" for i in range(spec.n_genes)]
+    var = pd.DataFrame({"feature_name": symbols, "is_tf": np.isin(np.arange(spec.n_genes), bio.tfs)},
+                       index=gene_ids)
+    uns = {
+        "gene_programmes": {n: gene_ids[g].tolist() for n, g in zip(bio.names, bio.members)},
+        "tf_targets": {gene_ids[tf]: gene_ids[g].tolist() for tf, g in zip(bio.tfs, bio.members)},
+    }
+    return obs, var, uns
 
 
-def write_atlas(spec: AtlasSpec, path: str | os.PathLike) -> anndata.AnnData:
-    """Generate the atlas and write it to `path` (.h5ad) atomically; returns the atlas."""
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise SscellError(f"Cannot write {path}: folder {path.parent} does not exist; create it.")
-    adata = generate_atlas(spec)
+def _in_memory(spec: AtlasSpec, bio: _Biology, cohort: _Cohort) -> anndata.AnnData:
+    obs, var, uns = _annotations(spec, bio, cohort)
+    x = sp.vstack(list(_count_chunks(spec, bio, cohort)), format="csr")
+    return anndata.AnnData(X=x, obs=obs, var=var, uns=uns)
+
+
+def generate_atlas(spec: AtlasSpec) -> anndata.AnnData:
+    """The atlas in memory (small specs; `write_atlas` streams any size to disk).
+
+    X: raw counts (CSR float32). obs: cell_type, cell_type_ontology_term_id, donor_id,
+    dataset_id, assay, tissue. var: Ensembl-style ids as index, symbols in `feature_name`,
+    `is_tf`. uns['gene_programmes']: {programme: [gene ids]}; uns['tf_targets']: {TF gene id:
+    [its programme's gene ids]}, in programme order.
+    """
+    bio, atlas, _ = _model(spec)
+    return _in_memory(spec, bio, atlas)
+
+
+def generate_target(spec: AtlasSpec) -> anndata.AnnData:
+    """The target dataset in memory: spec.target_cells cells of spec.target_cell_types from one
+    new dataset (`target_dataset_0`, donors `T00_donor*`, cells `target_cell_*`, assay
+    TARGET_ASSAY) with batch-effect sd spec.target_batch_effect; genes and programmes as the atlas."""
+    bio, _, target = _model(spec)
+    if target is None:
+        raise SscellError("AtlasSpec.target_cells is 0: set it to make a target dataset.")
+    return _in_memory(spec, bio, target)
+
+
+def _sibling(h5ad_path: str | os.PathLike, suffix: str) -> Path:
+    path = Path(h5ad_path)
+    return path.with_name(path.name.removesuffix(".h5ad") + suffix)
+
+
+def programmes_path(h5ad_path: str | os.PathLike) -> Path:
+    """The gene programmes .gmt written beside an atlas: `X.h5ad` -> `X.programmes.gmt`."""
+    return _sibling(h5ad_path, ".programmes.gmt")
+
+
+def tf_targets_path(h5ad_path: str | os.PathLike) -> Path:
+    """The TF -> targets .gmt written beside an atlas: `X.h5ad` -> `X.tf_targets.gmt`."""
+    return _sibling(h5ad_path, ".tf_targets.gmt")
+
+
+def target_path(h5ad_path: str | os.PathLike) -> Path:
+    """The target dataset written beside an atlas: `X.h5ad` -> `X.target.h5ad`."""
+    return _sibling(h5ad_path, ".target.h5ad")
+
+
+def _write_h5ad(path: Path, obs: pd.DataFrame, var: pd.DataFrame, uns: dict,
+                chunks: Iterable[sp.csr_matrix]) -> int:
+    """Write an .h5ad atomically with X streamed from CSR row chunks; returns X's nonzeros.
+
+    anndata writes everything but X; X is the AnnData CSR encoding (data, indices, indptr)
+    grown chunk by chunk with h5py, indptr int64 so more than 2**31 nonzeros fit.
+    """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same folder, so os.replace is atomic
     try:
-        adata.write_h5ad(tmp)
+        anndata.AnnData(obs=obs, var=var, uns=uns).write_h5ad(tmp)
+        with h5py.File(tmp, "a") as f:
+            x = f.create_group("X")
+            x.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0",
+                            "shape": np.array([len(obs), len(var)])})
+            data = x.create_dataset("data", (0,), np.float32, maxshape=(None,), chunks=(H5_CHUNK,))
+            indices = x.create_dataset("indices", (0,), np.int32, maxshape=(None,), chunks=(H5_CHUNK,))
+            indptr = x.create_dataset("indptr", (len(obs) + 1,), np.int64)
+            indptr[0] = row = nnz = 0
+            for chunk in chunks:
+                end = nnz + chunk.nnz
+                data.resize((end,))
+                indices.resize((end,))
+                data[nnz:end] = chunk.data
+                indices[nnz:end] = chunk.indices
+                indptr[row + 1 : row + 1 + chunk.shape[0]] = nnz + chunk.indptr[1:].astype(np.int64)
+                row, nnz = row + chunk.shape[0], end
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    return adata
+    return nnz
+
+
+def write_atlas(spec: AtlasSpec, path: str | os.PathLike) -> dict[str, object]:
+    """Write the atlas to `path` (.h5ad) in bounded memory, with its .gmt files and, when
+    spec.target_cells > 0, its target dataset (see the module docstring; an older target file
+    at `target_path(path)` is removed when there is none). Every file is written atomically,
+    the atlas last; the atlas equals `generate_atlas(spec)`, the target `generate_target(spec)`.
+
+    Returns a summary: the paths written (atlas, programmes, tf_targets, target or None) and
+    cells, genes, nonzeros, cell_types, datasets, donors (target_* for the target).
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise SscellError(f"Cannot write {path}: folder {path.parent} does not exist; create it.")
+    bio, atlas, target = _model(spec)
+    obs, var, uns = _annotations(spec, bio, atlas)
+    summary: dict[str, object] = {"atlas": path, "programmes": programmes_path(path),
+                                  "tf_targets": tf_targets_path(path), "target": None}
+    write_gmt(summary["programmes"], uns["gene_programmes"], description="synthetic gene programme")
+    write_gmt(summary["tf_targets"], uns["tf_targets"], description="synthetic TF targets")
+    if target is None:
+        target_path(path).unlink(missing_ok=True)
+    else:
+        summary["target"] = target_path(path)
+        t_obs, t_var, t_uns = _annotations(spec, bio, target)
+        t_nnz = _write_h5ad(summary["target"], t_obs, t_var, t_uns, _count_chunks(spec, bio, target))
+        summary.update(target_cells=len(t_obs), target_nonzeros=t_nnz,
+                       target_donors=t_obs["donor_id"].nunique(),
+                       target_cell_types=t_obs["cell_type"].nunique())
+    nnz = _write_h5ad(path, obs, var, uns, _count_chunks(spec, bio, atlas))
+    summary.update(cells=len(obs), genes=len(var), nonzeros=nnz, cell_types=obs["cell_type"].nunique(),
+                   datasets=obs["dataset_id"].nunique(), donors=obs["donor_id"].nunique())
+    return summary
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Command line: write a synthetic atlas and print a one-line summary."""
+    """Command line: write a synthetic atlas (and its .gmt files, and a target) and summarise it."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", required=True, help="path of the .h5ad file to write")
     parser.add_argument("--cells", type=int, default=AtlasSpec.n_cells)
     parser.add_argument("--genes", type=int, default=AtlasSpec.n_genes)
+    parser.add_argument("--datasets", type=int, default=AtlasSpec.n_datasets)
+    parser.add_argument("--donors-per-dataset", type=int, default=AtlasSpec.donors_per_dataset)
     parser.add_argument("--seed", type=int, default=AtlasSpec.seed)
+    parser.add_argument("--target-cells", type=int, default=0, help="cells of a target dataset (0: none)")
+    parser.add_argument("--target-cell-type", action="append", default=[], metavar="NAME",
+                        help=f"a leaf type of the target (repeat; default all): {'; '.join(LEAF_NAMES)}")
+    parser.add_argument("--target-batch-effect", type=float, default=AtlasSpec.target_batch_effect)
     args = parser.parse_args(argv)
     with exit_on_error():
-        spec = AtlasSpec(n_cells=args.cells, n_genes=args.genes, seed=args.seed)
-        adata = write_atlas(spec, args.output)
-    zeros = 1 - adata.X.nnz / (adata.n_obs * adata.n_vars)
-    print(
-        f"wrote {args.output}: {adata.n_obs} cells x {adata.n_vars} genes, "
-        f"{adata.obs['cell_type'].nunique()} cell types, {spec.n_datasets} datasets, "
-        f"{adata.obs['donor_id'].nunique()} donors, {zeros:.1%} zeros"
-    )
+        spec = AtlasSpec(n_cells=args.cells, n_genes=args.genes, n_datasets=args.datasets,
+                         donors_per_dataset=args.donors_per_dataset, seed=args.seed,
+                         target_cells=args.target_cells, target_cell_types=tuple(args.target_cell_type),
+                         target_batch_effect=args.target_batch_effect)
+        s = write_atlas(spec, args.output)
+    zeros = 1 - s["nonzeros"] / (s["cells"] * s["genes"])
+    print(f"wrote {s['atlas']}: {s['cells']} cells x {s['genes']} genes, {s['cell_types']} cell types, "
+          f"{s['datasets']} datasets, {s['donors']} donors, {zeros:.1%} zeros")
+    print(f"wrote {s['programmes']}: {spec.n_programmes} gene programmes; "
+          f"{s['tf_targets']}: their {spec.n_programmes} transcription factors' targets")
+    if s["target"] is not None:
+        zeros = 1 - s["target_nonzeros"] / (s["target_cells"] * s["genes"])
+        print(f"wrote {s['target']}: {s['target_cells']} cells, {s['target_cell_types']} cell types, "
+              f"1 dataset, {s['target_donors']} donors, batch effect sd {spec.target_batch_effect}, "
+              f"{zeros:.1%} zeros")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Evaluate a run from its workdir alone: `python -m sscell.evaluation --workdir=runs/quickstart`.
 
-Embeds validation and test cells with the latest checkpoint, then reports zero-shot kNN cell
-typing (reference = validation cells, query = test cells) for the embedding and for PCA of
+Embeds validation and test cells with the latest (or best, `eval.checkpoint`) checkpoint, then
+reports zero-shot kNN cell typing (reference = validation cells, query = test cells) for the embedding and for PCA of
 log1p-normalised counts, and the test cells' reconstruction explained variance (PCA's is its
 projection back to genes). Writes
 `results.md`, `results.csv` and `loss_curve.png` into the workdir.
@@ -22,20 +22,21 @@ from sscell.errors import SscellError
 from sscell.evaluation.metrics import ExplainedVariance, explained_variance, f1_scores, fit_pca, knn_predict
 from sscell.evaluation.report import plot_loss_curves, write_results
 from sscell.training import checkpoint
-from sscell.training.mesh import data_mesh, replicated
+from sscell.training.mesh import make_mesh, replicated
 from sscell.training.state import abstract_state
 from sscell.training.train import build
 
 
 def load_params(workdir: str, config, store: Store):
-    """(model, params, step) of the latest checkpoint in `workdir`."""
-    model, optimizer, _ = build(config, store)
+    """(model, params, step) of `workdir`'s "latest" or "best" checkpoint (`config.eval.checkpoint`)."""
+    setup = build(config, store)
     manager = checkpoint.checkpoint_manager(workdir, config.train.checkpoint_every, config.train.keep_checkpoints)
-    restored = checkpoint.restore_latest(manager, abstract_state(model, optimizer, replicated(data_mesh())))
+    layout = abstract_state(setup.model, setup.optimizer, replicated(make_mesh(config.mesh)), setup.init_extra)
+    restored = checkpoint.restore(manager, layout, config.eval.checkpoint)
     manager.close()
     if restored is None:
         raise SscellError(f"{workdir} has no checkpoint yet; train first with python -m sscell.main")
-    return model, restored[0]["params"], int(restored[0]["step"])
+    return setup.model, restored[0]["params"], int(restored[0]["step"])
 
 
 def embed_split(model, params, store: Store, split: str, batch_size: int, max_cells: int,
@@ -43,12 +44,14 @@ def embed_split(model, params, store: Store, split: str, batch_size: int, max_ce
     """Embeddings, log1p-normalised expression and cell-type codes of a split's cells.
 
     `max_cells` > 0 keeps the first cells of the split (a random sample: the store is
-    shuffled within splits). With `reconstruction`, also accumulates its explained variance.
+    shuffled within splits). With `reconstruction` (only for models with a decoder, i.e. a
+    `reconstruct` method), also accumulates its explained variance.
     """
     @jax.jit
     def forward(params, batch):
         x = expression(batch, store.n_genes)
-        x_hat, z = model.apply({"params": params}, x, train=False)
+        z = model.apply({"params": params}, x, method="encode")
+        x_hat = model.apply({"params": params}, x, method="reconstruct") if reconstruction is not None else x
         return x, x_hat, z
 
     start, stop = store.split_range(split)
@@ -66,20 +69,21 @@ def embed_split(model, params, store: Store, split: str, batch_size: int, max_ce
 
 
 def evaluate(workdir: str) -> list[dict]:
-    """Run the evaluation of `workdir`'s latest checkpoint; returns the result rows."""
+    """Run the evaluation of `workdir`'s `eval.checkpoint` checkpoint; returns the result rows."""
     config = load_config(workdir)
     store = open_store(store_path(config, workdir))
     model, params, step = load_params(workdir, config, store)
     settings = config.eval
-    reconstruction = ExplainedVariance()
+    reconstruction = ExplainedVariance() if hasattr(model, "reconstruct") else None
     val = embed_split(model, params, store, "val", settings.batch_size, settings.max_cells)
     test = embed_split(model, params, store, "test", settings.batch_size, settings.max_cells, reconstruction)
     pca = fit_pca(val["x"], settings.pca_components, config.seed)
     pca_val, pca_test = pca.transform(val["x"]), pca.transform(test["x"])
 
+    model_ev = reconstruction.result() if reconstruction else {}  # tasks without a decoder have none
     rows = []
     for method, ref, query, ev in (
-            (f"sscell {config.loss.name} (step {step})", val["z"], test["z"], reconstruction.result()),
+            (f"sscell {config.loss.name} (step {step})", val["z"], test["z"], model_ev),
             (f"PCA({pca.n_components_}) log1p", pca_val, pca_test,
              explained_variance(test["x"], pca.inverse_transform(pca_test)))):
         predicted = knn_predict(ref, val["cell_type"], query, settings.knn_k)

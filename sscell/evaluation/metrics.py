@@ -1,7 +1,6 @@
 """Evaluation metrics on numpy arrays: zero-shot kNN, F1, explained variance, PCA baseline."""
 from __future__ import annotations
 
-from collections.abc import Sequence
 
 import numpy as np
 import scipy.sparse as sp

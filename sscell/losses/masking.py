@@ -4,6 +4,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from sscell.losses.reconstruction import reconstruction_loss
 from sscell.losses.registry import register
 
 
@@ -17,14 +18,18 @@ def mask_input(x: jax.Array, mask: jax.Array, rate: float) -> jax.Array:
     return jnp.where(mask, 0.0, x / (1.0 - rate))
 
 
+def reconstruct_hidden(params, batch, inputs, hidden, dropout_key, *, model, config, train):
+    """Shared by the masking tasks: encode `inputs`, score the reconstruction on `hidden` genes."""
+    output, _ = model.apply({"params": params}, inputs, train=train, rngs={"dropout": dropout_key})
+    loss, metrics = reconstruction_loss(output, params, batch, hidden, config.get("likelihood", "mse"))
+    return loss, {"loss": loss, **metrics, "mask_fraction": jnp.mean(hidden)}
+
+
 @register("masked")
-def masked_reconstruction(params, batch, key, *, model, config, train=True):
-    """Mean squared error of the reconstruction on the masked entries only."""
-    x = batch["x"]
+def masked_reconstruction(params, batch, key, *, model, config, train=True, extra=None, info=None):
+    """Reconstruction loss on the masked (and measured) entries only; unmeasured genes enter as 0."""
+    x = jnp.where(batch["measured"], batch["x"], 0.0)
     mask_key, dropout_key = jax.random.split(key)
     mask = random_gene_mask(mask_key, x.shape, config.mask_rate)
-    reconstruction, _ = model.apply({"params": params}, mask_input(x, mask, config.mask_rate),
-                                    train=train, rngs={"dropout": dropout_key})
-    squared_error = jnp.square(reconstruction - x)
-    loss = jnp.sum(squared_error * mask) / jnp.maximum(jnp.sum(mask), 1)
-    return loss, {"loss": loss, "mse_all": jnp.mean(squared_error), "mask_fraction": jnp.mean(mask)}
+    return reconstruct_hidden(params, batch, mask_input(x, mask, config.mask_rate), mask, dropout_key,
+                              model=model, config=config, train=train)

@@ -1,34 +1,91 @@
-"""Pretext tasks by name.
+"""Pretext tasks by name (`config.loss.name`).
 
-Each is a pure function `(params, batch, key, *, model, config, train=True) -> (loss, metrics)`:
-`train=False` (validation) turns dropout off but keeps the task's own randomness.
+A task is its loss plus the hooks around it:
 
-`batch["x"]` holds log1p-normalised expression (cells x genes) and the integer labels of the
-loader; `config` is the run's `config.loss` section. A new task is one module that decorates
-its loss with `@register("name")` and is imported in `sscell/losses/__init__.py`.
+- `loss(params, batch, key, *, model, config, train, extra, info) -> (loss, metrics)`, a pure
+  function. `config` is the run's `config.loss` section; `train=False` (validation) turns
+  dropout off but keeps the task's own randomness; `extra` is the task's non-gradient state;
+  `info` the data facts (a `sscell.losses.info.TaskInfo`, constants such as gene programmes).
+  `batch` holds "x" (log1p(counts per 10k), cells x genes), "counts" (raw counts),
+  "library" (total counts), "measured" (bool, cells x genes: genes the cell's dataset
+  measured; unmeasured genes must never change a loss) and the integer labels
+  ("cell_type", "donor", "dataset").
+- `build_model(config, info) -> flax module` (default: the autoencoder) for the run config and
+  the data facts `info` (a `sscell.losses.info.TaskInfo`). Every model has `n_genes` and an
+  `encode(x, train)` method (the embedding); models with a decoder also have `reconstruct`.
+- `init_extra(params, config)` and `update_extra(extra, params, step, config)`: state outside
+  the gradient (BYOL's EMA target), kept in the train state as `state["extra"]`, so it is
+  checkpointed and resumed exactly. `update_extra` runs after each optimiser update with the
+  new params and the new step. Both get the whole run config.
+
+A new task is one module that decorates its loss with `@register("name", ...)`; a config
+selects it with `config.loss.name = "name"` and `config.loss.module = "the.module"` (imported
+by `load_task`, also when a run is later evaluated from its workdir alone).
 """
 from __future__ import annotations
 
+import dataclasses
+import importlib
 from collections.abc import Callable
 
 from sscell.errors import SscellError
-
-LossFn = Callable[..., tuple]
-_LOSSES: dict[str, LossFn] = {}
+from sscell.models.mlp import build_autoencoder
 
 
-def register(name: str) -> Callable[[LossFn], LossFn]:
-    """Decorator that makes a loss function available as `config.loss.name = name`."""
-    def add(fn: LossFn) -> LossFn:
-        if name in _LOSSES:
-            raise ValueError(f"loss '{name}' is registered twice")
-        _LOSSES[name] = fn
-        return fn
+def no_extra(params, config) -> dict:
+    """Tasks without state outside the gradient keep an empty `extra`."""
+    return {}
+
+
+def unchanged(extra, params, step, config):
+    """The default `update_extra`: nothing to update."""
+    return extra
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """A pretext task: its loss and how to build its model and non-gradient state."""
+
+    name: str
+    loss: Callable[..., tuple]
+    build_model: Callable = build_autoencoder
+    init_extra: Callable = no_extra
+    update_extra: Callable = unchanged
+    programmes: str = ""  # what TaskInfo must load: "", "sets" or "tf" (sscell.losses.info)
+
+
+_TASKS: dict[str, Task] = {}
+
+
+def register(name: str, **hooks) -> Callable:
+    """Decorator that makes a loss available as `config.loss.name = name`; `hooks` are the
+    other `Task` fields (build_model, init_extra, update_extra, programmes)."""
+    def add(loss: Callable) -> Callable:
+        if name in _TASKS:
+            raise ValueError(f"pretext task '{name}' is registered twice")
+        _TASKS[name] = Task(name, loss, **hooks)
+        return loss
     return add
 
 
-def get_loss(name: str) -> LossFn:
-    """The registered loss called `name`."""
-    if name not in _LOSSES:
-        raise SscellError(f"unknown loss '{name}'; choose one of: {', '.join(sorted(_LOSSES))}")
-    return _LOSSES[name]
+def get_task(name: str) -> Task:
+    """The registered task called `name`."""
+    if name not in _TASKS:
+        raise SscellError(f"unknown loss '{name}'; choose one of: {', '.join(sorted(_TASKS))}")
+    return _TASKS[name]
+
+
+def load_task(loss_config) -> Task:
+    """The task a `config.loss` section names, importing `loss_config.module` first if given."""
+    if loss_config.get("module"):
+        try:
+            importlib.import_module(loss_config.module)
+        except ImportError as error:
+            raise SscellError(f"cannot import loss.module '{loss_config.module}' ({error}); "
+                              "check the module path and that it is installed") from None
+    return get_task(loss_config.name)
+
+
+def get_loss(name: str) -> Callable[..., tuple]:
+    """The loss function of the task called `name`."""
+    return get_task(name).loss

@@ -8,30 +8,48 @@ import jax
 import jax.numpy as jnp
 
 ACTIVATIONS = {"selu": nn.selu, "relu": nn.relu, "gelu": nn.gelu, "silu": nn.silu}
+NORMS = ("none", "layer")
+HEADS = ("mse", "nb")
 
 
 class MLP(nn.Module):
-    """Dense layers of the given widths; activation and dropout after all but the last."""
+    """Dense layers of the given widths; [norm,] activation and dropout after all but the last.
+
+    `dtype` is the compute dtype (e.g. bfloat16); parameters stay float32 and the output is
+    cast back to float32, so losses are computed in full precision.
+    """
 
     widths: Sequence[int]
     activation: str = "selu"
     dropout: float = 0.1
+    norm: str = "none"
+    dtype: str = "float32"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         act = ACTIVATIONS[self.activation]
         for i, width in enumerate(self.widths):
-            x = nn.Dense(width, name=f"dense_{i}")(x)
+            x = nn.Dense(width, dtype=self.dtype, name=f"dense_{i}")(x)
             if i < len(self.widths) - 1:
+                if self.norm == "layer":
+                    x = nn.LayerNorm(dtype=self.dtype, name=f"norm_{i}")(x)
                 x = nn.Dropout(self.dropout, deterministic=not train)(act(x))
-        return x
+        return x.astype(jnp.float32)
+
+
+def encoder(model_config) -> MLP:
+    """The encoder a `config.model` section describes: hidden widths, then the embedding."""
+    return MLP((*model_config.hidden, model_config.latent), model_config.activation,
+               model_config.dropout, model_config.norm, model_config.dtype)
 
 
 class Autoencoder(nn.Module):
     """Encoder to a `latent`-dimensional embedding and a mirrored decoder back to `n_genes`.
 
-    The decoder's output is unbounded (log1p values reach ~9): no sigmoid, unlike the
-    study's released code.
+    head "mse": the decoder outputs log1p values, unbounded (they reach ~9: no sigmoid, unlike
+    the study's released code). head "nb": the decoder outputs logits of each gene's share of
+    the library (negative-binomial mean = softmax(logits) * library) and the model holds a
+    per-gene log inverse dispersion `log_theta`.
     """
 
     n_genes: int
@@ -39,13 +57,19 @@ class Autoencoder(nn.Module):
     latent: int = 64
     activation: str = "selu"
     dropout: float = 0.1
+    norm: str = "none"
+    dtype: str = "float32"
+    head: str = "mse"
 
     def setup(self):
-        self.encoder = MLP((*self.hidden, self.latent), self.activation, self.dropout)
-        self.decoder = MLP((*reversed(self.hidden), self.n_genes), self.activation, self.dropout)
+        self.encoder = MLP((*self.hidden, self.latent), self.activation, self.dropout, self.norm, self.dtype)
+        self.decoder = MLP((*reversed(self.hidden), self.n_genes), self.activation, self.dropout,
+                           self.norm, self.dtype)
+        if self.head == "nb":
+            self.log_theta = self.param("log_theta", nn.initializers.zeros, (self.n_genes,))
 
     def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
-        """Returns (reconstruction, embedding)."""
+        """Returns (decoder output, embedding)."""
         z = self.encode(x, train)
         return self.decoder(z, train), z
 
@@ -53,18 +77,19 @@ class Autoencoder(nn.Module):
         """The embedding of each cell (the encoder's last layer, no activation)."""
         return self.encoder(x, train)
 
-
-def build_model(model_config, n_genes: int) -> Autoencoder:
-    """The autoencoder described by a `config.model` section for a vocabulary of `n_genes`."""
-    return Autoencoder(
-        n_genes=n_genes,
-        hidden=tuple(model_config.hidden),
-        latent=model_config.latent,
-        activation=model_config.activation,
-        dropout=model_config.dropout,
-    )
+    def reconstruct(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """The reconstruction in log1p(counts per 10k) space, whatever the head."""
+        out, _ = self(x, train)
+        return jnp.log1p(jax.nn.softmax(out) * 1e4) if self.head == "nb" else out
 
 
-def init_params(model: Autoencoder, key: jax.Array) -> dict:
-    """Parameters for `model` (float32), from a PRNG key."""
-    return model.init(key, jnp.zeros((1, model.n_genes), jnp.float32))["params"]
+def build_autoencoder(config, info) -> Autoencoder:
+    """The autoencoder of a run config (`model` section, `loss.likelihood` head) for `info.n_genes`."""
+    m = config.model
+    return Autoencoder(n_genes=info.n_genes, hidden=tuple(m.hidden), latent=m.latent, activation=m.activation,
+                       dropout=m.dropout, norm=m.norm, dtype=m.dtype, head=config.loss.get("likelihood", "mse"))
+
+
+def init_params(model: nn.Module, key: jax.Array) -> dict:
+    """Parameters (float32) of any sscell model (it has `n_genes` and takes (cells, genes)), from a key."""
+    return model.init(key, jnp.zeros((2, model.n_genes), jnp.float32))["params"]

@@ -1,7 +1,9 @@
-"""Orbax checkpoints of a run: the train state plus the data iterator's state.
+"""Orbax checkpoints of a run: train state, data-iterator state and config, per step.
 
 Saves are asynchronous and atomic (orbax writes to a temporary directory and renames it),
-so a run killed mid-save leaves the previous checkpoint as the latest complete one.
+so a run killed mid-save leaves the previous checkpoint as the latest complete one. The
+manager keeps the last `keep` checkpoints plus the one with the lowest validation loss.
+The run's randomness needs no saving: it is `fold_in(key(config.seed), step)`.
 """
 from __future__ import annotations
 
@@ -9,25 +11,50 @@ import os
 
 import orbax.checkpoint as ocp
 
+from sscell.errors import SscellError
+
+BEST_METRIC = "val/loss"
+
+
+def _best_metric(metrics: dict) -> float:
+    return metrics[BEST_METRIC]
+
 
 def checkpoint_manager(workdir: str | os.PathLike, every: int, keep: int) -> ocp.CheckpointManager:
-    """A manager over `workdir/checkpoints` saving every `every` steps and keeping the last `keep`."""
+    """A manager over `workdir/checkpoints` saving every `every` steps; keeps the last `keep` and the best."""
+    policies = ocp.checkpoint_managers
     options = ocp.CheckpointManagerOptions(
-        save_decision_policy=ocp.checkpoint_managers.FixedIntervalPolicy(every),
-        preservation_policy=ocp.checkpoint_managers.LatestN(keep),
+        save_decision_policy=policies.FixedIntervalPolicy(every),
+        preservation_policy=policies.AnyPreservationPolicy([
+            policies.LatestN(keep),
+            policies.BestN(get_metric_fn=_best_metric, reverse=True, n=1, keep_checkpoints_without_metrics=False),
+        ]),
+        best_fn=_best_metric, best_mode="min",
     )
     return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=options)
 
 
-def save(manager: ocp.CheckpointManager, step: int, state: dict, data_state: dict, force: bool = False) -> bool:
-    """Save (asynchronously) if the policy says so at `step`, or always with `force`."""
+def save(manager: ocp.CheckpointManager, step: int, state: dict, data_state: dict, config: dict,
+         metrics: dict[str, float] | None = None, force: bool = False) -> bool:
+    """Save (asynchronously) if the policy says so at `step`, or always with `force`.
+
+    `metrics` holding "val/loss" make the checkpoint a candidate for the best one.
+    """
+    if metrics is not None and BEST_METRIC not in metrics:
+        metrics = None
     return manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                      data=ocp.args.JsonSave(data_state)), force=force)
+                                                      data=ocp.args.JsonSave(data_state),
+                                                      config=ocp.args.JsonSave(config)),
+                        metrics=metrics, force=force)
 
 
-def restore_latest(manager: ocp.CheckpointManager, abstract_state: dict) -> tuple[dict, dict] | None:
-    """(state, data_state) of the latest checkpoint, laid out as `abstract_state`; None if there is none."""
-    step = manager.latest_step()
+def restore(manager: ocp.CheckpointManager, abstract_state: dict,
+            which: str = "latest") -> tuple[dict, dict] | None:
+    """(state, data_state) of the "latest" or "best" checkpoint laid out as `abstract_state`
+    (shardings included, so a checkpoint restores onto any mesh); None if there is none."""
+    if which not in ("latest", "best"):
+        raise SscellError(f"unknown checkpoint '{which}'; choose latest or best (config.eval.checkpoint)")
+    step = manager.best_step() if which == "best" else manager.latest_step()
     if step is None:
         return None
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),

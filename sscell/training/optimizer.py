@@ -1,18 +1,58 @@
-"""The study's optimiser: AdamW with global-norm clipping and a step-decayed learning rate."""
+"""The optimiser: AdamW after global-norm clipping, a learning-rate schedule, and options for
+gradient accumulation and skipping non-finite steps (all optax)."""
 from __future__ import annotations
 
 import optax
 
+from sscell.errors import SscellError
+
+
+def make_schedule(train_config, steps_per_epoch: int) -> optax.Schedule:
+    """The learning rate per optimiser update (not per micro-batch when accumulating).
+
+    "step_decay" (the study's): lr x `lr_decay` every `lr_decay_epochs` epochs.
+    "warmup_cosine": linear warm-up over `warmup_steps` to lr, cosine decay to 0 at `steps`.
+    """
+    updates_per_epoch = steps_per_epoch / train_config.grad_accum
+    if train_config.schedule == "step_decay":
+        return optax.exponential_decay(
+            init_value=train_config.lr,
+            transition_steps=max(1, int(train_config.lr_decay_epochs * updates_per_epoch)),
+            decay_rate=train_config.lr_decay,
+            staircase=True,
+        )
+    if train_config.schedule == "warmup_cosine":
+        total = max(1, train_config.steps // train_config.grad_accum)
+        return optax.warmup_cosine_decay_schedule(0.0, train_config.lr, min(train_config.warmup_steps, total - 1),
+                                                  total)
+    raise SscellError(f"unknown train.schedule '{train_config.schedule}'; choose step_decay or warmup_cosine")
+
+
+def _base_optimizer(train_config, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """`train.optimizer`: "adamw" (the study's) or "lars" (optax.lars, the study's Barlow Twins)."""
+    name = train_config.get("optimizer", "adamw")
+    if name == "adamw":
+        return optax.adamw(schedule, weight_decay=train_config.weight_decay)
+    if name == "lars":
+        return optax.lars(schedule, weight_decay=train_config.weight_decay, momentum=0.9)
+    raise SscellError(f"unknown train.optimizer '{name}'; choose adamw or lars")
+
 
 def make_optimizer(train_config, steps_per_epoch: int) -> optax.GradientTransformation:
-    """AdamW(lr, weight decay) after clipping at `grad_clip`; lr x `lr_decay` every `lr_decay_epochs`."""
-    schedule = optax.exponential_decay(
-        init_value=train_config.lr,
-        transition_steps=max(1, int(train_config.lr_decay_epochs * steps_per_epoch)),
-        decay_rate=train_config.lr_decay,
-        staircase=True,
-    )
-    return optax.chain(
+    """AdamW(schedule, weight decay) after clipping at `grad_clip`.
+
+    `grad_accum` > 1 averages the gradients of that many micro-batches per update
+    (optax.MultiSteps). `skip_nonfinite` = N > 0 leaves the state unchanged on a step whose
+    gradients are not finite (optax.apply_if_finite); the training loop stops at the (N+1)th in a row.
+    """
+    if train_config.grad_accum < 1:
+        raise SscellError(f"train.grad_accum is {train_config.grad_accum}; use 1 (no accumulation) or more")
+    optimizer = optax.chain(
         optax.clip_by_global_norm(train_config.grad_clip),
-        optax.adamw(schedule, weight_decay=train_config.weight_decay),
+        _base_optimizer(train_config, make_schedule(train_config, steps_per_epoch)),
     )
+    if train_config.grad_accum > 1:
+        optimizer = optax.MultiSteps(optimizer, every_k_schedule=train_config.grad_accum).gradient_transformation()
+    if train_config.skip_nonfinite:
+        optimizer = optax.apply_if_finite(optimizer, max_consecutive_errors=train_config.skip_nonfinite)
+    return optimizer

@@ -1,50 +1,71 @@
-"""The jit-compiled train and validation steps: densify, normalise, loss, AdamW update."""
+"""The jit-compiled train and validation steps: densify, normalise, loss, optimiser update."""
 from __future__ import annotations
 
 import functools
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
 import optax
-from jax.sharding import NamedSharding
 
-from sscell.data.preprocess import expression
+from sscell.data.preprocess import densify, log1p_normalise
+from sscell.losses.info import TaskInfo
+from sscell.losses.registry import Task
 
 
-def _task_batch(batch: dict, n_genes: int) -> dict:
-    """The loss's view of a loader batch: expression `x` plus the integer labels."""
+def task_batch(batch: dict, n_genes: int, measured_table: np.ndarray) -> dict:
+    """The loss's view of a loader batch (inside jit): "counts" (dense, unmeasured genes 0),
+    "library", "x" (log1p counts per 10k), "measured" (`measured_table[batch["dataset"]]`) and
+    the integer labels. Unmeasured genes are zeroed before the library is summed, so their
+    values can never reach a loss."""
+    measured = jnp.asarray(measured_table)[batch["dataset"]]
+    counts = jnp.where(measured, densify(batch["genes"], batch["counts"], n_genes), 0.0)
     labels = {k: v for k, v in batch.items() if k not in ("genes", "counts")}
-    return {"x": expression(batch, n_genes), **labels}
+    return {**labels, "counts": counts, "library": counts.sum(-1, keepdims=True),
+            "x": log1p_normalise(counts), "measured": measured}
 
 
-def make_train_step(model: nn.Module, loss_fn, loss_config, optimizer: optax.GradientTransformation,
-                    n_genes: int, state_sharding: NamedSharding, batch_sharding: NamedSharding):
+def _bound_loss(task: Task, model: nn.Module, config: ml_collections.ConfigDict, info: TaskInfo, train: bool):
+    return functools.partial(task.loss, model=model, config=config.loss, info=info, train=train)
+
+
+def make_train_step(task: Task, model: nn.Module, config: ml_collections.ConfigDict,
+                    optimizer: optax.GradientTransformation, info: TaskInfo, state_sharding, batch_sharding):
     """`step(state, batch, key) -> (state, metrics)`; the state's buffers are donated.
 
-    The step's randomness is `fold_in(key, state["step"])`, so a resumed run draws the same
-    masks and dropout as an uninterrupted one.
+    `state_sharding` / `batch_sharding` are shardings (or pytrees of them) of the state and
+    batch. The step's randomness is `fold_in(key, state["step"])`, so a resumed run draws the
+    same masks and dropout as an uninterrupted one. After the update the task's
+    `update_extra` advances `state["extra"]` (e.g. BYOL's EMA target).
     """
-    loss = functools.partial(loss_fn, model=model, config=loss_config, train=True)
+    loss = _bound_loss(task, model, config, info, train=True)
+    measured = info.measured_table()
 
     def step(state, batch, key):
-        task_batch = _task_batch(batch, n_genes)
         step_key = jax.random.fold_in(key, state["step"])
-        (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(state["params"], task_batch, step_key)
+        grad_fn = jax.value_and_grad(loss, has_aux=True)
+        (_, metrics), grads = grad_fn(state["params"], task_batch(batch, info.n_genes, measured), step_key,
+                                      extra=state["extra"])
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
+        new_step = state["step"] + 1
+        extra = task.update_extra(state["extra"], params, new_step, config)
         metrics = {**metrics, "grad_norm": optax.tree.norm(grads)}
-        return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+        return {"params": params, "opt_state": opt_state, "step": new_step, "extra": extra}, metrics
 
     return jax.jit(step, in_shardings=(state_sharding, batch_sharding, None),
                    out_shardings=(state_sharding, None), donate_argnums=(0,))
 
 
-def make_eval_step(model: nn.Module, loss_fn, loss_config, n_genes: int):
-    """`eval_step(params, batch, key) -> metrics` with dropout off (validation loss)."""
-    loss = functools.partial(loss_fn, model=model, config=loss_config, train=False)
+def make_eval_step(task: Task, model: nn.Module, config: ml_collections.ConfigDict, info: TaskInfo):
+    """`eval_step(state, batch, key) -> metrics` with dropout off (validation loss)."""
+    loss = _bound_loss(task, model, config, info, train=False)
+    measured = info.measured_table()
 
     @jax.jit
-    def eval_step(params, batch, key):
-        return loss(params, _task_batch(batch, n_genes), key)[1]
+    def eval_step(state, batch, key):
+        return loss(state["params"], task_batch(batch, info.n_genes, measured), key, extra=state["extra"])[1]
 
     return eval_step

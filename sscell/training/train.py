@@ -1,22 +1,31 @@
 """The reference training loop: data -> jit step -> metrics, validation, checkpoints, resume."""
 from __future__ import annotations
 
+import functools
+import json
 import math
+import os
+import signal
 import sys
+import threading
 import time
+from collections.abc import Callable
+from typing import NamedTuple
 
+import flax.linen as nn
 import jax
 import ml_collections
+import optax
 import numpy as np
 from tqdm import tqdm
 
 from sscell.data.loader import CellLoader
 from sscell.data.store import Store
 from sscell.errors import SscellError
-from sscell.losses import get_loss
-from sscell.models.mlp import build_model
+from sscell.losses.info import TaskInfo, setup_task
+from sscell.losses.registry import Task
 from sscell.training import checkpoint
-from sscell.training.mesh import batch_sharded, data_mesh, global_batch, replicated
+from sscell.training.mesh import batch_sharded, global_batch, make_mesh, state_shardings
 from sscell.training.metric_writer import MetricWriter
 from sscell.training.optimizer import make_optimizer
 from sscell.training.state import abstract_state, create_state
@@ -24,53 +33,120 @@ from sscell.training.step import make_eval_step, make_train_step
 
 
 def make_loader(config: ml_collections.ConfigDict, store: Store, split: str) -> CellLoader:
-    """The run's loader over one split, this process's share of each global batch."""
-    return CellLoader(store, split, config.train.batch_size, config.seed,
+    """The run's loader over one split, this process's share of each global batch; the train
+    split is narrowed to `data.train_datasets` and `data.train_fraction`."""
+    subset = (dict(datasets=tuple(config.data.train_datasets), fraction=config.data.train_fraction)
+              if split == "train" else {})
+    return CellLoader(store, split, config.train.batch_size, config.seed, **subset,
                       block_cells=config.data.block_cells, prefetch=config.data.prefetch,
                       process_index=jax.process_index(), process_count=jax.process_count())
 
 
-def build(config: ml_collections.ConfigDict, store: Store):
-    """(model, optimizer, steps_per_epoch) of a run: what both training and evaluation rebuild."""
-    model = build_model(config.model, store.n_genes)
+class Setup(NamedTuple):
+    """What training, evaluation and benchmarks rebuild from a config and a store."""
+
+    task: Task
+    info: TaskInfo
+    model: nn.Module
+    optimizer: optax.GradientTransformation
+    steps_per_epoch: int
+    init_extra: Callable  # params -> the task's non-gradient state
+
+
+def build(config: ml_collections.ConfigDict, store: Store) -> Setup:
+    """The task, model and optimiser a config describes, on this store."""
+    task, info = setup_task(config, store)
     steps_per_epoch = make_loader(config, store, "train").steps_per_epoch
-    return model, make_optimizer(config.train, steps_per_epoch), steps_per_epoch
+    return Setup(task, info, task.build_model(config, info), make_optimizer(config.train, steps_per_epoch),
+                 steps_per_epoch, functools.partial(task.init_extra, config=config))
 
 
-def validation_loss(eval_step, params, loader: CellLoader, n_batches: int, key: jax.Array,
+def validation_loss(eval_step, state, loader: CellLoader, n_batches: int, key: jax.Array,
                     sharding) -> dict[str, float]:
     """Mean metrics over the first `n_batches` batches of the validation split (a fixed set)."""
     n_batches = min(n_batches, loader.steps_per_epoch)
-    totals = [eval_step(params, global_batch(loader.batch(i), sharding), jax.random.fold_in(key, i))
+    totals = [eval_step(state, global_batch(loader.batch(i), sharding), jax.random.fold_in(key, i))
               for i in range(n_batches)]
     return {f"val/{k}": float(np.mean([t[k] for t in totals])) for k in totals[0]}
 
 
-def _check_finite(metrics: dict[str, float], step: int, last_checkpoint: int | None) -> None:
-    for name, value in metrics.items():
-        if not math.isfinite(value):
-            raise SscellError(f"{name} is {value} at step {step}; the last good checkpoint is step "
-                              f"{last_checkpoint}; lower train.lr or check the input data")
+def _nonfinite_error(name: str, value, step: int, last_checkpoint: int | None) -> SscellError:
+    return SscellError(f"{name} is {float(value)} at step {step}; stopped, the last good checkpoint is step "
+                       f"{last_checkpoint}; lower train.lr, check the input data or set train.skip_nonfinite")
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, store: Store) -> dict:
+def summarise_window(window: list[dict], last_step: int, skip_nonfinite: int, consecutive: int,
+                     last_checkpoint: int | None) -> tuple[dict[str, float], int]:
+    """(mean train metrics of the window's finite steps, non-finite steps in a row at its end).
+
+    `window` holds the host metrics of the steps up to `last_step`. A step with a non-finite
+    metric (loss, grad_norm, ...) stops the run, or, with `skip_nonfinite` = N, is left out
+    (the optimiser skipped it) unless it is the (N+1)th in a row.
+    """
+    first, finite = last_step - len(window) + 1, []
+    for offset, metrics in enumerate(window):
+        ranked = sorted(metrics.items(), key=lambda item: item[0] != "loss")  # name the loss if it is bad
+        bad = next(((k, v) for k, v in ranked if not np.all(np.isfinite(v))), None)
+        consecutive = consecutive + 1 if bad else 0
+        if bad and consecutive > skip_nonfinite:
+            raise _nonfinite_error(f"train/{bad[0]}", bad[1], first + offset, last_checkpoint)
+        if not bad:
+            finite.append(metrics)
+    record = {f"train/{k}": float(np.mean([m[k] for m in finite])) for k in finite[0]} if finite else {}
+    if skip_nonfinite:
+        record["train/skipped_steps"] = len(window) - len(finite)
+    return record, consecutive
+
+
+class Preemption:
+    """Whether to save and stop now: SIGTERM in a one-process run, or, across processes, the
+    step all of them agreed on after one was told of a preemption (orbax / JAX's sync point)."""
+
+    def __init__(self, manager):
+        self.manager, self.signalled = manager, False
+        self.handles_signal = jax.process_count() == 1 and threading.current_thread() is threading.main_thread()
+        if self.handles_signal:
+            self.previous = signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.signalled = True  # the loop finishes the step, saves and returns
+
+    def reached(self, step: int) -> bool:
+        return self.signalled or (jax.process_count() > 1 and self.manager.reached_preemption(step))
+
+    def close(self) -> None:
+        if self.handles_signal:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
+def sharded_state_layout(config: ml_collections.ConfigDict, setup: Setup, mesh) -> tuple[dict, dict]:
+    """(abstract train state with shardings, the shardings) on `mesh` under `config.mesh.rules`."""
+    model, optimizer, init_extra = setup.model, setup.optimizer, setup.init_extra
+    shardings = state_shardings(abstract_state(model, optimizer, None, init_extra), mesh, config.mesh.rules)
+    return abstract_state(model, optimizer, shardings, init_extra), shardings
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, store: Store, devices=None) -> dict:
     """Train (or resume training) until `config.train.steps`; returns the final train state.
 
-    Checkpoints, metrics.jsonl and TensorBoard events go to `workdir`.
+    Runs on a `config.mesh` mesh over `devices` (default: all). Checkpoints, metrics.jsonl and
+    TensorBoard events go to `workdir`. On SIGTERM / preemption it finishes the step, saves and
+    returns early (the returned state's step is below `train.steps`); rerunning resumes.
     """
-    loss_fn = get_loss(config.loss.name)
-    model, optimizer, steps_per_epoch = build(config, store)
-    mesh = data_mesh()
-    if config.train.batch_size % jax.device_count():
-        raise SscellError(f"train.batch_size {config.train.batch_size} is not divisible by the "
-                          f"{jax.device_count()} devices; choose a multiple")
-    state_sharding, batch_sharding = replicated(mesh), batch_sharded(mesh)
+    setup = build(config, store)
+    task, info, model, optimizer, steps_per_epoch, init_extra = setup
+    mesh = make_mesh(config.mesh, devices)
+    if config.train.batch_size % mesh.shape["data"]:
+        raise SscellError(f"train.batch_size {config.train.batch_size} is not divisible by the mesh's "
+                          f"{mesh.shape['data']} data shards; choose a multiple")
+    abstract, state_sharding = sharded_state_layout(config, setup, mesh)
+    batch_sharding = batch_sharded(mesh)
     init_key, step_key, val_key = jax.random.split(jax.random.key(config.seed), 3)
 
     manager = checkpoint.checkpoint_manager(workdir, config.train.checkpoint_every,
                                             config.train.keep_checkpoints)
-    restored = checkpoint.restore_latest(manager, abstract_state(model, optimizer, state_sharding))
-    state = restored[0] if restored else create_state(model, optimizer, init_key, state_sharding)
+    restored = checkpoint.restore(manager, abstract)
+    state = restored[0] if restored else create_state(model, optimizer, init_key, state_sharding, init_extra)
     start, total = int(state["step"]), config.train.steps
     if start >= total:
         print(f"training already complete at step {start} (train.steps={total})")
@@ -78,40 +154,66 @@ def train(config: ml_collections.ConfigDict, workdir: str, store: Store) -> dict
         return state
 
     loader, val_loader = make_loader(config, store, "train"), make_loader(config, store, "val")
-    train_step = make_train_step(model, loss_fn, config.loss, optimizer, store.n_genes,
-                                 state_sharding, batch_sharding)
-    eval_step = make_eval_step(model, loss_fn, config.loss, store.n_genes)
+    train_step = make_train_step(task, model, config, optimizer, info, state_sharding, batch_sharding)
+    eval_step = make_eval_step(task, model, config, info)
     writer = MetricWriter(workdir, resume_step=start)
     primary = jax.process_index() == 0
     if primary:
         print(f"{'resuming at' if start else 'starting'} step {start} of {total}: {loader.n_cells} train cells, "
-              f"{steps_per_epoch} steps per epoch, batch {config.train.batch_size}, {jax.device_count()} device(s)")
+              f"{steps_per_epoch} steps per epoch, batch {config.train.batch_size}, {jax.device_count()} "
+              f"device(s), mesh {dict(mesh.shape)}")
+    config_record = json.loads(config.to_json_best_effort())
+    profile = tuple(config.train.profile_steps)
+    preemption, tracing, consecutive_nonfinite = Preemption(manager), False, 0
 
     window, window_start = [], time.perf_counter()
     progress = tqdm(total=total, initial=start, desc="train", unit="step", disable=not primary,
                     mininterval=1.0 if sys.stderr.isatty() else 30.0)  # logs get a line every 30 s
-    for step, local_batch in enumerate(loader.iterate(start, total), start=start + 1):
-        state, metrics = train_step(state, global_batch(local_batch, batch_sharding), step_key)
-        window.append(metrics)
-        progress.update()
-        boundary = step % config.train.log_every == 0 or step == total
-        if boundary or manager.should_save(step):
-            record = {f"train/{k}": float(np.mean([jax.device_get(m[k]) for m in window])) for k in window[0]}
-            elapsed = time.perf_counter() - window_start
-            record["train/cells_per_s"] = len(window) * config.train.batch_size / elapsed
+    try:
+        for step, local_batch in enumerate(loader.iterate(start, total), start=start + 1):
+            if profile and step == profile[0]:
+                jax.profiler.start_trace(os.path.join(workdir, "profile"))
+                tracing = True
+            state, metrics = train_step(state, global_batch(local_batch, batch_sharding), step_key)
+            window.append(metrics)
+            progress.update()
+            if tracing and step == profile[1] - 1:
+                jax.block_until_ready(state)
+                jax.profiler.stop_trace()
+                tracing = False
+            preempted = preemption.reached(step)
+            save = manager.should_save(step) or step == total or preempted
+            if not (save or step % config.train.log_every == 0):
+                continue
+            # Every saved step is checked first: no non-finite state is ever written.
+            record, consecutive_nonfinite = summarise_window(
+                jax.device_get(window), step, config.train.skip_nonfinite, consecutive_nonfinite,
+                manager.latest_step())
+            record["train/cells_per_s"] = len(window) * config.train.batch_size / (time.perf_counter() - window_start)
             record["train/epoch"] = step / steps_per_epoch
             if step % config.train.val_every == 0 or step == total:
-                record.update(validation_loss(eval_step, state["params"], val_loader,
+                record.update(validation_loss(eval_step, state, val_loader,
                                               config.train.val_batches, val_key, batch_sharding))
-            _check_finite(record, step, manager.latest_step())
+                bad = next((k for k, v in record.items() if k.startswith("val/") and not math.isfinite(v)), None)
+                if bad:
+                    raise _nonfinite_error(bad, record[bad], step, manager.latest_step())
             writer.write(step, record)
-            progress.set_postfix(loss=f"{record['train/loss']:.4f}",
-                                 cells_s=f"{record['train/cells_per_s']:.0f}")
+            progress.set_postfix(loss=f"{record.get('train/loss', math.nan):.4f}",
+                                 cells_s=f"{record['train/cells_per_s']:.0f}", refresh=False)
             window, window_start = [], time.perf_counter()
-        checkpoint.save(manager, step, state, {"step": step, "epoch": step // steps_per_epoch},
-                        force=step == total)
-    progress.close()
-    manager.wait_until_finished()
-    manager.close()
-    writer.close()
+            if save:
+                checkpoint.save(manager, step, state, {"step": step, "epoch": step // steps_per_epoch},
+                                config_record, metrics=record, force=True)
+            if preempted and step < total:
+                if primary:
+                    print(f"preempted at step {step}: checkpoint saved; rerun the same command to resume")
+                break
+    finally:
+        if tracing:
+            jax.profiler.stop_trace()
+        preemption.close()
+        progress.close()
+        manager.wait_until_finished()  # also on errors: the last good checkpoint is complete on disk
+        manager.close()
+        writer.close()
     return state

@@ -1,0 +1,235 @@
+"""Loader benchmark: sscell's loader against anndata backed, scDataset and annbatch, the train
+step's own appetite, and host memory as the store grows; prints one JSON object.
+
+Same data, same machine, same run: a synthetic atlas (`--cells` x `--genes`) written as .h5ad
+and converted into an sscell store; every loader reads those cells (annbatch reads the store
+itself, which is an AnnData zarr store), with a warm page cache for all of them.
+
+    python -m benchmarks.bench_loader                      # 100 k x 19,331 genes, 1 M x 2,000 for memory
+    python -m benchmarks.bench_loader --workdir=/tmp/bench  # keep (and reuse) the generated data
+    python -m benchmarks.bench_loader --annbatch-python=PY  # a Python >= 3.12 with `pip install annbatch zarrs`
+
+Figures: `cells_per_s` of each loader (sscell per prefetch thread count); `train_step`: steps/s
+of the study's model (config defaults) fed one in-memory batch vs the real loader, with
+`waiting_share` the share of wall time the loop waited for a batch and `stall` the throughput
+lost to the loader (waiting plus the loader's threads competing for the same CPU cores);
+`memory`: peak RSS (Linux VmHWM) of a process that opens a store and loads batches, for
+`--cells` and `--memory-cells` cells of `--memory-genes` genes, and the host bytes per cell
+the store and loader hold (indptr, obs, selected rows, label codes).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from sscell.data.convert import convert
+from sscell.data.loader import CellLoader
+from sscell.data.store import open_store
+from sscell.data.synthetic import AtlasSpec, write_atlas
+from sscell.errors import exit_on_error
+
+
+def dataset(workdir: Path, cells: int, genes: int) -> tuple[Path, Path]:
+    """(.h5ad, store) of a synthetic atlas in `workdir`, generated and converted unless present."""
+    h5ad, store = workdir / f"atlas_{cells}x{genes}.h5ad", workdir / f"store_{cells}x{genes}"
+    if not h5ad.exists():
+        write_atlas(AtlasSpec(n_cells=cells, n_genes=genes), h5ad)
+    if not store.exists():
+        convert([h5ad], store, seed=0)
+    return h5ad, store
+
+
+def rate(batches, cells: int) -> float:
+    """Cells/s of an iterator of batches (each a sized row collection), after its first batch."""
+    next(batches)
+    seen, start = 0, time.perf_counter()
+    for batch in batches:
+        seen += batch.shape[0] if hasattr(batch, "shape") else len(batch["cell"])
+        if seen >= cells:
+            break
+    return seen / (time.perf_counter() - start)
+
+
+def sscell_rates(store_path: Path, batch_size: int, cells: int, threads: list[int]) -> dict[str, float]:
+    """Cells/s of the train split's shuffled batches per prefetch thread count."""
+    store = open_store(store_path)
+    result = {}
+    for t in threads:
+        loader = CellLoader(store, "train", batch_size, seed=t, prefetch=t)
+        result[str(t)] = rate(loader.iterate(0, 10**9), cells)
+    return result
+
+
+def anndata_backed_rate(h5ad: Path, batch_size: int, cells: int) -> float:
+    """Cells/s of random minibatches (sorted indices, as h5py requires) from a backed .h5ad."""
+    import anndata
+
+    x = anndata.read_h5ad(h5ad, backed="r").X
+    rng = np.random.default_rng(0)
+    return rate((x[np.sort(rng.choice(x.shape[0], batch_size, replace=False))] for _ in itertools.repeat(None)), cells)
+
+
+def scdataset_rate(h5ad: Path, batch_size: int, cells: int) -> float | str:
+    """Cells/s of scDataset's block shuffling (64-cell blocks, fetch factor 16) over a backed .h5ad."""
+    try:
+        from scdataset import BlockShuffling, scDataset
+    except ImportError:
+        return "skipped: scDataset is not installed (pip install -e '.[bench]')"
+    import anndata
+
+    adata = anndata.read_h5ad(h5ad, backed="r")
+    data = scDataset(adata, BlockShuffling(block_size=64), batch_size=batch_size, fetch_factor=16, drop_last=True,
+                     fetch_callback=lambda collection, rows: collection.X[rows])
+    return rate(iter(data), cells)
+
+
+def annbatch_rates(python: str | None, store: Path, batch_size: int, cells: int) -> dict | str:
+    """annbatch's cells/s (64- and 512-cell chunks) on the store, from its own interpreter."""
+    if not python:
+        return ("skipped: annbatch needs Python >= 3.12; create a venv with it (python3.12 -m venv V && "
+                "V/bin/pip install annbatch zarrs) and pass --annbatch-python=V/bin/python")
+    worker = Path(__file__).with_name("annbatch_worker.py")
+    run = subprocess.run([python, str(worker), str(store), "--batch-size", str(batch_size), "--cells", str(cells)],
+                         capture_output=True, text=True)
+    if run.returncode:
+        return f"skipped: the annbatch worker failed: {run.stderr.strip().splitlines()[-1:]}"
+    return json.loads(run.stdout)
+
+
+def train_step_rates(store_path: Path, batch_size: int, steps: int, prefetch: int) -> dict:
+    """The study's masked autoencoder (config defaults) trained on this store: steps/s fed one
+    in-memory batch vs the real loader, and the share of step time spent waiting for data."""
+    import jax
+
+    from sscell.config import default_config
+    from sscell.training.mesh import batch_sharded, global_batch, make_mesh
+    from sscell.training.state import create_state
+    from sscell.training.step import make_train_step
+    from sscell.training.train import build, sharded_state_layout
+
+    config = default_config()
+    config.train.batch_size, config.data.prefetch = batch_size, prefetch
+    store = open_store(store_path)
+    setup = build(config, store)
+    task, info, model, optimizer, _, init_extra = setup
+    mesh = make_mesh(config.mesh)
+    _, state_sharding = sharded_state_layout(config, setup, mesh)
+    batch_sharding = batch_sharded(mesh)
+    state = create_state(model, optimizer, jax.random.key(0), state_sharding, init_extra)
+    step = make_train_step(task, model, config, optimizer, info, state_sharding, batch_sharding)
+    loader = CellLoader(store, "train", batch_size, seed=0, prefetch=prefetch)
+
+    def run(batches) -> tuple[float, float]:
+        nonlocal state
+        waited, start = 0.0, time.perf_counter()
+        for _ in range(steps):
+            t = time.perf_counter()
+            batch = next(batches)
+            waited += time.perf_counter() - t
+            state, metrics = step(state, global_batch(batch, batch_sharding), jax.random.key(1))
+        jax.block_until_ready(metrics)
+        return steps / (time.perf_counter() - start), waited / (time.perf_counter() - start)
+
+    fixed = loader.batch(0)
+    run(itertools.repeat(fixed))  # compile for its width
+    in_memory, _ = run(itertools.repeat(fixed))
+    run(loader.iterate(0, steps))  # compile for every width these steps use
+    streamed, waiting = run(loader.iterate(0, steps))
+    return {"prefetch_threads": prefetch, "in_memory_steps_per_s": in_memory, "loader_steps_per_s": streamed,
+            "in_memory_cells_per_s": in_memory * batch_size, "loader_cells_per_s": streamed * batch_size,
+            "stall": 1 - streamed / in_memory, "waiting_share": waiting, "devices": str(jax.devices())}
+
+
+def memory_probe(store_path: str, batch_size: int, batches: int) -> dict:
+    """Peak RSS (MiB) of this process after opening a store and loading batches from it."""
+    def peak() -> float:
+        status = Path("/proc/self/status").read_text().split("VmHWM:")[1]
+        return int(status.split()[0]) / 1024
+
+    before = peak()
+    store = open_store(store_path)
+    opened = peak()
+    loader = CellLoader(store, "train", batch_size, seed=0)
+    for _ in zip(range(batches), loader.iterate(0, batches)):
+        pass
+    host = (store.indptr.nbytes + loader.rows.nbytes + sum(c.nbytes for c in loader.labels.values())
+            + int(store.obs.memory_usage(deep=True).sum()))
+    return {"cells": store.n_cells, "genes": store.n_genes, "rss_imports_mib": before,
+            "rss_after_open_mib": opened, "peak_rss_mib": peak(),
+            "host_state_bytes_per_cell": host / store.n_cells,
+            "obs_bytes_per_cell": int(store.obs.memory_usage(deep=True).sum()) / store.n_cells}
+
+
+def memory(store_path: Path, batch_size: int, batches: int) -> dict:
+    """`memory_probe` in a fresh process, so peaks of one store do not hide another's."""
+    run = subprocess.run([sys.executable, "-m", "benchmarks.bench_loader", "--memory-probe", str(store_path),
+                          "--batch-size", str(batch_size), "--memory-batches", str(batches)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(run.stdout)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_loader", description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", help="where to generate (and find) the data; default: a temporary directory")
+    parser.add_argument("--cells", type=int, default=100_000)
+    parser.add_argument("--genes", type=int, default=19_331)
+    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--read-cells", type=int, default=40_000, help="cells each loader reads per measurement")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2, 4, 8], help="sscell prefetch threads")
+    parser.add_argument("--step-batch-sizes", type=int, nargs="*", default=[256, 1024])
+    parser.add_argument("--steps", type=int, default=10, help="train steps per step measurement")
+    parser.add_argument("--memory-cells", type=int, default=1_000_000)
+    parser.add_argument("--memory-genes", type=int, default=2_000)
+    parser.add_argument("--memory-batches", type=int, default=50)
+    parser.add_argument("--annbatch-python", default=os.environ.get("ANNBATCH_PYTHON"),
+                        help="a Python >= 3.12 with annbatch installed (default: $ANNBATCH_PYTHON)")
+    parser.add_argument("--skip", nargs="*", default=[],
+                        choices=["anndata", "scdataset", "annbatch", "train_step", "memory"])
+    parser.add_argument("--memory-probe", help=argparse.SUPPRESS)  # internal: measure one store, print JSON
+    args = parser.parse_args()
+    with exit_on_error():
+        if args.memory_probe:
+            print(json.dumps(memory_probe(args.memory_probe, args.batch_size, args.memory_batches)))
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            workdir = Path(args.workdir or tmp)
+            workdir.mkdir(parents=True, exist_ok=True)
+            h5ad, store = dataset(workdir, args.cells, args.genes)
+            b, n = args.batch_size, args.read_cells
+            result = {"cells": args.cells, "genes": args.genes, "batch_size": b, "cpu_count": os.cpu_count(),
+                      "cells_per_s": {"sscell": sscell_rates(store, b, n, args.threads)}}
+            rates = result["cells_per_s"]
+            if "anndata" not in args.skip:
+                rates["anndata_backed"] = anndata_backed_rate(h5ad, b, min(n, 10 * b))
+            if "scdataset" not in args.skip:
+                rates["scdataset"] = scdataset_rate(h5ad, b, n)
+            if "annbatch" not in args.skip:
+                rates["annbatch"] = annbatch_rates(args.annbatch_python, store, b, n)
+            best = max(rates["sscell"].values())
+            result["ratios"] = {f"sscell_best_over_{k}": best / v for k, v in rates.items()
+                                if isinstance(v, float)}
+            if isinstance(rates.get("annbatch"), dict):
+                result["ratios"].update({f"sscell_best_over_annbatch_chunk{c}": best / v
+                                         for c, v in rates["annbatch"]["cells_per_s"].items()})
+            if "train_step" not in args.skip:
+                threads = int(max(rates["sscell"], key=rates["sscell"].get))  # the loader's best setting
+                result["train_step"] = {str(s): train_step_rates(store, s, args.steps, threads)
+                                        for s in args.step_batch_sizes}
+            if "memory" not in args.skip:
+                _, large = dataset(workdir, args.memory_cells, args.memory_genes)
+                _, small = dataset(workdir, args.cells, args.memory_genes)
+                result["memory"] = [memory(s, b, args.memory_batches) for s in (small, large)]
+        print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+"""The converter's inputs: CELLxGENE-style .h5ad files opened lazily, validated, aligned to a gene vocabulary.
+
+Files are opened with h5py and anndata's element readers (`anndata.io.read_elem` for single
+obs/var columns, `anndata.io.sparse_dataset` for the counts), because `read_h5ad(backed='r')`
+loads layers, obsm and uns into memory. Only the obs columns the store keeps are read.
+
+Counts come from layers['counts'], else raw.X, else X. Genes are matched to the vocabulary by
+id (the var index, or a var column named by `gene_column`); genes outside the vocabulary are
+dropped, and a vocabulary gene an input lacks counts as not measured by that input.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+import anndata
+import h5py
+import numpy as np
+import pandas as pd
+import scipy.sparse
+
+from sscell.errors import SscellError
+
+REQUIRED_OBS = ("cell_type", "donor_id")
+OPTIONAL_OBS = ("cell_type_ontology_term_id", "dataset_id", "assay", "tissue")
+_ENSEMBL = re.compile(r"ENS[A-Z]*G\d+(\.\d+)?")  # ENSG00000141510, ENSMUSG..., with version
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(f"{type(error).__name__}: {error}".split())
+
+
+@dataclasses.dataclass
+class H5adInput:
+    """One opened .h5ad: its counts matrix (lazy), kept obs columns and gene alignment."""
+
+    path: Path
+    counts: anndata.abc.CSRDataset | h5py.Dataset
+    source: str                 # where the counts came from, for the report
+    obs: pd.DataFrame           # kept columns only, categoricals of strings
+    var: pd.DataFrame           # index: gene ids of the counts' columns
+    round_counts: bool = False  # round non-integer counts instead of refusing them
+    columns: np.ndarray | None = None  # vocabulary column of each input column, -1: dropped
+    n_genes: int = 0            # vocabulary size
+
+    @property
+    def n_cells(self) -> int:
+        return len(self.obs)
+
+    @property
+    def dropped(self) -> int:
+        """How many of the input's genes are outside the vocabulary."""
+        return int((self.columns < 0).sum())
+
+    def measured(self, dataset: str) -> np.ndarray:
+        """Vocabulary genes the input measured (the same for each of its datasets)."""
+        mask = np.zeros(self.n_genes, bool)
+        mask[self.columns[self.columns >= 0]] = True
+        return mask
+
+    def read(self, start: int, stop: int) -> scipy.sparse.csr_matrix:
+        """Validated counts of rows [start, stop) as csr over the vocabulary, explicit zeros dropped."""
+        try:
+            block = scipy.sparse.csr_matrix(self.counts[start:stop])
+        except (OSError, KeyError, ValueError, RuntimeError) as e:
+            raise SscellError(f"{self.path}: cannot read rows {start}-{stop - 1} of {self.source}, "
+                              f"the file looks truncated or corrupt ({_one_line(e)})") from None
+        block.data = self._checked(block.data, f"{start}-{stop - 1}")
+        kept = self.columns[block.indices]
+        keep = kept >= 0
+        indptr = np.concatenate([[0], np.cumsum(keep)])[block.indptr] if not keep.all() else block.indptr
+        block = scipy.sparse.csr_matrix((block.data[keep], kept[keep], indptr), shape=(stop - start, self.n_genes))
+        block.sort_indices()
+        block.eliminate_zeros()
+        return block
+
+    def _checked(self, data: np.ndarray, rows: str) -> np.ndarray:
+        """`data` (stored values of some rows) if they are non-negative integer counts, rounded if allowed."""
+        problem = None
+        if data.dtype.kind not in "fiu":
+            problem = f"values of dtype {data.dtype}"
+        elif data.dtype.kind == "f" and not np.isfinite(data).all():
+            problem = "NaN or infinite values"
+        elif data.dtype.kind in "fi" and (data < 0).any():
+            problem = "negative values"
+        elif data.dtype.kind == "f" and (data != np.round(data)).any():
+            if self.round_counts:
+                return np.rint(data)
+            problem = "non-integer values (normalised data? pass --round-counts to round them to integers)"
+        if problem:
+            raise SscellError(f"{self.path}: counts in {self.source} have {problem} in rows {rows}; "
+                              "convert needs raw integer counts")
+        return data
+
+
+def _read_obs(path: Path, group: h5py.Group) -> pd.DataFrame:
+    """The kept obs columns as categoricals of strings, indexed by cell id (str)."""
+    index = anndata.io.read_elem(group[group.attrs["_index"]])
+    missing = [c for c in REQUIRED_OBS if c not in group]
+    if missing:
+        raise SscellError(f"{path}: obs lacks required column(s) {', '.join(missing)}; "
+                          "add them (CELLxGENE names) before converting")
+    columns = {}
+    for c in REQUIRED_OBS + OPTIONAL_OBS:
+        if c in group:
+            column = pd.Categorical(anndata.io.read_elem(group[c]))
+            columns[c] = column.rename_categories([str(v) for v in column.categories])
+            if c in REQUIRED_OBS and (columns[c].codes < 0).any():
+                raise SscellError(f"{path}: obs column {c} has missing values; fill or drop those cells")
+    obs = pd.DataFrame(columns, index=pd.Index(np.asarray(index, dtype=str)))
+    if "dataset_id" not in obs:
+        obs["dataset_id"] = pd.Categorical([path.stem] * len(obs))
+    return obs
+
+
+def open_input(path: str | os.PathLike, stack: contextlib.ExitStack, *, gene_column: str | None = None,
+               round_counts: bool = False) -> H5adInput:
+    """Open one .h5ad (closed with `stack`); check its obs and genes, not yet its counts."""
+    path = Path(path)
+    if not path.is_file():
+        raise SscellError(f"{path}: no such input file")
+    try:
+        f = stack.enter_context(h5py.File(path, "r"))
+        if "layers/counts" in f:
+            key, source, var_key = "layers/counts", "layers['counts']", "var"
+        elif "raw/X" in f:
+            key, source, var_key = "raw/X", "raw.X", "raw/var"
+        else:
+            key, source, var_key = "X", "X", "var"
+        if isinstance(f[key], h5py.Dataset):
+            counts = f[key]
+        else:
+            counts = anndata.io.sparse_dataset(f[key])
+            if counts.format != "csr":
+                raise SscellError(f"{path}: counts in {source} are stored as {counts.format}; "
+                                  "rewrite them as csr (e.g. adata.X = adata.X.tocsr()) and convert again")
+        obs = _read_obs(path, f["obs"])
+        var = anndata.io.read_elem(f[var_key])
+    except (OSError, KeyError, ValueError, RuntimeError) as e:
+        raise SscellError(f"{path}: cannot read it as .h5ad, the file looks truncated or corrupt "
+                          f"({_one_line(e)})") from None
+    if len(obs) == 0 or counts.shape[0] == 0:
+        raise SscellError(f"{path}: holds no cells; drop it from the inputs")
+    if counts.shape != (len(obs), len(var)):
+        raise SscellError(f"{path}: counts in {source} have shape {counts.shape}, obs x {var_key} is "
+                          f"{(len(obs), len(var))}; the file is inconsistent")
+    if gene_column is not None:
+        if gene_column not in var:
+            raise SscellError(f"{path}: {var_key} has no column {gene_column!r} (columns: {list(var.columns)})")
+        var.index = pd.Index(var[gene_column].astype(str))
+    var.index = var.index.astype(str)
+    if var.index.has_duplicates:
+        raise SscellError(f"{path}: gene id {var.index[var.index.duplicated()][0]!r} appears more than once "
+                          f"in {var_key}{'.' + gene_column if gene_column else ''}; gene ids must be unique")
+    return H5adInput(path, counts, source, obs, var, round_counts)
+
+
+def read_vocabulary(path: str | os.PathLike) -> pd.Index:
+    """Gene ids, one per line, in order (blank lines ignored)."""
+    try:
+        genes = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    except OSError as e:
+        raise SscellError(f"{path}: cannot read the gene vocabulary ({_one_line(e)})") from None
+    vocabulary = pd.Index(genes)
+    if vocabulary.empty:
+        raise SscellError(f"{path}: the gene vocabulary is empty; give one gene id per line")
+    if vocabulary.has_duplicates:
+        raise SscellError(f"{path}: gene {vocabulary[vocabulary.duplicated()][0]!r} appears more than once "
+                          "in the vocabulary")
+    return vocabulary
+
+
+def union_vocabulary(inputs: Iterable[H5adInput]) -> pd.Index:
+    """The inputs' gene ids in first-seen order."""
+    return pd.Index(dict.fromkeys(g for inp in inputs for g in inp.var.index))
+
+
+def id_kind(genes: pd.Index) -> str:
+    """'Ensembl ids' if most ids look like ENSG00000141510 (or another species' ENS*G), else 'symbols'."""
+    looks_ensembl = np.mean([bool(_ENSEMBL.fullmatch(g)) for g in genes[:1000]]) if len(genes) else 0
+    return "Ensembl ids" if looks_ensembl > 0.5 else "symbols"
+
+
+def align(inp: H5adInput, vocabulary: pd.Index, what: str, wanted: str | None = None) -> None:
+    """Map the input's genes onto `vocabulary`; `what` names where it came from and `wanted` its
+    id kind (default: `id_kind(vocabulary)`), for errors."""
+    kind, wanted = id_kind(inp.var.index), wanted or id_kind(vocabulary)
+    if kind != wanted:
+        fits = [c for c in inp.var.columns if id_kind(pd.Index(inp.var[c].astype(str))) == wanted]
+        hint = (f"pass --gene-column={fits[0]} to match on that var column" if fits else
+                f"give the var index (or a var column named with --gene-column) as {wanted}")
+        raise SscellError(f"{inp.path}: gene ids look like {kind} (e.g. {inp.var.index[0]!r}) but {what} uses "
+                          f"{wanted} (e.g. {vocabulary[0]!r}); {hint}")
+    inp.columns = vocabulary.get_indexer(inp.var.index)
+    inp.n_genes = len(vocabulary)
+    if inp.dropped == len(inp.var):
+        raise SscellError(f"{inp.path}: none of its {len(inp.var)} genes (e.g. {inp.var.index[0]!r}) is in "
+                          f"{what} (e.g. {vocabulary[0]!r}); check the species and the gene id column")

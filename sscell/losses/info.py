@@ -1,0 +1,105 @@
+"""What a task needs to know about the data: genes, classes, measured genes, gene programmes."""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+
+from sscell.data.gmt import read_gmt
+from sscell.data.loader import LABEL_COLUMNS, label_codes, label_names
+from sscell.data.store import Store
+from sscell.data.synthetic import programmes_path, tf_targets_path
+from sscell.errors import SscellError
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskInfo:
+    """Data facts for building a task's model and loss.
+
+    measured: bool (n_datasets, n_genes), rows in the order of the loader's `dataset` codes.
+    programmes: bool (n_programmes, n_genes) membership, from `config.loss.gmt` (empty if none).
+    programme_genes: for each programme, the gene it predicts (GP -> TF: the TF), -1 if none.
+    """
+
+    n_genes: int
+    n_cell_types: int = 1
+    class_counts: np.ndarray = dataclasses.field(default_factory=lambda: np.ones(1, np.int64))
+    measured: np.ndarray | None = None
+    programmes: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 0), bool))
+    programme_names: tuple[str, ...] = ()
+    programme_genes: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))
+
+    def measured_table(self) -> np.ndarray:
+        """The measured-gene table, all True (one row) when the data names no datasets."""
+        return np.ones((1, self.n_genes), bool) if self.measured is None or not len(self.measured) else self.measured
+
+
+def gene_programmes(path: str, gene_ids, symbols=None, tf_from_name: bool = False
+                    ) -> tuple[np.ndarray, tuple[str, ...], np.ndarray]:
+    """(membership, names, predicted gene) of the gene sets in the .gmt file `path`.
+
+    Genes match the store's gene ids or, failing that, its symbols; genes outside the
+    vocabulary are dropped, and so are sets left empty. With `tf_from_name` a set's target is
+    the gene named by its name up to the first '_' (a gene id, or a symbol as in MSigDB C3 TFT's
+    `ATF1_TARGET_GENES`), the
+    target is removed from its own programme, and sets whose TF is not in the vocabulary are
+    dropped.
+    """
+    index = {gene: i for i, gene in enumerate(gene_ids)}
+    if symbols is not None:
+        index.update({s: i for i, s in enumerate(symbols) if s not in index})
+    rows, names, targets = [], [], []
+    for name, genes in read_gmt(path).items():
+        members = np.zeros(len(gene_ids), bool)
+        members[[index[g] for g in genes if g in index]] = True
+        target = index.get(name.split("_")[0], -1) if tf_from_name else -1
+        if tf_from_name:
+            if target < 0:
+                continue
+            members[target] = False
+        if members.any():
+            rows.append(members)
+            names.append(name)
+            targets.append(target)
+    if not rows:
+        raise SscellError(f"{path}: no gene set shares genes with the store's vocabulary"
+                          f"{' (or names a TF in it)' if tf_from_name else ''}; check the gene ids")
+    return np.stack(rows), tuple(names), np.asarray(targets, np.int32)
+
+
+def task_info(config, store: Store, programmes: str = "") -> TaskInfo:
+    """The TaskInfo of a run config and its store.
+
+    `programmes` is what the task needs: "" nothing, "sets" gene programmes, "tf" TF target
+    programmes (see `gene_programmes`). Gene programmes come from `config.loss.gmt`, or, when
+    that is empty, from the .gmt files of a generated atlas beside the store
+    (WORKDIR/atlas.programmes.gmt, or atlas.tf_targets.gmt for GP -> TF); a task that needs
+    programmes fails when neither exists.
+    """
+    train = store.split_range("train")
+    n_types = max(1, len(label_names(store, "cell_type"))) if LABEL_COLUMNS["cell_type"] in store.obs else 1
+    counts = np.bincount(label_codes(store, *train)["cell_type"], minlength=n_types)
+    info = TaskInfo(n_genes=store.n_genes, n_cell_types=n_types, class_counts=counts,
+                    measured=np.asarray(store.measured, bool))
+    if not programmes:
+        return info
+    tf = programmes == "tf"
+    atlas = os.path.join(os.path.dirname(os.path.abspath(store.path)), "atlas.h5ad")  # see sscell.data.prepare
+    default = str(tf_targets_path(atlas) if tf else programmes_path(atlas))
+    path = config.loss.get("gmt", "") or default
+    if not os.path.exists(path):
+        raise SscellError(f"pretext task '{config.loss.name}' needs gene programmes: set --config.loss.gmt "
+                          "to a .gmt file (e.g. MSigDB C8, or C3 TFT for gp_to_tf)")
+    symbols = store.var["feature_name"].astype(str).tolist() if "feature_name" in store.var else None
+    membership, names, targets = gene_programmes(path, store.var.index.astype(str).tolist(), symbols, tf)
+    return dataclasses.replace(info, programmes=membership, programme_names=names, programme_genes=targets)
+
+
+def setup_task(config, store: Store):
+    """(Task, TaskInfo) of a run: the task named by `config.loss.name` and its data facts."""
+    from sscell.losses import load_task  # the package import registers every built-in task
+
+    task = load_task(config.loss)
+    return task, task_info(config, store, task.programmes)
+

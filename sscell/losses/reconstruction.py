@@ -1,0 +1,41 @@
+"""Reconstruction losses on chosen genes: MSE on log1p values or a negative-binomial likelihood on counts."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.scipy.special import gammaln
+
+
+def masked_mean(values: jax.Array, where: jax.Array) -> jax.Array:
+    """Mean of `values` over the True entries of `where` (0 when there are none)."""
+    return jnp.sum(values * where) / jnp.maximum(jnp.sum(where), 1)
+
+
+def nb_log_likelihood(counts: jax.Array, mean: jax.Array, theta: jax.Array, eps: float = 1e-8) -> jax.Array:
+    """log NB(counts | mean, inverse dispersion theta), elementwise (variance = mean + mean^2 / theta)."""
+    log_theta_mean = jnp.log(theta + mean + eps)
+    return (gammaln(counts + theta) - gammaln(theta) - gammaln(counts + 1)
+            + theta * (jnp.log(theta + eps) - log_theta_mean)
+            + counts * (jnp.log(mean + eps) - log_theta_mean))
+
+
+def nb_mean(logits: jax.Array, library: jax.Array, measured: jax.Array) -> jax.Array:
+    """Expected counts: each measured gene's softmax share of the cell's library."""
+    return jax.nn.softmax(jnp.where(measured, logits, jnp.finfo(logits.dtype).min), axis=-1) * library
+
+
+def reconstruction_loss(output: jax.Array, params: dict, batch: dict, target: jax.Array,
+                        likelihood: str) -> tuple[jax.Array, dict]:
+    """Loss of the decoder `output` on the genes where `target` (and `batch["measured"]`) holds.
+
+    "mse": mean squared error against log1p values `batch["x"]`; "nb": mean negative-binomial
+    negative log-likelihood of `batch["counts"]` with mean softmax(output) * library and the
+    model's per-gene `log_theta`.
+    """
+    where = target & batch["measured"]
+    if likelihood == "nb":
+        mean = nb_mean(output, batch["library"], batch["measured"])
+        nll = -nb_log_likelihood(batch["counts"], mean, jnp.exp(params["log_theta"]))
+        return masked_mean(nll, where), {"nb_nll": masked_mean(nll, where)}
+    squared_error = jnp.square(output - batch["x"])
+    return masked_mean(squared_error, where), {"mse_all": masked_mean(squared_error, batch["measured"])}

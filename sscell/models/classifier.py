@@ -1,0 +1,31 @@
+"""The study's supervised baseline: the MLP encoder plus a linear layer to cell-type logits."""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+
+from sscell.models.mlp import MLP, encoder
+
+
+class Classifier(nn.Module):
+    """`encoder` (an MLP ending in the embedding), then Dense(n_classes)."""
+
+    n_genes: int
+    n_classes: int
+    encoder: MLP
+
+    def setup(self):
+        self.head = nn.Dense(self.n_classes)
+
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """Cell-type logits (cells, n_classes)."""
+        return self.head(self.encode(x, train))
+
+    def encode(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """The embedding of each cell."""
+        return self.encoder(x, train)
+
+
+def build_classifier(config, info) -> Classifier:
+    """The classifier of a run config for `info.n_genes` genes and `info.n_cell_types` classes."""
+    return Classifier(n_genes=info.n_genes, n_classes=info.n_cell_types, encoder=encoder(config.model))

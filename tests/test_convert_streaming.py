@@ -1,0 +1,153 @@
+"""Converter: out-of-core bucket shuffle, --append, and recovery from a SIGKILL at any point."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+
+from sscell.data.convert import convert
+from sscell.data.store import SPLITS, open_store
+from sscell.errors import SscellError
+from test_store import dense, input_rows, make_adata
+
+
+def same_store(a, b) -> None:
+    assert a.obs.index.equals(b.obs.index)
+    pd.testing.assert_frame_equal(a.obs, b.obs)
+    np.testing.assert_array_equal(a.indptr, b.indptr)
+    np.testing.assert_array_equal(dense(a.read_rows(0, a.n_cells)), dense(b.read_rows(0, b.n_cells)))
+
+
+def test_bucket_size_changes_nothing_but_memory(tmp_path):
+    inputs = []
+    for k in range(3):
+        adata = make_adata(n_cells=150 + 50 * k, seed=k, prefix=f"i{k}-")
+        adata.write_h5ad(tmp_path / f"in{k}.h5ad")
+        inputs.append(adata)
+    paths = [tmp_path / f"in{k}.h5ad" for k in range(3)]
+    convert(paths, tmp_path / "one_bucket", seed=5)
+    convert(paths, tmp_path / "many_buckets", seed=5, block_cells=7, bucket_nonzeros=100)  # ~ 8 cells a bucket
+    one, many = open_store(tmp_path / "one_bucket"), open_store(tmp_path / "many_buckets")
+
+    same_store(one, many)
+    both = ad.concat(inputs)
+    np.testing.assert_array_equal(dense(many.read_rows(0, many.n_cells)), dense(both.X[input_rows(many, both)]))
+    assert sorted(os.listdir(tmp_path)) == ["in0.h5ad", "in1.h5ad", "in2.h5ad", "many_buckets", "one_bucket"]
+
+
+def test_append_keeps_splits_of_known_units(tmp_path):
+    old = make_adata(n_cells=300, n_donors=12, seed=0, prefix="old-")
+    old.obs["dataset_id"] = "atlas"
+    new = make_adata(n_cells=200, n_genes=45, n_donors=20, seed=1, prefix="new-")  # donors 12-19 are new units
+    new.obs["dataset_id"] = "atlas"
+    other = make_adata(n_cells=100, n_genes=30, n_donors=6, seed=2, prefix="other-")
+    old.write_h5ad(tmp_path / "old.h5ad")
+    new.write_h5ad(tmp_path / "new.h5ad")
+    other.write_h5ad(tmp_path / "other.h5ad")
+    convert([tmp_path / "old.h5ad"], tmp_path / "store", seed=1)
+    before = open_store(tmp_path / "store")
+
+    report = convert([tmp_path / "new.h5ad", tmp_path / "other.h5ad"], tmp_path / "store", append=True, seed=2,
+                     block_cells=64, bucket_nonzeros=500)
+    after = open_store(tmp_path / "store")
+
+    assert report["appended_cells"] == 300 and report["cells"] == after.n_cells == 600
+    assert report["genes_dropped"] == {str(tmp_path / "new.h5ad"): 5, str(tmp_path / "other.h5ad"): 0}
+    assert after.var.index.equals(before.var.index)  # the store's genes stay
+    split_before = before.obs["split"].astype(str)
+    split_after = after.obs["split"].astype(str)
+    assert (split_after[before.obs.index] == split_before).all()  # old cells keep their split
+    unit_split = dict(zip(before.obs["donor_id"].astype(str), split_before))
+    known = new.obs["donor_id"].isin(unit_split)
+    assert known.any() and (~known).any()
+    assert [unit_split[d] for d in new.obs["donor_id"][known]] == list(split_after[new.obs_names[known]])
+    assert (after.obs.groupby(["dataset_id", "donor_id"], observed=True)["split"].nunique() == 1).all()
+    fresh = new.obs_names[~known].append(other.obs_names)
+    assert set(split_after[fresh]) == set(SPLITS)  # new units are split afresh, among themselves
+    for s in SPLITS:
+        assert (after.obs["split"].iloc[slice(*after.split_range(s))] == s).all()
+    everything = ad.concat([old, new[:, old.var_names], other], join="outer", fill_value=0)[:, old.var_names]
+    np.testing.assert_array_equal(dense(after.read_rows(0, 600)), dense(everything.X[input_rows(after, everything)]))
+    assert after.datasets == ["atlas", "other"]
+    np.testing.assert_array_equal(after.measured[0], True)  # old and new measure every store gene
+    np.testing.assert_array_equal(after.measured[1], after.var.index.isin(other.var_names))
+
+    again = convert([tmp_path / "new.h5ad"], tmp_path / "store", append=True)  # a rerun: nothing to add
+    assert again["skipped"] == [str(tmp_path / "new.h5ad")] and again["appended_cells"] == 0
+    same_store(after, open_store(tmp_path / "store"))
+    with pytest.raises(SscellError, match="does not exist; drop --append"):
+        convert([tmp_path / "new.h5ad"], tmp_path / "nowhere", append=True)
+
+
+def start_cli(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "sscell.data.convert", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def kill_when(process: subprocess.Popen, appeared: Path, timeout: float = 60) -> bool:
+    """SIGKILL `process` as soon as `appeared` exists; False if it finished first."""
+    deadline = time.monotonic() + timeout
+    while not appeared.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            return False
+        time.sleep(0.0005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    return True
+
+
+def build_dir(output: Path, pid: int) -> Path:
+    return output.parent / f".{output.name}.tmp-{pid}"
+
+
+def test_sigkill_at_any_point_then_rerun_finishes(tmp_path):  # multi-process, ~15 s
+    """Kill conversions at their start, in the bucket pass and while writing shards; each leaves
+    nothing `open_store` accepts, and a plain rerun produces the uninterrupted run's store."""
+    adata = make_adata(n_cells=3000, n_genes=200, n_donors=30, seed=3)
+    adata.write_h5ad(tmp_path / "in.h5ad")
+    convert([tmp_path / "in.h5ad"], tmp_path / "reference", seed=0)
+    output = tmp_path / "store"
+    args = [f"--output={output}", str(tmp_path / "in.h5ad"), "--block-cells=16", "--bucket-nonzeros=8000"]
+    points = [lambda d: d, lambda d: d / "buckets" / "data", lambda d: d / "store" / "X" / "data" / "c"]
+    killed = 0
+    for point in points:
+        process = start_cli(*args)
+        killed += kill_when(process, point(build_dir(output, process.pid)))
+        assert not output.exists()
+        for leftover in output.parent.glob(".store.tmp-*"):
+            with pytest.raises(SscellError, match="not an sscell store"):
+                open_store(leftover / "store")
+    assert killed >= 2  # timing may let a tiny phase slip by, not most of them
+
+    finish = subprocess.run([sys.executable, "-m", "sscell.data.convert", *args], capture_output=True, text=True)
+    assert finish.returncode == 0, finish.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.h5ad", "reference", "store"]
+    same_store(open_store(tmp_path / "reference"), open_store(output))
+
+
+def test_append_killed_between_renames_restores_the_store(tmp_path):
+    """The one window where STORE is absent: the next run puts the previous store back."""
+    make_adata(n_cells=100, seed=0, prefix="a").write_h5ad(tmp_path / "a.h5ad")
+    make_adata(n_cells=100, seed=1, prefix="b").write_h5ad(tmp_path / "b.h5ad")
+    output = tmp_path / "store"
+    convert([tmp_path / "a.h5ad"], output)
+    before = open_store(output)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()  # a pid that no longer runs
+    stale = build_dir(output, int(dead))
+    stale.mkdir()
+    os.rename(output, stale / "old")  # the state after the first of the two renames
+    (stale / "store").mkdir()
+
+    report = convert([tmp_path / "b.h5ad"], output, append=True)
+    assert report["cells"] == 200 and not stale.exists()
+    after = open_store(output)
+    assert after.obs.index.isin(before.obs.index).sum() == 100
