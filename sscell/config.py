@@ -66,6 +66,7 @@ def default_config() -> ml_collections.ConfigDict:
         store="",               # a store made by `python -m sscell.data.convert`, or
         h5ad="",                # comma-separated .h5ad paths/globs, converted into WORKDIR/store, or
         vocabulary="",          # with h5ad: gene-id list file (one per line); empty: the inputs' genes
+        split_column="",        # with h5ad: obs column of train/val/test overriding the donor split
         # a generated atlas (sscell.data.synthetic.AtlasSpec fields), used when n_cells > 0
         synthetic=ml_collections.ConfigDict(dict(n_cells=0, n_genes=2000, n_datasets=4, donors_per_dataset=4)),
         train_datasets=(),      # dataset_id values to train on (empty: all); other cells are never read

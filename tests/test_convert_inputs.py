@@ -153,3 +153,28 @@ def test_bad_input_one_line_naming_the_file(tmp_path, problem, message):
         convert([tmp_path / "bad.h5ad"], tmp_path / "store", block_cells=16, **extra)
     assert "\n" not in str(error.value)
     assert leftovers(tmp_path, before) == []
+
+
+def test_split_column_overrides_the_donor_split(tmp_path):
+    adata = make_adata(n_cells=200, n_genes=20, seed=3, prefix="s")
+    given = np.random.default_rng(1).choice(["train", "val", "test"], adata.n_obs)  # cuts across donors
+    adata.obs["my_split"] = pd.Categorical(given)
+    adata.write_h5ad(tmp_path / "in.h5ad")
+    convert([tmp_path / "in.h5ad"], tmp_path / "store", split_column="my_split", block_cells=64)
+    store = open_store(tmp_path / "store")
+    expected = pd.Series(given, index=adata.obs_names.astype(str))
+    np.testing.assert_array_equal(store.obs["split"].astype(str), expected[store.obs.index].to_numpy())
+    for split in ("train", "val", "test"):  # still grouped: each split one contiguous range
+        start, stop = store.split_range(split)
+        assert (store.obs["split"].iloc[start:stop] == split).all()
+
+
+def test_split_column_with_bad_values(tmp_path):
+    adata = make_adata(n_cells=50, n_genes=10, seed=4, prefix="t")
+    adata.obs["my_split"] = pd.Categorical(["train"] * 25 + ["holdout"] * 25)
+    adata.write_h5ad(tmp_path / "in.h5ad")
+    with pytest.raises(SscellError, match="in.h5ad: obs column 'my_split' holds holdout"):
+        convert([tmp_path / "in.h5ad"], tmp_path / "store", split_column="my_split")
+    with pytest.raises(SscellError, match="no split column 'nope'"):
+        convert([tmp_path / "in.h5ad"], tmp_path / "store", split_column="nope")
+    assert leftovers(tmp_path, [tmp_path / "in.h5ad"]) == []

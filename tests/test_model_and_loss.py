@@ -99,3 +99,15 @@ def test_dropout_only_in_training():
 def test_unknown_loss_names_the_choices():
     with pytest.raises(SscellError, match="unknown loss 'nope'.*masked"):
         get_loss("nope")
+
+
+def test_bfloat16_compute_keeps_float32_parameters_and_outputs():
+    x = np.random.default_rng(4).random((8, 24)).astype(np.float32) * 3
+    full = Autoencoder(n_genes=24, hidden=(16, 12), latent=4, dropout=0.0)
+    half = Autoencoder(n_genes=24, hidden=(16, 12), latent=4, dropout=0.0, dtype="bfloat16")
+    params = init_params(full, jax.random.key(0))
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(init_params(half, jax.random.key(0))))
+    (reference, _), (reduced, _) = full.apply({"params": params}, x), half.apply({"params": params}, x)
+    assert reduced.dtype == jnp.float32
+    assert not np.array_equal(np.asarray(reference), np.asarray(reduced))  # really computed in bf16
+    np.testing.assert_allclose(np.asarray(reduced), np.asarray(reference), rtol=0.05, atol=0.05)

@@ -282,8 +282,15 @@ def _expand(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     return paths
 
 
+def _given_splits(h5ads: Sequence[H5adInput]) -> np.ndarray:
+    """Per cell of the inputs: the split code from --split-column, or -1 (assign by donor unit)."""
+    return np.concatenate([inp.given_split if inp.given_split is not None else np.full(inp.n_cells, -1, np.int8)
+                           for inp in h5ads])
+
+
 def convert(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, *, vocabulary: str | None = None,
-            append: bool = False, gene_column: str | None = None, round_counts: bool = False, seed: int = 0,
+            append: bool = False, gene_column: str | None = None, round_counts: bool = False,
+            split_column: str | None = None, seed: int = 0,
             split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15), block_cells: int = 8192,
             bucket_nonzeros: int = BUCKET_NONZEROS) -> dict:
     """Write the cells of `inputs` (.h5ad files or directories of them) into a store at `output`.
@@ -292,7 +299,8 @@ def convert(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, *, v
     by default the union of the inputs' genes in first-seen order. append: add the inputs to the
     existing store at `output` (its genes stay; cells of donor units already in it keep their
     split). gene_column: a var column holding the gene ids (default: the var index).
-    round_counts: round non-integer counts instead of refusing them. Returns the report (a dict).
+    round_counts: round non-integer counts instead of refusing them. split_column: an obs column of
+    train/val/test values that overrides the donor split for the inputs' cells. Returns the report.
     """
     t0 = time.perf_counter()
     output = Path(output)
@@ -313,7 +321,8 @@ def convert(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, *, v
         raise SscellError(f"{output} exists; remove it, choose another --output or pass --append")
 
     with contextlib.ExitStack() as stack:
-        h5ads = [open_input(p, stack, gene_column=gene_column, round_counts=round_counts) for p in paths]
+        h5ads = [open_input(p, stack, gene_column=gene_column, round_counts=round_counts, split_column=split_column)
+                 for p in paths]
         sources: list[_Source] = []
         attrs = {"inputs": [], "counts_source": [], "seed": seed, "split_fractions": list(split_fractions)}
         if append:
@@ -326,14 +335,14 @@ def convert(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, *, v
             sources.append(_StoreSource(old))
             previous = zarr.open_group(output, mode="r").attrs["sscell"]
             attrs.update(inputs=previous["inputs"], counts_source=previous["counts_source"])
-            known = np.r_[old.obs["split"].cat.codes.to_numpy(np.int8), np.full(sum(i.n_cells for i in h5ads), -1)]
+            known = np.r_[old.obs["split"].cat.codes.to_numpy(np.int8), _given_splits(h5ads)]
         else:
             skipped = []
             genes = read_vocabulary(vocabulary) if vocabulary else union_vocabulary(h5ads)
             what = f"the vocabulary {vocabulary}" if vocabulary else f"the first input's genes ({h5ads[0].path})"
             var = pd.concat([inp.var for inp in h5ads])
             var = var[~var.index.duplicated()].reindex(genes)
-            known = np.full(sum(i.n_cells for i in h5ads), -1)
+            known = _given_splits(h5ads)
         kind = id_kind(h5ads[0].var.index) if not (append or vocabulary) else None  # a union may mix kinds
         for inp in h5ads:
             align(inp, genes, what, kind)
@@ -373,6 +382,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--gene-column", help="var column holding gene ids (default: the var index)")
     parser.add_argument("--round-counts", action="store_true",
                         help="round non-integer counts (e.g. ambient-corrected) to integers instead of refusing them")
+    parser.add_argument("--split-column", help="obs column of train/val/test values overriding the donor split")
     parser.add_argument("--seed", type=int, default=0, help="seed for the split and the cell order")
     parser.add_argument("--split-fractions", type=float, nargs=3, default=(0.7, 0.15, 0.15),
                         metavar=("TRAIN", "VAL", "TEST"))
@@ -382,7 +392,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     with exit_on_error():
         report = convert(args.inputs, args.output, vocabulary=args.vocabulary, append=args.append,
-                         gene_column=args.gene_column, round_counts=args.round_counts, seed=args.seed,
+                         gene_column=args.gene_column, round_counts=args.round_counts,
+                         split_column=args.split_column, seed=args.seed,
                          split_fractions=tuple(args.split_fractions), block_cells=args.block_cells,
                          bucket_nonzeros=args.bucket_nonzeros)
     print(json.dumps(report, indent=2))

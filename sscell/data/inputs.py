@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse
 
+from sscell.data.store import SPLITS
 from sscell.errors import SscellError
 
 REQUIRED_OBS = ("cell_type", "donor_id")
@@ -46,6 +47,7 @@ class H5adInput:
     round_counts: bool = False  # round non-integer counts instead of refusing them
     columns: np.ndarray | None = None  # vocabulary column of each input column, -1: dropped
     n_genes: int = 0            # vocabulary size
+    given_split: np.ndarray | None = None  # split codes (index into SPLITS) from --split-column
 
     @property
     def n_cells(self) -> int:
@@ -117,8 +119,21 @@ def _read_obs(path: Path, group: h5py.Group) -> pd.DataFrame:
     return obs
 
 
+def _read_split(path: Path, group: h5py.Group, column: str) -> np.ndarray:
+    """Split codes (index into SPLITS) of a user-given obs column of train/val/test values."""
+    if column not in group:
+        raise SscellError(f"{path}: obs has no split column {column!r}; add it or drop --split-column")
+    values = pd.Categorical(anndata.io.read_elem(group[column]))
+    unknown = sorted({str(v) for v in values.categories} - set(SPLITS))
+    if unknown or (values.codes < 0).any():
+        found = unknown[:3] if unknown else ["missing values"]
+        raise SscellError(f"{path}: obs column {column!r} holds {', '.join(found)}; "
+                          f"split values must be {', '.join(SPLITS)}")
+    return np.asarray([SPLITS.index(str(v)) for v in values], np.int8)
+
+
 def open_input(path: str | os.PathLike, stack: contextlib.ExitStack, *, gene_column: str | None = None,
-               round_counts: bool = False) -> H5adInput:
+               round_counts: bool = False, split_column: str | None = None) -> H5adInput:
     """Open one .h5ad (closed with `stack`); check its obs and genes, not yet its counts."""
     path = Path(path)
     if not path.is_file():
@@ -139,6 +154,7 @@ def open_input(path: str | os.PathLike, stack: contextlib.ExitStack, *, gene_col
                 raise SscellError(f"{path}: counts in {source} are stored as {counts.format}; "
                                   "rewrite them as csr (e.g. adata.X = adata.X.tocsr()) and convert again")
         obs = _read_obs(path, f["obs"])
+        given_split = _read_split(path, f["obs"], split_column) if split_column else None
         var = anndata.io.read_elem(f[var_key])
     except (OSError, KeyError, ValueError, RuntimeError) as e:
         raise SscellError(f"{path}: cannot read it as .h5ad, the file looks truncated or corrupt "
@@ -156,7 +172,7 @@ def open_input(path: str | os.PathLike, stack: contextlib.ExitStack, *, gene_col
     if var.index.has_duplicates:
         raise SscellError(f"{path}: gene id {var.index[var.index.duplicated()][0]!r} appears more than once "
                           f"in {var_key}{'.' + gene_column if gene_column else ''}; gene ids must be unique")
-    return H5adInput(path, counts, source, obs, var, round_counts)
+    return H5adInput(path, counts, source, obs, var, round_counts, given_split=given_split)
 
 
 def read_vocabulary(path: str | os.PathLike) -> pd.Index:
