@@ -50,8 +50,11 @@ def check_compatible(config: ml_collections.ConfigDict, workdir: str | os.PathLi
         return
     saved = _flatten(load_config(workdir).to_dict())
     new = _flatten(json.loads(config.to_json_best_effort()))
+    resumable = RESUMABLE_CHANGES
+    if saved.get("train.schedule") == "warmup_cosine":  # its decay is laid out over train.steps
+        resumable = tuple(k for k in resumable if k != "train.steps")
     changed = sorted(key for key in saved.keys() | new.keys()
-                     if saved.get(key) != new.get(key) and not key.startswith(RESUMABLE_CHANGES))
+                     if saved.get(key) != new.get(key) and not key.startswith(resumable))
     if changed:
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {new.get(k)!r}" for k in changed[:4])
         raise SscellError(f"workdir {workdir} holds a run with an incompatible config ({details}); "

@@ -159,3 +159,29 @@ def test_supervised_loss_is_balanced_cross_entropy():
     np.testing.assert_allclose(float(loss_fn(params)), -(w * log_p[np.arange(10), y]).sum() / w.sum(), rtol=1e-5)
     grads = jax.grad(loss_fn)(params)
     assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads)) and sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads)) > 0
+
+
+def test_byol_target_moves_only_when_accumulated_gradients_are_applied():
+    config = small_config("byol")
+    task = get_task("byol")
+    info = TaskInfo(n_genes=N_GENES)
+    model = task.build_model(config, info)
+    optimizer = optax.MultiSteps(optax.sgd(0.5), every_k_schedule=2).gradient_transformation()
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    state = create_state(model, optimizer, jax.random.key(0), sharding, lambda p: task.init_extra(p, config))
+    state["extra"]["target"] = jax.tree.map(lambda t: t + 0.1, state["extra"]["target"])
+    step = make_train_step(task, model, config, optimizer, info, sharding, sharding)
+    rng = np.random.default_rng(0)
+    genes = np.tile(np.arange(N_GENES, dtype=np.int32), (32, 1))
+    batch = {"genes": genes, "counts": rng.poisson(3.0, genes.shape).astype(np.float32),
+             "dataset": np.zeros(32, np.int32), "cell_type": np.zeros(32, np.int32)}
+    start = jax.tree.map(np.asarray, state)
+    micro, _ = step(state, batch, jax.random.key(1))  # first micro-batch: no parameter update
+    micro = jax.tree.map(np.asarray, micro)
+    for a, b in zip(jax.tree.leaves(micro["params"]) + jax.tree.leaves(micro["extra"]),
+                    jax.tree.leaves(start["params"]) + jax.tree.leaves(start["extra"]), strict=True):
+        np.testing.assert_array_equal(a, b)
+    applied, _ = step(jax.tree.map(jnp.asarray, micro), batch, jax.random.key(1))
+    expected = jax.tree.map(lambda t, p: 0.9 * t + 0.1 * np.asarray(p), micro["extra"]["target"], applied["params"])
+    for got, want in zip(jax.tree.leaves(applied["extra"]["target"]), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)

@@ -79,3 +79,11 @@ def test_incompatible_workdir_is_refused(tiny_config, tmp_path):
     tiny_config.model.latent = 16
     with pytest.raises(SscellError, match="incompatible config.*model.latent"):
         check_compatible(tiny_config, tmp_path)
+
+
+def test_a_cosine_schedule_cannot_be_stretched_on_resume(tiny_config, tmp_path):
+    tiny_config.train.schedule = "warmup_cosine"
+    save_config(tiny_config, tmp_path)
+    tiny_config.train.steps += 100  # would change every remaining learning rate
+    with pytest.raises(SscellError, match="incompatible config.*train.steps"):
+        check_compatible(tiny_config, tmp_path)

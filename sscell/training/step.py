@@ -31,6 +31,17 @@ def _bound_loss(task: Task, model: nn.Module, config: ml_collections.ConfigDict,
     return functools.partial(task.loss, model=model, config=config.loss, info=info, train=train)
 
 
+def _after_update(new_extra, state: dict, params):
+    """`new_extra` if the optimiser changed the parameters this call, else the old extra: a
+    micro-batch of gradient accumulation, or a skipped non-finite step, must not move e.g.
+    BYOL's EMA target."""
+    if not jax.tree.leaves(state["extra"]):
+        return new_extra
+    changed = jnp.any(jnp.stack([jnp.any(new != old) for new, old in
+                                 zip(jax.tree.leaves(params), jax.tree.leaves(state["params"]))]))
+    return jax.tree.map(lambda new, old: jnp.where(changed, new, old), new_extra, state["extra"])
+
+
 def make_train_step(task: Task, model: nn.Module, config: ml_collections.ConfigDict,
                     optimizer: optax.GradientTransformation, info: TaskInfo, state_sharding, batch_sharding):
     """`step(state, batch, key) -> (state, metrics)`; the state's buffers are donated.
@@ -51,7 +62,7 @@ def make_train_step(task: Task, model: nn.Module, config: ml_collections.ConfigD
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         new_step = state["step"] + 1
-        extra = task.update_extra(state["extra"], params, new_step, config)
+        extra = _after_update(task.update_extra(state["extra"], params, new_step, config), state, params)
         metrics = {**metrics, "grad_norm": optax.tree.norm(grads)}
         return {"params": params, "opt_state": opt_state, "step": new_step, "extra": extra}, metrics
 
