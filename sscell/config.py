@@ -80,7 +80,8 @@ def default_config() -> ml_collections.ConfigDict:
     config.model = ml_collections.ConfigDict(dict(
         hidden=(512, 512, 256, 256), latent=64, activation="selu", dropout=0.1,
         norm="none",            # or "layer" (LayerNorm after each hidden layer)
-        dtype="float32"))       # compute dtype, e.g. "bfloat16"; parameters stay float32
+        dtype="float32",        # compute dtype, e.g. "bfloat16"; parameters stay float32
+        sparse_nonzeros=0))     # > 0: sparse first layer for up to this many nonzeros per cell
     # The pretext task (sscell/losses); each task reads only its own fields.
     config.loss = ml_collections.ConfigDict(dict(
         name="masked",          # masked | gp_masked | gp_to_tf | gp_to_gp | byol | barlow_twins | supervised

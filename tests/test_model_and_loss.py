@@ -111,3 +111,22 @@ def test_bfloat16_compute_keeps_float32_parameters_and_outputs():
     assert reduced.dtype == jnp.float32
     assert not np.array_equal(np.asarray(reference), np.asarray(reduced))  # really computed in bf16
     np.testing.assert_allclose(np.asarray(reduced), np.asarray(reference), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("nonzeros_per_cell", [6, 2])  # 2: too few for the batch, the dense fallback runs
+def test_sparse_input_layer_equals_the_dense_layer(nonzeros_per_cell):
+    rng = np.random.default_rng(5)
+    x = (rng.random((8, 24)) * (rng.random((8, 24)) < 0.2)).astype(np.float32)  # ~5 nonzeros per cell
+    assert (np.count_nonzero(x) <= 8 * nonzeros_per_cell) == (nonzeros_per_cell == 6)  # which path runs
+    dense = Autoencoder(n_genes=24, hidden=(16, 12), latent=4, dropout=0.0)
+    sparse = Autoencoder(n_genes=24, hidden=(16, 12), latent=4, dropout=0.0, sparse_nonzeros=nonzeros_per_cell)
+    params = init_params(dense, jax.random.key(0))
+    assert jax.tree.structure(init_params(sparse, jax.random.key(0))) == jax.tree.structure(params)
+    for a, b in zip(dense.apply({"params": params}, x), sparse.apply({"params": params}, x), strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
+
+    def loss(p, model):
+        return jnp.sum(model.apply({"params": p}, x)[0] ** 2)
+    grads = jax.grad(loss)(params, dense), jax.grad(loss)(params, sparse)
+    for a, b in zip(*(jax.tree.leaves(g) for g in grads), strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-5)
