@@ -29,7 +29,3 @@ def log1p_normalise(counts: jax.Array, target_sum: float = 1e4) -> jax.Array:
     scale = jnp.where(library > 0, target_sum / jnp.maximum(library, 1e-12), 0.0)
     return jnp.log1p(counts * scale)
 
-
-def expression(batch: dict, n_genes: int, target_sum: float = 1e4) -> jax.Array:
-    """The model input of a loader batch: log1p-normalised dense expression."""
-    return log1p_normalise(densify(batch["genes"], batch["counts"], n_genes), target_sum)

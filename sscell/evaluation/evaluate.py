@@ -16,7 +16,6 @@ import numpy as np
 from sscell.config import load_config
 from sscell.data.loader import label_names, sequential_batches
 from sscell.data.prepare import store_path
-from sscell.data.preprocess import expression
 from sscell.data.store import Store, open_store
 from sscell.errors import SscellError
 from sscell.evaluation.metrics import ExplainedVariance, explained_variance, f1_scores, fit_pca, knn_predict
@@ -24,11 +23,12 @@ from sscell.evaluation.report import plot_loss_curves, write_results
 from sscell.training import checkpoint
 from sscell.training.mesh import make_mesh, replicated
 from sscell.training.state import abstract_state
-from sscell.training.train import build
+from sscell.training.step import task_batch
+from sscell.training.train import Setup, build
 
 
 def load_params(workdir: str, config, store: Store):
-    """(model, params, step) of `workdir`'s "latest" or "best" checkpoint (`config.eval.checkpoint`)."""
+    """(setup, params, step) of `workdir`'s "latest" or "best" checkpoint (`config.eval.checkpoint`)."""
     setup = build(config, store)
     manager = checkpoint.checkpoint_manager(workdir, config.train.checkpoint_every, config.train.keep_checkpoints)
     layout = abstract_state(setup.model, setup.optimizer, replicated(make_mesh(config.mesh)), setup.init_extra)
@@ -36,10 +36,10 @@ def load_params(workdir: str, config, store: Store):
     manager.close()
     if restored is None:
         raise SscellError(f"{workdir} has no checkpoint yet; train first with python -m sscell.main")
-    return setup.model, restored[0]["params"], int(restored[0]["step"])
+    return setup, restored[0]["params"], int(restored[0]["step"])
 
 
-def embed_split(model, params, store: Store, split: str, batch_size: int, max_cells: int,
+def embed_split(setup: Setup, params, store: Store, split: str, batch_size: int, max_cells: int,
                 reconstruction: ExplainedVariance | None = None) -> dict[str, np.ndarray]:
     """Embeddings, log1p-normalised expression and cell-type codes of a split's cells.
 
@@ -47,9 +47,11 @@ def embed_split(model, params, store: Store, split: str, batch_size: int, max_ce
     shuffled within splits). With `reconstruction` (only for models with a decoder, i.e. a
     `reconstruct` method), also accumulates its explained variance.
     """
+    model, measured = setup.model, setup.info.measured_table()
+
     @jax.jit
     def forward(params, batch):
-        x = expression(batch, store.n_genes)
+        x = task_batch(batch, store.n_genes, measured)["x"]  # the model's training-time input
         z = model.apply({"params": params}, x, method="encode")
         x_hat = model.apply({"params": params}, x, method="reconstruct") if reconstruction is not None else x
         return x, x_hat, z
@@ -72,11 +74,11 @@ def evaluate(workdir: str) -> list[dict]:
     """Run the evaluation of `workdir`'s `eval.checkpoint` checkpoint; returns the result rows."""
     config = load_config(workdir)
     store = open_store(store_path(config, workdir))
-    model, params, step = load_params(workdir, config, store)
+    setup, params, step = load_params(workdir, config, store)
     settings = config.eval
-    reconstruction = ExplainedVariance() if hasattr(model, "reconstruct") else None
-    val = embed_split(model, params, store, "val", settings.batch_size, settings.max_cells)
-    test = embed_split(model, params, store, "test", settings.batch_size, settings.max_cells, reconstruction)
+    reconstruction = ExplainedVariance() if hasattr(setup.model, "reconstruct") else None
+    val = embed_split(setup, params, store, "val", settings.batch_size, settings.max_cells)
+    test = embed_split(setup, params, store, "test", settings.batch_size, settings.max_cells, reconstruction)
     pca = fit_pca(val["x"], settings.pca_components, config.seed)
     pca_val, pca_test = pca.transform(val["x"]), pca.transform(test["x"])
 
