@@ -18,6 +18,9 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["sscell", "sscell.*"]),
     install_requires=requirements,
-    extras_require={"test": ["pytest>=8", "pytest-timeout>=2.3"],
-                    "bench": ["scDataset>=0.3"]},  # annbatch (Python >= 3.12) runs in its own venv
+    extras_require={"test": ["pytest>=8", "pytest-timeout>=2.3", "moto[server]>=5.0", "s3fs>=2024.6"],
+                    "remote": ["gcsfs>=2024.6", "s3fs>=2024.6"],  # stores on gs:// and s3://
+                    # torch: the CPU build, pip install torch --index-url https://download.pytorch.org/whl/cpu;
+                    # annbatch (Python >= 3.12) runs in its own venv
+                    "bench": ["scDataset>=0.3", "torch>=2.4"]},
 )

@@ -13,9 +13,11 @@ Figures: `cells_per_s` of each loader (sscell per prefetch thread count); `train
 of the study's model (config defaults) fed one in-memory batch vs the real loader, with
 `waiting_share` the share of wall time the loop waited for a batch and `stall` the throughput
 lost to the loader (waiting plus the loader's threads competing for the same CPU cores);
-`memory`: peak RSS (Linux VmHWM) of a process that opens a store and loads batches, for
-`--cells` and `--memory-cells` cells of `--memory-genes` genes, and the host bytes per cell
-the store and loader hold (indptr, obs, selected rows, label codes).
+`shipped_bytes`: host-to-device bytes per cell of the loader's flat CSR batches (per data
+shard count) against the padded-row layout they replaced (cells x a power-of-two width >= the
+fullest row); `memory`: peak RSS (Linux VmHWM) of a process that opens a store and loads
+batches, for `--cells` and `--memory-cells` cells of `--memory-genes` genes, and the host bytes
+per cell the store and loader hold (indptr, label codes, selected rows).
 """
 from __future__ import annotations
 
@@ -99,10 +101,31 @@ def annbatch_rates(python: str | None, store: Path, batch_size: int, cells: int)
                 "V/bin/pip install annbatch zarrs) and pass --annbatch-python=V/bin/python")
     worker = Path(__file__).with_name("annbatch_worker.py")
     run = subprocess.run([python, str(worker), str(store), "--batch-size", str(batch_size), "--cells", str(cells)],
-                         capture_output=True, text=True)
+                         check=False, capture_output=True, text=True)
     if run.returncode:
         return f"skipped: the annbatch worker failed: {run.stderr.strip().splitlines()[-1:]}"
     return json.loads(run.stdout)
+
+
+def shipped_bytes(store_path: Path, batch_size: int, batches: int, shards: int) -> dict:
+    """Bytes per cell of the loader's batches (genes, counts, indptr) in `shards` shards, against
+    the padded rows they replaced: each cell as wide as the batch's fullest row rounded up to a
+    power of two (>= 16, <= the genes), one gene index and one count per slot."""
+    store = open_store(store_path)
+    loader = CellLoader(store, "train", batch_size, seed=0, shards=shards)
+    slots = indptr = padded = nonzeros = 0
+    for step in range(batches):
+        batch = loader.batch(step)
+        slot_bytes = batch["genes"].itemsize + batch["counts"].itemsize
+        slots += batch["genes"].size * slot_bytes
+        indptr += batch["indptr"].nbytes
+        lengths = np.diff(batch["indptr"], axis=1).ravel()
+        padded += len(lengths) * min(store.n_genes, max(16, 1 << (int(lengths.max()) - 1).bit_length())) * slot_bytes
+        nonzeros += int(lengths.sum()) * slot_bytes
+    cells = batches * batch_size
+    return {"shards": shards, "flat_bytes_per_cell": (slots + indptr) / cells,
+            "padded_rows_bytes_per_cell": padded / cells, "padded_rows_over_flat": padded / (slots + indptr),
+            "nonzero_bytes_per_cell": nonzeros / cells, "flat_padding_share": 1 - nonzeros / slots}
 
 
 def train_step_rates(store_path: Path, batch_size: int, steps: int, prefetch: int) -> dict:
@@ -111,7 +134,7 @@ def train_step_rates(store_path: Path, batch_size: int, steps: int, prefetch: in
     import jax
 
     from sscell.config import default_config
-    from sscell.training.mesh import batch_sharded, global_batch, make_mesh
+    from sscell.training.mesh import batch_sharded, global_batch, local_data_shards, make_mesh
     from sscell.training.state import create_state
     from sscell.training.step import make_train_step
     from sscell.training.train import build, sharded_state_layout
@@ -126,7 +149,7 @@ def train_step_rates(store_path: Path, batch_size: int, steps: int, prefetch: in
     batch_sharding = batch_sharded(mesh)
     state = create_state(model, optimizer, jax.random.key(0), state_sharding, init_extra)
     step = make_train_step(task, model, config, optimizer, info, state_sharding, batch_sharding)
-    loader = CellLoader(store, "train", batch_size, seed=0, prefetch=prefetch)
+    loader = CellLoader(store, "train", batch_size, seed=0, prefetch=prefetch, shards=local_data_shards(mesh))
 
     def run(batches) -> tuple[float, float]:
         nonlocal state
@@ -161,12 +184,11 @@ def memory_probe(store_path: str, batch_size: int, batches: int) -> dict:
     loader = CellLoader(store, "train", batch_size, seed=0)
     for _ in zip(range(batches), loader.iterate(0, batches)):
         pass
-    host = (store.indptr.nbytes + loader.rows.nbytes + sum(c.nbytes for c in loader.labels.values())
-            + int(store.obs.memory_usage(deep=True).sum()))
+    labels = int(store.labels.memory_usage(deep=True).sum())
+    host = store.indptr.nbytes + labels + loader.rows.nbytes + sum(c.nbytes for c in loader.labels.values())
     return {"cells": store.n_cells, "genes": store.n_genes, "rss_imports_mib": before,
             "rss_after_open_mib": opened, "peak_rss_mib": peak(),
-            "host_state_bytes_per_cell": host / store.n_cells,
-            "obs_bytes_per_cell": int(store.obs.memory_usage(deep=True).sum()) / store.n_cells}
+            "host_state_bytes_per_cell": host / store.n_cells, "labels_bytes_per_cell": labels / store.n_cells}
 
 
 def memory(store_path: Path, batch_size: int, batches: int) -> dict:
@@ -193,7 +215,7 @@ def main() -> None:
     parser.add_argument("--annbatch-python", default=os.environ.get("ANNBATCH_PYTHON"),
                         help="a Python >= 3.12 with annbatch installed (default: $ANNBATCH_PYTHON)")
     parser.add_argument("--skip", nargs="*", default=[],
-                        choices=["anndata", "scdataset", "annbatch", "train_step", "memory"])
+                        choices=["anndata", "scdataset", "annbatch", "bytes", "train_step", "memory"])
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)  # internal: measure one store, print JSON
     args = parser.parse_args()
     with exit_on_error():
@@ -220,6 +242,8 @@ def main() -> None:
             if isinstance(rates.get("annbatch"), dict):
                 result["ratios"].update({f"sscell_best_over_annbatch_chunk{c}": best / v
                                          for c, v in rates["annbatch"]["cells_per_s"].items()})
+            if "bytes" not in args.skip:
+                result["shipped_bytes"] = [shipped_bytes(store, b, 20, s) for s in (1, 8)]
             if "train_step" not in args.skip:
                 threads = int(max(rates["sscell"], key=rates["sscell"].get))  # the loader's best setting
                 result["train_step"] = {str(s): train_step_rates(store, s, args.steps, threads)

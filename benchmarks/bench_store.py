@@ -1,14 +1,20 @@
 """Store benchmark: conversion speed and memory, store size, random-block reads; prints JSON per size.
 
 For each `--cells` size: a synthetic atlas (`python -m sscell.data.synthetic`, `--genes` genes)
-is converted by `python -m sscell.data.convert` in its own process, so its peak RSS is that
-run's alone; then this process reads random 64-cell blocks from the store and, for comparison
+is converted by `python -X tracemalloc -m sscell.data.convert` in its own process, so its peak
+RSS is that run's alone and its traced peak counts every numpy array and Python object; then this process reads random 64-cell blocks from the store and, for comparison
 in the same run, from the source .h5ad (anndata's backed CSR reader), both with a warm page cache.
 
     python -m benchmarks.bench_store                                  # 100 k and 1 M cells x 2,000 genes
+    python -m benchmarks.bench_store --cells 100000 --genes 19331     # the study's vocabulary width
     python -m benchmarks.bench_store --cells 100000 --workdir=/tmp/b  # keep (and reuse) the atlases
 
-Figures: `convert_cells_per_s`, `convert_peak_rss_gb`; `store_bytes_per_cell` vs
+Figures: `convert_cells_per_s`, `convert_peak_rss_gb` (and per cell), `convert_traced_peak_gb`;
+with several sizes, a last line gives the growth per cell between the smallest and the largest
+size of the traced peak (`convert_traced_bytes_per_extra_cell`: the converter's per-cell state,
+flat memory means a few tens of bytes) and of peak RSS (`convert_rss_bytes_per_extra_cell`,
+which also holds the allocator's and tensorstore's writer buffers growing to their steady size
+over the first few shards, ~0.6 M cells at 2,000 genes); `store_bytes_per_cell` vs
 `h5ad_bytes_per_cell` (as the generator writes it: float32 counts, int32 indices, no compression);
 `store_read_cells_per_s` vs `h5ad_read_cells_per_s` for `--read-cells` cells in random
 `--block-cells`-cell blocks, `--blocks-in-flight` reads issued together as the loader does.
@@ -32,9 +38,10 @@ from sscell.data.store import open_store
 from sscell.errors import exit_on_error
 
 
-def run_module(*args: str) -> str:
-    """stdout of `python -m ARGS` in a fresh process."""
-    done = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True)
+def run_module(*args: str, tracemalloc: bool = False) -> str:
+    """stdout of `python -m ARGS` in a fresh process (with Python's memory tracing on, if asked)."""
+    python = [sys.executable, "-X", "tracemalloc"] if tracemalloc else [sys.executable]
+    done = subprocess.run([*python, "-m", *args], capture_output=True, text=True, check=False)
     if done.returncode:
         raise RuntimeError(f"python -m {' '.join(args)} failed: {done.stderr.strip()[-2000:]}")
     return done.stdout
@@ -70,7 +77,7 @@ def measure(workdir: Path, cells: int, genes: int, args: argparse.Namespace) -> 
     if not h5ad.exists():
         run_module("sscell.data.synthetic", f"--output={h5ad}", f"--cells={cells}", f"--genes={genes}")
     shutil.rmtree(store, ignore_errors=True)
-    report = json.loads(run_module("sscell.data.convert", f"--output={store}", str(h5ad)))
+    report = json.loads(run_module("sscell.data.convert", f"--output={store}", str(h5ad), tracemalloc=True))
     for path in (h5ad, *store.rglob("*")):  # warm the page cache for both readers alike
         if path.is_file():
             with open(path, "rb") as f:
@@ -83,6 +90,9 @@ def measure(workdir: Path, cells: int, genes: int, args: argparse.Namespace) -> 
         "cells": cells, "genes": genes, "nonzeros_per_cell": round(report["nonzeros"] / cells, 1),
         "convert_cells_per_s": round(report["cells_per_s"]),
         "convert_peak_rss_gb": round(report["peak_rss_bytes"] / 2**30, 3),
+        "convert_peak_rss_bytes_per_cell": round(report["peak_rss_bytes"] / cells, 1),
+        "convert_traced_peak_gb": round(report["traced_peak_bytes"] / 2**30, 3),
+        "convert_traced_peak_bytes_per_cell": round(report["traced_peak_bytes"] / cells, 1),
         "store_bytes_per_cell": round(report["bytes_per_cell"], 1), "h5ad_bytes_per_cell": round(h5ad_bytes, 1),
         "store_vs_h5ad_bytes": round(report["bytes_per_cell"] / h5ad_bytes, 3),
         "store_read_cells_per_s": round(store_rate), "h5ad_read_cells_per_s": round(h5ad_rate),
@@ -102,8 +112,20 @@ def main() -> None:
     with exit_on_error(), tempfile.TemporaryDirectory() as scratch:
         workdir = Path(args.workdir or scratch)
         workdir.mkdir(parents=True, exist_ok=True)
-        for cells in args.cells:
-            print(json.dumps(measure(workdir, cells, args.genes, args)), flush=True)
+        figures = []
+        for cells in sorted(args.cells):
+            figures.append(measure(workdir, cells, args.genes, args))
+            print(json.dumps(figures[-1]), flush=True)
+        if len(figures) > 1:
+            small, large = figures[0], figures[-1]
+
+            def growth(figure: str) -> float:
+                extra = large[figure] * large["cells"] - small[figure] * small["cells"]
+                return round(extra / (large["cells"] - small["cells"]), 1)
+
+            print(json.dumps({"genes": args.genes, "cells": [small["cells"], large["cells"]],
+                              "convert_traced_bytes_per_extra_cell": growth("convert_traced_peak_bytes_per_cell"),
+                              "convert_rss_bytes_per_extra_cell": growth("convert_peak_rss_bytes_per_cell")}))
 
 
 if __name__ == "__main__":

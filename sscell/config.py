@@ -48,7 +48,8 @@ def check_compatible(config: ml_collections.ConfigDict, workdir: str | os.PathLi
     """Refuse to resume a run in `workdir` whose saved config differs in what it learns."""
     if not os.path.exists(os.path.join(workdir, CONFIG_FILE)):
         return
-    saved = _flatten(load_config(workdir).to_dict())
+    defaults = _flatten(json.loads(default_config().to_json_best_effort()))
+    saved = {**defaults, **_flatten(load_config(workdir).to_dict())}  # fields added since count as defaults
     new = _flatten(json.loads(config.to_json_best_effort()))
     resumable = RESUMABLE_CHANGES
     if saved.get("train.schedule") == "warmup_cosine":  # its decay is laid out over train.steps
@@ -100,19 +101,32 @@ def default_config() -> ml_collections.ConfigDict:
         aug_gauss_prob=0.5, aug_gauss_std=0.2))
     config.train = ml_collections.ConfigDict(dict(
         steps=10_000, batch_size=8192, optimizer="adamw", lr=1e-3, weight_decay=0.01, grad_clip=1.0,
-        lr_decay=0.9, lr_decay_epochs=2,
+        lr_decay=0.9, lr_decay_epochs=2.0,
         log_every=50, val_every=500, val_batches=8, checkpoint_every=500, keep_checkpoints=3,
         schedule="step_decay",  # or "warmup_cosine" (warmup_steps, then cosine decay to 0 at `steps`)
         warmup_steps=0,
         grad_accum=1,           # micro-batches of batch_size per optimiser update
         skip_nonfinite=0,       # N > 0: skip non-finite steps (state unchanged), stop at N+1 in a row
         profile_steps=(),       # (start, stop): jax.profiler trace of those steps into WORKDIR/profile
+        init_from="",           # a run's workdir: a fresh run starts from its encoder (fine-tuning)
+        init_checkpoint="latest",  # which checkpoint of init_from: "latest" or "best"
     ))
     config.mesh = ml_collections.ConfigDict(dict(
         data=-1, model=1,       # device mesh axes; -1: all devices left over
         rules=(),               # (regex over state paths, "fsdp" | "replicate" | spec tuple); see training/mesh.py
     ))
     config.eval = ml_collections.ConfigDict(dict(
-        knn_k=5, pca_components=64, batch_size=1024, max_cells=0,
-        checkpoint="latest"))   # or "best" (lowest validation loss)
+        knn_k=5, pca_components=64, batch_size=1024,
+        max_cells=0,            # > 0: at most this many val and test cells (a random sample) for every task
+        checkpoint="latest",    # or "best" (lowest validation loss)
+        # knn | linear_probe | reconstruction | integration | umap (sscell/evaluation/evaluate.py)
+        tasks=("knn", "linear_probe", "reconstruction", "integration", "umap"),
+        knn_method="auto",      # exact (blocked, JAX) | approximate (faiss HNSW) | auto (by size and device)
+        hvg_genes=2000,         # the PCA-on-highly-variable-genes baseline's genes
+        baseline_cells=20_000,  # validation cells the PCA baselines are fitted on
+        probe_cells=20_000,     # training cells the linear probe is fitted on
+        mask_rate=0.5,          # share of measured genes hidden for the masked reconstruction
+        integration_cells=3_000,  # held-out (val + test) cells scored with scib-metrics
+        integration_kbet=False,  # also kBET (slow: compiles per cell type)
+        umap_cells=5_000))      # held-out (val + test) cells in the UMAP figures
     return config

@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import anndata as ad
+import h5py
 import numpy as np
 import pandas as pd
 import pytest
+from test_store import dense, input_rows, leftovers, make_adata
 
+import sscell.data.inputs
 from sscell.data.convert import convert
 from sscell.data.store import open_store
 from sscell.errors import SscellError
-from test_store import dense, input_rows, leftovers, make_adata
 
 
 def on_genes(adata: ad.AnnData, genes: pd.Index) -> np.ndarray:
@@ -39,7 +41,7 @@ def test_vocabulary_file_aligns_genes_and_records_measured(tmp_path):
     got = dense(store.read_rows(0, store.n_cells))
     np.testing.assert_array_equal(got, on_genes(both, vocabulary)[input_rows(store, both)])
     assert report["genes_dropped"] == {str(tmp_path / "lung.h5ad"): 5, str(tmp_path / "blood.h5ad"): 5}
-    assert store.datasets == ["blood", "lung"] == list(store.obs["dataset_id"].astype("category").cat.categories)
+    assert store.datasets == ["blood", "lung"] == list(store.read_obs()["dataset_id"].astype("category").cat.categories)
     assert store.measured.dtype == bool and store.measured.shape == (2, len(vocabulary))
     np.testing.assert_array_equal(store.measured[0], vocabulary.isin(blood.var_names))
     np.testing.assert_array_equal(store.measured[1], vocabulary.isin(lung.var_names))
@@ -72,6 +74,52 @@ def test_union_vocabulary_and_shared_dataset(tmp_path):
     in_both = second.var_names.intersection(third.var_names)
     np.testing.assert_array_equal(store.measured[1], expected_genes.isin(in_both))
     assert report["genes_dropped"] == {str(tmp_path / f"{n}.h5ad"): 0 for n in ("first", "second", "third")}
+
+
+def test_append_grows_a_derived_vocabulary(tmp_path):
+    old = make_adata(n_cells=200, n_genes=30, seed=0, prefix="old-")                   # ENSG00000-29
+    new = make_adata(n_cells=150, n_genes=40, seed=1, prefix="new-")[:, 10:].copy()   # ENSG00010-39
+    old.write_h5ad(tmp_path / "old.h5ad")
+    new.write_h5ad(tmp_path / "new.h5ad")
+    convert([tmp_path / "old.h5ad"], tmp_path / "store", seed=1)
+    before = open_store(tmp_path / "store")
+    before_rows = dense(before.read_rows(0, before.n_cells))[np.argsort(input_rows(before, old))]  # old's order
+
+    report = convert([tmp_path / "new.h5ad"], tmp_path / "store", append=True, seed=2, block_cells=32,
+                     bucket_nonzeros=400)
+    after = open_store(tmp_path / "store")
+
+    genes = pd.Index([f"ENSG{j:05d}" for j in range(40)])  # new genes come last: stored indices stay valid
+    assert after.var.index.equals(genes) and report["genes_added"] == 10
+    assert report["genes_dropped"] == {str(tmp_path / "new.h5ad"): 0}
+    assert after.var["feature_name"].tolist() == [f"GENE{j}" for j in range(40)]
+    everything = ad.concat([old, new], join="outer", fill_value=0)
+    got = dense(after.read_rows(0, after.n_cells))
+    np.testing.assert_array_equal(got, on_genes(everything, genes)[input_rows(after, everything)])
+    old_cells = np.sort(everything.obs_names.get_indexer(old.obs_names))
+    np.testing.assert_array_equal(got[np.argsort(input_rows(after, everything))][old_cells, :30], before_rows)
+    assert after.datasets == ["new", "old"]
+    np.testing.assert_array_equal(after.measured[0], genes.isin(new.var_names))
+    np.testing.assert_array_equal(after.measured[1], genes.isin(old.var_names))  # unmeasured: the added genes
+    np.testing.assert_array_equal(ad.read_zarr(tmp_path / "store").X.toarray(), got)
+    assert leftovers(tmp_path, [tmp_path / n for n in ("old.h5ad", "new.h5ad", "store")]) == []
+
+
+def test_plain_string_obs_columns_read_in_blocks(tmp_path, monkeypatch):
+    adata = make_adata(n_cells=90, n_genes=12, seed=5)
+    adata.write_h5ad(tmp_path / "in.h5ad")
+    with h5py.File(tmp_path / "in.h5ad", "r+") as f:  # as older writers leave them: strings, not categoricals
+        del f["obs/donor_id"]
+        f["obs"].create_dataset("donor_id", data=adata.obs["donor_id"].to_numpy(str).astype(object),
+                                dtype=h5py.string_dtype())
+        f["obs/donor_id"].attrs.update({"encoding-type": "string-array", "encoding-version": "0.2.0"})
+    assert not isinstance(ad.read_h5ad(tmp_path / "in.h5ad").obs["donor_id"].dtype, pd.CategoricalDtype)
+    monkeypatch.setattr(sscell.data.inputs, "_COLUMN_BLOCK", 7)
+    convert([tmp_path / "in.h5ad"], tmp_path / "store")
+    store = open_store(tmp_path / "store")
+    obs = store.read_obs()
+    assert list(obs["donor_id"].astype(str)) == list(adata.obs["donor_id"].iloc[input_rows(store, adata)])
+    assert list(obs["donor_id"].cat.categories) == sorted(set(adata.obs["donor_id"]))
 
 
 def test_gene_column_and_mixed_id_types(tmp_path):
@@ -163,10 +211,10 @@ def test_split_column_overrides_the_donor_split(tmp_path):
     convert([tmp_path / "in.h5ad"], tmp_path / "store", split_column="my_split", block_cells=64)
     store = open_store(tmp_path / "store")
     expected = pd.Series(given, index=adata.obs_names.astype(str))
-    np.testing.assert_array_equal(store.obs["split"].astype(str), expected[store.obs.index].to_numpy())
+    np.testing.assert_array_equal(store.read_obs()["split"].astype(str), expected[store.read_obs().index].to_numpy())
     for split in ("train", "val", "test"):  # still grouped: each split one contiguous range
         start, stop = store.split_range(split)
-        assert (store.obs["split"].iloc[start:stop] == split).all()
+        assert (store.read_obs()["split"].iloc[start:stop] == split).all()
 
 
 def test_split_column_with_bad_values(tmp_path):

@@ -12,21 +12,22 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+from test_store import dense, input_rows, make_adata
 
+import sscell.data.store
 from sscell.data.convert import convert
 from sscell.data.store import SPLITS, open_store
 from sscell.errors import SscellError
-from test_store import dense, input_rows, make_adata
 
 
 def same_store(a, b) -> None:
-    assert a.obs.index.equals(b.obs.index)
-    pd.testing.assert_frame_equal(a.obs, b.obs)
+    assert a.read_obs().index.equals(b.read_obs().index)
+    pd.testing.assert_frame_equal(a.read_obs(), b.read_obs())
     np.testing.assert_array_equal(a.indptr, b.indptr)
     np.testing.assert_array_equal(dense(a.read_rows(0, a.n_cells)), dense(b.read_rows(0, b.n_cells)))
 
 
-def test_bucket_size_changes_nothing_but_memory(tmp_path):
+def test_bucket_size_changes_nothing_but_memory(tmp_path, monkeypatch):
     inputs = []
     for k in range(3):
         adata = make_adata(n_cells=150 + 50 * k, seed=k, prefix=f"i{k}-")
@@ -34,6 +35,7 @@ def test_bucket_size_changes_nothing_but_memory(tmp_path):
         inputs.append(adata)
     paths = [tmp_path / f"in{k}.h5ad" for k in range(3)]
     convert(paths, tmp_path / "one_bucket", seed=5)
+    monkeypatch.setattr(sscell.data.store, "ID_CHUNK", 16)  # cell ids written in many pieces
     convert(paths, tmp_path / "many_buckets", seed=5, block_cells=7, bucket_nonzeros=100)  # ~ 8 cells a bucket
     one, many = open_store(tmp_path / "one_bucket"), open_store(tmp_path / "many_buckets")
 
@@ -52,8 +54,10 @@ def test_append_keeps_splits_of_known_units(tmp_path):
     old.write_h5ad(tmp_path / "old.h5ad")
     new.write_h5ad(tmp_path / "new.h5ad")
     other.write_h5ad(tmp_path / "other.h5ad")
-    convert([tmp_path / "old.h5ad"], tmp_path / "store", seed=1)
+    (tmp_path / "genes.txt").write_text("\n".join(old.var_names))
+    convert([tmp_path / "old.h5ad"], tmp_path / "store", seed=1, vocabulary=tmp_path / "genes.txt")
     before = open_store(tmp_path / "store")
+    before_obs = before.read_obs()  # read now: the append replaces the store on disk
 
     report = convert([tmp_path / "new.h5ad", tmp_path / "other.h5ad"], tmp_path / "store", append=True, seed=2,
                      block_cells=64, bucket_nonzeros=500)
@@ -61,19 +65,19 @@ def test_append_keeps_splits_of_known_units(tmp_path):
 
     assert report["appended_cells"] == 300 and report["cells"] == after.n_cells == 600
     assert report["genes_dropped"] == {str(tmp_path / "new.h5ad"): 5, str(tmp_path / "other.h5ad"): 0}
-    assert after.var.index.equals(before.var.index)  # the store's genes stay
-    split_before = before.obs["split"].astype(str)
-    split_after = after.obs["split"].astype(str)
-    assert (split_after[before.obs.index] == split_before).all()  # old cells keep their split
-    unit_split = dict(zip(before.obs["donor_id"].astype(str), split_before))
+    assert after.var.index.equals(before.var.index) and report["genes_added"] == 0  # a fixed vocabulary stays
+    split_before = before_obs["split"].astype(str)
+    split_after = after.read_obs()["split"].astype(str)
+    assert (split_after[before_obs.index] == split_before).all()  # old cells keep their split
+    unit_split = dict(zip(before_obs["donor_id"].astype(str), split_before))
     known = new.obs["donor_id"].isin(unit_split)
     assert known.any() and (~known).any()
     assert [unit_split[d] for d in new.obs["donor_id"][known]] == list(split_after[new.obs_names[known]])
-    assert (after.obs.groupby(["dataset_id", "donor_id"], observed=True)["split"].nunique() == 1).all()
+    assert (after.read_obs().groupby(["dataset_id", "donor_id"], observed=True)["split"].nunique() == 1).all()
     fresh = new.obs_names[~known].append(other.obs_names)
     assert set(split_after[fresh]) == set(SPLITS)  # new units are split afresh, among themselves
     for s in SPLITS:
-        assert (after.obs["split"].iloc[slice(*after.split_range(s))] == s).all()
+        assert (after.read_obs()["split"].iloc[slice(*after.split_range(s))] == s).all()
     everything = ad.concat([old, new[:, old.var_names], other], join="outer", fill_value=0)[:, old.var_names]
     np.testing.assert_array_equal(dense(after.read_rows(0, 600)), dense(everything.X[input_rows(after, everything)]))
     assert after.datasets == ["atlas", "other"]
@@ -127,7 +131,8 @@ def test_sigkill_at_any_point_then_rerun_finishes(tmp_path):  # multi-process, ~
                 open_store(leftover / "store")
     assert killed >= 2  # timing may let a tiny phase slip by, not most of them
 
-    finish = subprocess.run([sys.executable, "-m", "sscell.data.convert", *args], capture_output=True, text=True)
+    finish = subprocess.run([sys.executable, "-m", "sscell.data.convert", *args], capture_output=True, text=True,
+                            check=False)
     assert finish.returncode == 0, finish.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.h5ad", "reference", "store"]
     same_store(open_store(tmp_path / "reference"), open_store(output))
@@ -139,8 +144,8 @@ def test_append_killed_between_renames_restores_the_store(tmp_path):
     make_adata(n_cells=100, seed=1, prefix="b").write_h5ad(tmp_path / "b.h5ad")
     output = tmp_path / "store"
     convert([tmp_path / "a.h5ad"], output)
-    before = open_store(output)
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+    before = open_store(output).read_obs()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, check=False,
                           text=True).stdout.strip()  # a pid that no longer runs
     stale = build_dir(output, int(dead))
     stale.mkdir()
@@ -150,4 +155,4 @@ def test_append_killed_between_renames_restores_the_store(tmp_path):
     report = convert([tmp_path / "b.h5ad"], output, append=True)
     assert report["cells"] == 200 and not stale.exists()
     after = open_store(output)
-    assert after.obs.index.isin(before.obs.index).sum() == 100
+    assert after.read_obs().index.isin(before.index).sum() == 100

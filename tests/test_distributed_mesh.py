@@ -41,7 +41,7 @@ def _steps_then_train(config, workdir):
     store = open_store(config.data.store)
     setup = build(config, store)
     task, info, model, optimizer, _, init_extra = setup
-    loader = make_loader(config, store, "train")
+    loader = make_loader(config, store, "train", shards=4)  # 4 data shards fit a 1- and a 4-device mesh
     key = jax.random.key(0)
 
     def three_steps(devices, rules):

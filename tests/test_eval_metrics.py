@@ -1,4 +1,4 @@
-"""Evaluation metrics and report writing against numpy / scikit-learn references."""
+"""Evaluation metrics, kNN and report writing against numpy / scikit-learn / scanpy references."""
 from __future__ import annotations
 
 import json
@@ -7,15 +7,23 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
-from sklearn.metrics import explained_variance_score, mean_squared_error
+from sklearn.metrics import explained_variance_score, f1_score, mean_squared_error
+from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
 
 from sscell.errors import SscellError
 from sscell.evaluation.metrics import (
     ExplainedVariance,
     explained_variance,
     f1_scores,
-    knn_predict,
     fit_pca,
+    highly_variable_genes,
+    per_class_f1,
+)
+from sscell.evaluation.neighbors import (
+    knn_predict,
+    nearest_neighbors,
+    resolve_method,
+    vote,
 )
 from sscell.evaluation.report import _read_losses, plot_loss_curves, write_results
 
@@ -230,3 +238,97 @@ def test_plot_loss_curves_rejects_file_without_losses(tmp_path):
     jsonl.write_text(json.dumps({"step": 1, "lr": 0.1}) + "\n")
     with pytest.raises(SscellError):
         plot_loss_curves(jsonl, tmp_path / "loss.png")
+
+
+def clustered(seed, n_ref, n_query, dims=16, classes=8, spread=1.0):
+    """Reference and query points around shared class centres, with their labels."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(classes, dims)) * 2
+    ref_labels, query_labels = rng.integers(0, classes, n_ref), rng.integers(0, classes, n_query)
+    ref = (centres[ref_labels] + spread * rng.normal(size=(n_ref, dims))).astype(np.float32)
+    query = (centres[query_labels] + spread * rng.normal(size=(n_query, dims))).astype(np.float32)
+    return ref, ref_labels, query, query_labels
+
+
+def test_exact_knn_equals_scikit_learn_across_blocks(monkeypatch):
+    from sscell.evaluation import neighbors
+
+    monkeypatch.setattr(neighbors, "_QUERY_BLOCK", 64)  # several query and reference blocks, ragged ends
+    monkeypatch.setattr(neighbors, "_REF_BLOCK", 100)
+    ref, labels, query, _ = clustered(0, 1050, 300)
+    indices, distances = nearest_neighbors(ref, query, 7, method="exact")
+    ref_distances, ref_indices = NearestNeighbors(n_neighbors=7).fit(ref.astype(np.float64)).kneighbors(query)
+    np.testing.assert_array_equal(indices, ref_indices)
+    np.testing.assert_allclose(distances, ref_distances, rtol=1e-6, atol=1e-6)
+    names = np.array([f"type {i}" for i in range(8)])[labels]
+    expected = KNeighborsClassifier(n_neighbors=5).fit(ref, names).predict(query)
+    np.testing.assert_array_equal(knn_predict(ref, names, query, 5, method="exact"), expected)
+
+
+def test_approximate_knn_agrees_with_exact():
+    ref, labels, query, _ = clustered(1, 4000, 1000, dims=32, spread=1.5)
+    exact = knn_predict(ref, labels, query, 5, method="exact")
+    approximate = knn_predict(ref, labels, query, 5, method="approximate")
+    assert np.mean(exact == approximate) > 0.97
+    found, _ = nearest_neighbors(ref, query, 5, method="approximate")
+    truth, _ = nearest_neighbors(ref, query, 5, method="exact")
+    recall = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(found, truth)])
+    assert recall > 0.9
+
+
+def test_vote_and_method_choice():
+    votes = np.array([[2, 2, 1, 1, 0], [3, 0, 3, 0, 3], [4, 4, 4, 4, 4]])
+    assert vote(votes).tolist() == [1, 3, 4]  # the first row ties 1 and 2: the smaller wins
+    assert resolve_method("auto", 1000, 1000) == "exact"
+    assert resolve_method("auto", 10**6, 10**6, exact_max_pairs=1e10) == "approximate"
+    assert resolve_method("approximate", 10, 10) == "approximate"
+    with pytest.raises(SscellError, match="unknown kNN method"):
+        resolve_method("faiss", 10, 10)
+
+
+def test_per_class_f1_matches_scikit_learn():
+    rng = np.random.default_rng(3)
+    true = rng.integers(0, 6, size=400)
+    pred = np.where(rng.random(400) < 0.7, true, rng.integers(0, 8, size=400))
+    table = per_class_f1(true, pred)
+    classes = np.unique(true)
+    assert table.index.tolist() == classes.tolist()
+    np.testing.assert_array_equal(table["support"], np.bincount(true)[classes])
+    np.testing.assert_allclose(table["f1"], f1_score(true, pred, labels=classes, average=None), atol=1e-12)
+    assert table["f1"].mean() == pytest.approx(f1_scores(true, pred)["macro_f1"], abs=1e-12)
+
+
+def test_masked_explained_variance_scores_each_gene_on_its_own_cells():
+    x, x_hat = reconstruction_pair()
+    mask = np.random.default_rng(5).random(x.shape) < 0.6
+    mask[:, 4] = False  # a gene never scored
+    stream = ExplainedVariance()
+    for lo, hi in [(0, 7), (7, 50), (50, len(x))]:
+        stream.update(x[lo:hi], x_hat[lo:hi], mask[lo:hi])
+    result = stream.result()
+    scored = [g for g in range(x.shape[1]) if mask[:, g].any()]
+    var_x = np.array([np.var(x[mask[:, g], g]) for g in scored])
+    var_r = np.array([np.var((x - x_hat)[mask[:, g], g]) for g in scored])
+    assert result["ev_weighted"] == pytest.approx(1 - var_r.sum() / var_x.sum(), abs=1e-12)
+    assert result["ev_uniform"] == pytest.approx(np.mean(1 - var_r / var_x), abs=1e-12)
+    assert result["mse"] == pytest.approx(np.mean((x - x_hat)[mask] ** 2), rel=1e-12)
+    # Values outside the mask (e.g. unmeasured genes read as 0) change nothing.
+    x_other = np.where(mask, x, 0.0)
+    assert explained_variance(x_other, np.where(mask, x_hat, 5.0), mask) == pytest.approx(result, abs=1e-12)
+    assert explained_variance(x, x_hat, np.ones_like(mask)) == explained_variance(x, x_hat)
+
+
+def test_highly_variable_genes_match_scanpy_seurat():
+    sc = pytest.importorskip("scanpy")
+    import anndata
+
+    rng = np.random.default_rng(6)
+    counts = rng.negative_binomial(2, 0.5, size=(300, 120)) * (rng.random((300, 120)) < 0.4)
+    counts[:, :10] *= rng.integers(1, 6, size=(300, 1))  # a few genes vary much more
+    x = np.log1p(counts / np.maximum(counts.sum(1, keepdims=True), 1) * 1e4)
+    chosen = highly_variable_genes(sp.csr_matrix(x), n_top=25)
+    adata = anndata.AnnData(sp.csr_matrix(x))
+    expected = sc.pp.highly_variable_genes(adata, n_top_genes=25, flavor="seurat", inplace=False)
+    assert chosen.tolist() == np.flatnonzero(expected["highly_variable"].to_numpy()).tolist()
+    np.testing.assert_array_equal(chosen, highly_variable_genes(x, n_top=25))  # dense input too
+    assert len(highly_variable_genes(x, n_top=500)) == 120

@@ -1,9 +1,10 @@
-"""The loader: exactly-once epochs, determinism, exact resume, host slices, label alignment,
-subsets (datasets, fractions) that read nothing else."""
+"""The loader: exactly-once epochs, determinism, exact resume, host slices, data shards,
+label alignment, subsets (datasets, fractions) that read nothing else."""
 import numpy as np
 import pytest
+from test_preprocess import reference_dense
 
-from sscell.data.loader import CellLoader, select_rows, sequential_batches
+from sscell.data.loader import CellLoader, nnz_bucket, select_rows, sequential_batches
 from sscell.errors import SscellError
 from sscell.training.train import make_loader
 
@@ -24,16 +25,35 @@ def test_each_cell_once_per_epoch_within_its_split(tiny_store):
     assert epoch_rows(loader, 0) != epoch_rows(loader, 1)
 
 
-def test_two_hosts_split_each_global_batch(tiny_store):
+@pytest.mark.parametrize("shards", [1, 2])
+def test_two_hosts_split_each_global_batch(tiny_store, shards):
     single = CellLoader(tiny_store, "train", batch_size=64, seed=0, block_cells=16)
     hosts = [CellLoader(tiny_store, "train", batch_size=64, seed=0, block_cells=16,
-                        process_index=i, process_count=2) for i in range(2)]
+                        process_index=i, process_count=2, shards=shards) for i in range(2)]
     for step in (0, 3, single.steps_per_epoch + 1):
         batches = [h.batch(step) for h in hosts]
-        assert batches[0]["genes"].shape == batches[1]["genes"].shape  # global arrays need equal shapes
+        for name in ("genes", "counts", "indptr"):  # global arrays need equal shapes
+            assert batches[0][name].shape == batches[1][name].shape and len(batches[0][name]) == shards
         parts = [set(b["cell"].tolist()) for b in batches]
         assert len(parts[0]) == len(parts[1]) == 32 and not parts[0] & parts[1]
         assert parts[0] | parts[1] == set(single.batch(step)["cell"].tolist())
+    # one padded size for the whole epoch: the bucket of the fullest shard of any host and step
+    epoch = [h.batch(step) for h in hosts for step in range(single.steps_per_epoch)]
+    assert {b["genes"].shape[1] for b in epoch} == {nnz_bucket(max(b["indptr"][:, -1].max() for b in epoch))}
+
+
+def test_shards_change_the_layout_not_the_cells(tiny_store):
+    """Any shard count yields the same cells in the same order, densified to the same counts;
+    shard s holds cells [s * n / shards, (s + 1) * n / shards) of the slice."""
+    one, four = (CellLoader(tiny_store, "train", batch_size=64, seed=0, block_cells=16, shards=s) for s in (1, 4))
+    for step in (0, 5):
+        a, b = one.batch(step), four.batch(step)
+        for name in ("cell", "cell_type", "donor", "dataset"):
+            np.testing.assert_array_equal(a[name], b[name])
+        np.testing.assert_array_equal(reference_dense(a, tiny_store.n_genes), reference_dense(b, tiny_store.n_genes))
+        assert b["indptr"].shape == (4, 17) and b["genes"].shape[1] < a["genes"].shape[1]
+    with pytest.raises(SscellError, match="not divisible"):
+        CellLoader(tiny_store, "train", batch_size=64, seed=0, shards=3)
 
 
 def test_deterministic_and_resumes_exactly(tiny_store):
@@ -50,20 +70,14 @@ def test_deterministic_and_resumes_exactly(tiny_store):
     assert set(other_seed["cell"]) != set(full[0]["cell"])
 
 
-def dense_rows(batch, n_genes):
-    dense = np.zeros((len(batch["genes"]), n_genes), np.float32)
-    np.add.at(dense, (np.arange(len(dense))[:, None], batch["genes"]), batch["counts"])
-    return dense
-
-
 def test_counts_and_labels_travel_with_their_cells(tiny_store):
     loader = CellLoader(tiny_store, "val", batch_size=32, seed=0, block_cells=8)
     batch = loader.batch(2)
     expected = tiny_store.read_rows(0, tiny_store.n_cells)[batch["cell"]].toarray()
-    np.testing.assert_array_equal(dense_rows(batch, tiny_store.n_genes), expected)
-    obs = tiny_store.obs.iloc[batch["cell"]]
+    np.testing.assert_array_equal(reference_dense(batch, tiny_store.n_genes), expected)
+    obs = tiny_store.read_obs().iloc[batch["cell"]]
     for name, column in (("cell_type", "cell_type"), ("donor", "donor_id"), ("dataset", "dataset_id")):
-        names = np.asarray(tiny_store.obs[column].astype("category").cat.categories)
+        names = np.asarray(tiny_store.read_obs()[column].astype("category").cat.categories)
         np.testing.assert_array_equal(names[batch[name]], obs[column].astype(str))
 
 
@@ -84,11 +98,12 @@ def test_batches_mix_labels_like_random_sampling(tiny_store, subset):
 def test_sequential_batches_cover_range_in_order(tiny_store):
     start, stop = tiny_store.split_range("test")
     seen, dense = [], []
-    for batch, n_valid in sequential_batches(tiny_store, start, stop, 100):
-        assert batch["genes"].shape[0] == 100
+    for batch, n_valid in sequential_batches(tiny_store, start, stop, 100, shards=2):
+        assert len(batch["cell"]) == 100 and batch["indptr"].shape == (2, 51)
         seen += batch["cell"][:n_valid].tolist()
-        dense.append(dense_rows(batch, tiny_store.n_genes)[:n_valid])
-        assert not batch["counts"][n_valid:].any()
+        rows = reference_dense(batch, tiny_store.n_genes)
+        dense.append(rows[:n_valid])
+        assert not rows[n_valid:].any()
     assert seen == list(range(start, stop))
     np.testing.assert_array_equal(np.concatenate(dense), tiny_store.read_rows(start, stop).toarray())
 
@@ -100,12 +115,12 @@ def test_bad_batch_sizes(tiny_store):
         CellLoader(tiny_store, "val", batch_size=100_000, seed=0)
 
 
-SUBSET = dict(datasets=["dataset_1"], fraction=0.5)
+SUBSET = {"datasets": ["dataset_1"], "fraction": 0.5}
 
 
 def test_select_rows_keeps_the_datasets_and_a_nested_seeded_fraction(tiny_store):
     start, stop = tiny_store.split_range("train")
-    dataset = tiny_store.obs["dataset_id"].astype(str).to_numpy()
+    dataset = tiny_store.read_obs()["dataset_id"].astype(str).to_numpy()
     expected = np.flatnonzero(dataset[start:stop] == "dataset_1") + start
     np.testing.assert_array_equal(select_rows(tiny_store, "train", datasets=["dataset_1"]), expected)
     half = select_rows(tiny_store, "train", **SUBSET, seed=0)
@@ -137,14 +152,14 @@ def test_subset_reads_no_other_rows(tiny_store, monkeypatch):
     """Every range handed to the store lies inside the selection, and each selected cell is
     read once per epoch."""
     read = []
-    original = tiny_store.read_blocks
+    original = tiny_store.read_nonzeros
 
     def recording(ranges):
         read.extend(ranges)
         return original(ranges)
 
-    monkeypatch.setattr(tiny_store, "read_blocks", recording)
-    for subset in (SUBSET, dict(fraction=0.2), dict(datasets=["dataset_0"])):
+    monkeypatch.setattr(tiny_store, "read_nonzeros", recording)
+    for subset in (SUBSET, {"fraction": 0.2}, {"datasets": ["dataset_0"]}):
         read.clear()
         loader = CellLoader(tiny_store, "train", batch_size=32, seed=0, block_cells=16, **subset)
         batches = list(loader.iterate(0, loader.steps_per_epoch))
@@ -169,11 +184,11 @@ def test_subset_counts_and_labels_travel_with_their_cells(tiny_store):
     loader = CellLoader(tiny_store, "train", batch_size=32, seed=0, block_cells=16, **SUBSET)
     batch = loader.batch(3)
     expected = tiny_store.read_rows(0, tiny_store.n_cells)[batch["cell"]].toarray()
-    np.testing.assert_array_equal(dense_rows(batch, tiny_store.n_genes), expected)
-    names = np.asarray(tiny_store.obs["dataset_id"].cat.categories)
+    np.testing.assert_array_equal(reference_dense(batch, tiny_store.n_genes), expected)
+    names = np.asarray(tiny_store.read_obs()["dataset_id"].cat.categories)
     assert set(names[batch["dataset"]]) == {"dataset_1"}
-    types = np.asarray(tiny_store.obs["cell_type"].cat.categories)
-    np.testing.assert_array_equal(types[batch["cell_type"]], tiny_store.obs["cell_type"].iloc[batch["cell"]])
+    types = np.asarray(tiny_store.read_obs()["cell_type"].cat.categories)
+    np.testing.assert_array_equal(types[batch["cell_type"]], tiny_store.read_obs()["cell_type"].iloc[batch["cell"]])
 
 
 def test_config_selects_the_train_subset(tiny_config, tiny_store):

@@ -8,7 +8,8 @@ import pytest
 from sscell.errors import SscellError
 from sscell.losses import get_loss
 from sscell.losses.masking import mask_input, random_gene_mask
-from sscell.models.mlp import Autoencoder, init_params
+from sscell.models.bernoulli import bernoulli
+from sscell.models.mlp import Autoencoder, Dropout, init_params
 
 SELU_ALPHA, SELU_SCALE = 1.6732632423543772, 1.0507009873554805
 
@@ -62,6 +63,37 @@ def test_mask_rate_and_inverted_dropout():
     x = np.ones((400, 500), np.float32)
     masked = np.asarray(mask_input(x, mask, 0.5))
     np.testing.assert_array_equal(masked, np.where(mask, 0.0, 2.0))
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_bernoulli_draws_have_the_rate_and_look_independent(p):
+    """Binomial statistics of 200,000 draws: the rate, the spread of per-row rates, no correlation
+    between neighbouring entries (along either axis) or between the draws of two keys."""
+    shape = (400, 500)
+    a = np.asarray(bernoulli(jax.random.key(0), p, shape), np.float64)
+    b = np.asarray(bernoulli(jax.random.key(1), p, shape), np.float64)
+    n, sd = a.size, np.sqrt(p * (1 - p))
+    assert abs(a.mean() - p) < 5 * sd / np.sqrt(n)
+    assert abs(a.mean(1).std() / (sd / np.sqrt(shape[1])) - 1) < 0.15  # rows vary like independent rows
+    corr = [np.corrcoef(a[:, 1:].ravel(), a[:, :-1].ravel())[0, 1], np.corrcoef(a[1:].ravel(), a[:-1].ravel())[0, 1],
+            np.corrcoef(a.ravel(), b.ravel())[0, 1]]
+    assert np.all(np.abs(corr) < 5 / np.sqrt(n)), corr
+    np.testing.assert_array_equal(np.asarray(bernoulli(jax.random.key(0), p, shape)), a.astype(bool))  # a pure function
+
+
+def test_bernoulli_edge_rates():
+    assert not np.asarray(bernoulli(jax.random.key(0), 0.0, (50, 60))).any()
+    assert np.asarray(bernoulli(jax.random.key(0), 1.0, (50, 60))).all()
+    with pytest.raises(SscellError, match="1.5 is not a probability"):
+        bernoulli(jax.random.key(0), 1.5, (2,))
+
+
+def test_dropout_zeroes_the_rate_and_rescales_survivors():
+    x = np.ones((300, 400), np.float32)
+    out = np.asarray(Dropout(0.1, deterministic=False).apply({}, x, rngs={"dropout": jax.random.key(2)}))
+    assert set(np.unique(out)) == {0.0, np.float32(1 / 0.9)}
+    assert abs((out == 0).mean() - 0.1) < 5 * np.sqrt(0.09 / out.size)
+    np.testing.assert_array_equal(Dropout(0.1, deterministic=True).apply({}, x), x)
 
 
 def test_masked_loss_matches_numpy_reference():
@@ -130,3 +162,23 @@ def test_sparse_input_layer_equals_the_dense_layer(nonzeros_per_cell):
     grads = jax.grad(loss)(params, dense), jax.grad(loss)(params, sparse)
     for a, b in zip(*(jax.tree.leaves(g) for g in grads), strict=True):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-5)
+
+
+def test_sparse_input_layer_equals_the_dense_layer_in_the_masked_loss():
+    """The training path: masked inputs, dropout on (the same draws in both models), loss and gradients."""
+    rng = np.random.default_rng(6)
+    x = (rng.random((8, 24)) * 4 * (rng.random((8, 24)) < 0.3)).astype(np.float32)
+    batch = {"x": x, "measured": np.ones_like(x, bool)}
+    config = ml_collections.ConfigDict({"mask_rate": 0.5})
+    dense = Autoencoder(n_genes=24, hidden=(16, 12), latent=4, dropout=0.1)
+    sparse = Autoencoder(n_genes=24, hidden=(16, 12), latent=4, dropout=0.1, sparse_nonzeros=6)
+    params = init_params(dense, jax.random.key(0))
+    loss_fn = get_loss("masked")
+
+    def loss(p, model):
+        return loss_fn(p, batch, jax.random.key(3), model=model, config=config, train=True)[0]
+    value_and_grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+    (a, grads_a), (b, grads_b) = value_and_grad(params, dense), value_and_grad(params, sparse)
+    np.testing.assert_allclose(float(b), float(a), rtol=1e-5)
+    for ga, gb in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b), strict=True):
+        np.testing.assert_allclose(np.asarray(gb), np.asarray(ga), rtol=1e-4, atol=1e-5)

@@ -13,7 +13,7 @@ import pytest
 import scipy.sparse
 
 from sscell.data.convert import convert, split_by_unit
-from sscell.data.store import SPLITS, StoreWriter, open_store
+from sscell.data.store import LABEL_OBS_COLUMNS, SPLITS, StoreWriter, open_store
 from sscell.errors import SscellError
 
 
@@ -39,7 +39,7 @@ def dense(m: scipy.sparse.spmatrix) -> np.ndarray:
 
 def input_rows(store, adata: ad.AnnData) -> np.ndarray:
     """Row of `adata` holding each store row's cell."""
-    rows = adata.obs_names.get_indexer(store.obs.index)
+    rows = adata.obs_names.get_indexer(store.read_obs().index)
     assert (rows >= 0).all()
     return rows
 
@@ -93,9 +93,9 @@ def test_obs_var_and_blocks(converted):
     assert got.dtype == np.uint16
     np.testing.assert_array_equal(dense(got), dense(adata.X[rows]))
     for column in ["cell_type", "donor_id", "assay"]:
-        assert list(store.obs[column].astype(str)) == list(adata.obs[column].astype(str).iloc[rows])
-    assert (store.obs["dataset_id"] == "pbmc").all()
-    assert list(store.obs["split"].cat.categories) == list(SPLITS)
+        assert list(store.read_obs()[column].astype(str)) == list(adata.obs[column].astype(str).iloc[rows])
+    assert (store.read_obs()["dataset_id"] == "pbmc").all()
+    assert list(store.read_obs()["split"].cat.categories) == list(SPLITS)
     pd.testing.assert_frame_equal(store.var, adata.var)
     ranges = [(0, 7), (5, 5), (40, 130), (store.n_cells - 3, store.n_cells)]
     for (start, stop), block in zip(ranges, store.read_blocks(ranges)):
@@ -108,7 +108,7 @@ def test_anndata_reads_store(converted):
     store = open_store(path)
     via_anndata = ad.read_zarr(path)
     np.testing.assert_array_equal(dense(via_anndata.X), dense(store.read_rows(0, store.n_cells)))
-    pd.testing.assert_frame_equal(via_anndata.obs, store.obs)
+    pd.testing.assert_frame_equal(via_anndata.obs, store.read_obs())
     pd.testing.assert_frame_equal(via_anndata.var, store.var)
 
 
@@ -159,7 +159,7 @@ def test_split_by_donor_unit_contiguous_and_deterministic(tmp_path):
     convert(paths, tmp_path / "c", seed=4)
     a, b, c = (open_store(tmp_path / s) for s in "abc")
 
-    units = a.obs.groupby(["dataset_id", "donor_id"], observed=True)["split"]
+    units = a.read_obs().groupby(["dataset_id", "donor_id"], observed=True)["split"]
     assert (units.nunique() == 1).all()  # no donor unit straddles splits
     unit_share = units.size().max() / a.n_cells
     share = np.cumsum([np.diff(a.split_range(s))[0] for s in SPLITS]) / a.n_cells
@@ -168,11 +168,11 @@ def test_split_by_donor_unit_contiguous_and_deterministic(tmp_path):
     assert bounds[0][0] == 0 and bounds[0][1] == bounds[1][0] and bounds[1][1] == bounds[2][0]
     assert bounds[2][1] == a.n_cells
     for s, (start, stop) in zip(SPLITS, bounds):
-        assert (a.obs["split"].iloc[start:stop] == s).all()
+        assert (a.read_obs()["split"].iloc[start:stop] == s).all()
 
-    assert a.obs.index.equals(b.obs.index)
+    assert a.read_obs().index.equals(b.read_obs().index)
     np.testing.assert_array_equal(dense(a.read_rows(0, a.n_cells)), dense(b.read_rows(0, b.n_cells)))
-    assert not a.obs.index.equals(c.obs.index)
+    assert not a.read_obs().index.equals(c.read_obs().index)
 
 
 def test_cells_shuffled_within_split(converted):
@@ -198,7 +198,7 @@ def test_two_inputs_with_reordered_genes(tmp_path):
     np.testing.assert_array_equal(dense(store.read_rows(0, store.n_cells)), dense(both.X[input_rows(store, both)]))
     assert report["cells"] == first.n_obs + second.n_obs
     assert store.var.index.equals(first.var_names)
-    assert store.obs["dataset_id"].value_counts().to_dict() == {"first": first.n_obs, "second": second.n_obs}
+    assert store.read_obs()["dataset_id"].value_counts().to_dict() == {"first": first.n_obs, "second": second.n_obs}
 
 
 def test_duplicated_cell_ids_across_inputs_rejected(tmp_path):
@@ -268,11 +268,79 @@ def test_open_store_rejects_non_stores(tmp_path):
         make_adata().write_zarr(tmp_path / "plain.zarr")
     with pytest.raises(SscellError, match="no sscell format_version"):
         open_store(tmp_path / "plain.zarr")
+    with pytest.raises(SscellError, match="local path, gs://BUCKET/PATH or s3://BUCKET/PATH, not ftp://"):
+        open_store("ftp://host/store")
+
+
+def test_store_holds_label_codes_and_reads_obs_on_demand(converted):
+    """In RAM: the label columns as category codes (no per-cell strings); the full obs on demand."""
+    store = open_store(converted[1])
+    obs = store.read_obs()
+    assert isinstance(store.labels.index, pd.RangeIndex) and len(store.labels) == store.n_cells
+    assert list(store.labels.columns) == [c for c in LABEL_OBS_COLUMNS if c in obs] == \
+        ["split", "cell_type", "donor_id", "dataset_id"]
+    for column in store.labels:
+        assert store.labels[column].cat.codes.dtype.itemsize <= 2
+        np.testing.assert_array_equal(store.labels[column].astype(str), obs[column].astype(str))
+    assert obs.index.is_unique and "assay" in obs  # read_obs has every column and the cell ids
+
+
+@pytest.fixture
+def s3_endpoint(monkeypatch, tmp_path):
+    """A local S3 server (moto) with one empty bucket, "atlas", and the environment an s3:// store needs."""
+    moto_server = pytest.importorskip("moto.server", reason="the S3 test needs moto[server]: pip install -e '.[test]'")
+    pytest.importorskip("s3fs", reason="the S3 test needs s3fs: pip install -e '.[test]'")
+    import boto3
+
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    (tmp_path / "aws").write_text("")  # no AWS config or credentials file of the machine's
+    for name, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_CONFIG_FILE": str(tmp_path / "aws"),
+                        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "aws")}.items():
+        monkeypatch.setenv(name, value)
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="atlas")
+    yield endpoint
+    server.stop()
+
+
+def test_store_on_s3_reads_and_trains_like_the_local_store(s3_endpoint, tiny_store, tiny_config, tmp_path):
+    import boto3
+
+    from sscell.data.loader import CellLoader
+    from sscell.training.train import train
+
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    local = Path(tiny_store.path)
+    for file in (f for f in local.rglob("*") if f.is_file()):  # what `aws s3 sync STORE s3://...` does
+        s3.upload_file(str(file), "atlas", f"stores/tiny/{file.relative_to(local).as_posix()}")
+    store = open_store("s3://atlas/stores/tiny")
+
+    assert (store.n_cells, store.n_genes, store.datasets) == (tiny_store.n_cells, tiny_store.n_genes,
+                                                             tiny_store.datasets)
+    np.testing.assert_array_equal(store.indptr, tiny_store.indptr)
+    np.testing.assert_array_equal(dense(store.read_rows(0, store.n_cells)), dense(tiny_store.read_rows(0, store.n_cells)))
+    pd.testing.assert_frame_equal(store.read_obs(), tiny_store.read_obs())
+    pd.testing.assert_frame_equal(store.labels, tiny_store.labels)
+    np.testing.assert_array_equal(store.measured, tiny_store.measured)
+    remote, here = (CellLoader(s, "train", batch_size=64, seed=0, shards=2) for s in (store, tiny_store))
+    for step in (0, remote.steps_per_epoch + 1):
+        a, b = remote.batch(step), here.batch(step)
+        for name in a:
+            np.testing.assert_array_equal(a[name], b[name])
+    tiny_config.data.store = store.path
+    tiny_config.train.update(steps=4, val_every=4, checkpoint_every=4)
+    state = train(tiny_config, str(tmp_path / "run"), store)
+    assert int(state["step"]) == 4
+    with pytest.raises(SscellError, match="s3://atlas/nowhere is not an sscell store: no zarr.json"):
+        open_store("s3://atlas/nowhere")
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "sscell.data.convert", *args],
-                          capture_output=True, text=True, timeout=120)
+                          check=False, capture_output=True, text=True, timeout=120)
 
 
 def test_cli(tmp_path):

@@ -96,8 +96,9 @@ def test_byol_step_moves_the_target_toward_the_online_network_by_the_ema_rule():
     before = jax.tree.map(np.asarray, state)
     step = make_train_step(task, model, config, optax.sgd(0.5), info, sharding, sharding)
     rng = np.random.default_rng(0)
-    genes = np.tile(np.arange(N_GENES, dtype=np.int32), (32, 1))
+    genes = np.tile(np.arange(N_GENES, dtype=np.int32), (1, 32))  # every gene of 32 cells, in one shard
     batch = {"genes": genes, "counts": rng.poisson(3.0, genes.shape).astype(np.float32),
+             "indptr": np.arange(0, 32 * N_GENES + 1, N_GENES, dtype=np.int32)[None],
              "dataset": np.zeros(32, np.int32), "cell_type": np.zeros(32, np.int32)}
     after, metrics = step(state, batch, jax.random.key(1))
     assert np.isfinite(float(metrics["loss"])) and float(metrics["grad_norm"]) > 0
@@ -172,8 +173,9 @@ def test_byol_target_moves_only_when_accumulated_gradients_are_applied():
     state["extra"]["target"] = jax.tree.map(lambda t: t + 0.1, state["extra"]["target"])
     step = make_train_step(task, model, config, optimizer, info, sharding, sharding)
     rng = np.random.default_rng(0)
-    genes = np.tile(np.arange(N_GENES, dtype=np.int32), (32, 1))
+    genes = np.tile(np.arange(N_GENES, dtype=np.int32), (1, 32))  # every gene of 32 cells, in one shard
     batch = {"genes": genes, "counts": rng.poisson(3.0, genes.shape).astype(np.float32),
+             "indptr": np.arange(0, 32 * N_GENES + 1, N_GENES, dtype=np.int32)[None],
              "dataset": np.zeros(32, np.int32), "cell_type": np.zeros(32, np.int32)}
     start = jax.tree.map(np.asarray, state)
     micro, _ = step(state, batch, jax.random.key(1))  # first micro-batch: no parameter update

@@ -8,7 +8,7 @@ import scipy.sparse as sp
 from scipy.special import gammaln, softmax
 
 from sscell.config import default_config
-from sscell.data.loader import padded_rows
+from sscell.data.loader import shard_nonzeros
 from sscell.losses import get_task
 from sscell.losses.info import TaskInfo
 from sscell.losses.masking import random_gene_mask
@@ -30,9 +30,9 @@ def raw_batch(seed=0, counts=None):
     cell_type = rng.integers(0, 3, N_CELLS).astype(np.int32)
     if counts is None:
         counts = rng.negative_binomial(2, 0.3, (N_CELLS, N_GENES)).astype(np.float32)
-    genes, values = padded_rows(sp.csr_matrix(counts), N_GENES)
-    return {"genes": genes, "counts": values, "dataset": np.arange(N_CELLS, dtype=np.int32) % 2,
-            "cell_type": cell_type}, counts
+    matrix = sp.csr_matrix(counts)
+    return {**shard_nonzeros(matrix.data, matrix.indices, np.diff(matrix.indptr)),
+            "dataset": np.arange(N_CELLS, dtype=np.int32) % 2, "cell_type": cell_type}, counts
 
 
 def setup(name, **loss):

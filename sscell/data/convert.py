@@ -5,13 +5,20 @@
 
 Cells are split by donor unit (dataset_id + donor_id) into train/val/test and stored grouped by
 split, shuffled within each (inputs: sscell.data.inputs). Memory stays bounded by a block of rows
-plus a few numbers per cell, whatever the input size, in three streaming passes:
+plus ~25-40 bytes a cell (obs columns as categorical codes, nonzeros and store row per cell,
+indptr; never the cell-id strings), whatever the input size, in streaming passes:
+0. ids: hash every cell id (8 bytes a cell) to find repeated ids (sscell.data.cell_ids);
 1. count: validate every block of counts, count nonzeros per cell, find the largest count;
 2. bucket: the split and the shuffled order give each cell its store row; read each input once
-   in blocks and append every cell to a scratch file region per bucket (a range of store rows
-   holding about `bucket_nonzeros` nonzeros), so no pass gathers scattered rows;
-3. write: load one bucket at a time, order its rows and append them to the store.
-Scratch space: the uncompressed counts, once (beside the output, removed at the end).
+   in blocks and append every cell (counts and id) to a scratch file region per bucket (a range
+   of store rows holding about `bucket_nonzeros` nonzeros), so no pass gathers scattered rows;
+3. write: load one bucket at a time, order its rows and append them (and their ids) to the store.
+Scratch space: the uncompressed counts and ids, once (beside the output, removed at the end).
+
+Genes: a --vocabulary file fixes them (genes outside it are dropped and counted); without one
+the store's genes are the inputs' union, and `--append` grows it: genes new to the store go
+after the existing ones (stored gene indices stay valid) and count as unmeasured by every
+dataset already in the store. The store's attrs record which (`vocabulary_file`, null: derived).
 
 The store is built in `.STORE.tmp-PID/` beside STORE and renamed into place, so STORE appears
 complete or not at all; `--append` builds the merged store there and swaps it in with two
@@ -24,34 +31,56 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import itertools
 import json
 import os
 import resource
 import shutil
 import sys
 import time
+import tracemalloc
 from collections.abc import Sequence
 from pathlib import Path
 
+import anndata
 import numpy as np
 import pandas as pd
 import scipy.sparse
 import tqdm
 import zarr
+from pandas.api.types import union_categoricals
 
+from sscell.data.cell_ids import all_in, as_utf8, check_unique, sorted_hashes
 from sscell.data.inputs import H5adInput, align, id_kind, open_input, read_vocabulary, union_vocabulary
 from sscell.data.store import SPLITS, Store, StoreWriter, count_dtype, open_store
 from sscell.errors import SscellError, exit_on_error
 
-BUCKET_NONZEROS = 2**24  # a bucket is loaded whole in pass 3: ~2**24 x 8 bytes, twice
+BUCKET_NONZEROS = 2**24  # a bucket is loaded whole in pass 3: ~2**24 x 4-8 bytes
+BUCKET_ROWS = 2**18      # ... and holds at most this many cells (their ids and rows)
+APPEND_NONZEROS = 2**21  # nonzeros gathered from a loaded bucket at a time
 
 
 @dataclasses.dataclass
 class _StoreSource:
-    """An existing store read back as one more input (for --append)."""
+    """An existing store read back as one more input (for --append); `n_genes` may exceed the
+    store's when the vocabulary grows (new genes come last, so the stored indices stay valid)."""
 
     store: Store
+    obs: pd.DataFrame  # kept obs columns as categoricals (RangeIndex)
+    split: np.ndarray  # split code per cell
+    ids: zarr.Array    # obs/_index
+    n_genes: int
     source: str = "store"
+
+    @classmethod
+    def open(cls, path: Path) -> _StoreSource:
+        """The store at `path`, its obs columns read as categoricals, its cell ids left on disk."""
+        store = open_store(path)
+        group = zarr.open_group(path, mode="r")["obs"]
+        columns = {c: pd.Categorical(anndata.io.read_elem(group[c])) for c in group.attrs["column-order"]}
+        split = columns.pop("split").codes.astype(np.int8)
+        return cls(store, pd.DataFrame(columns, index=pd.RangeIndex(store.n_cells)), split,
+                   group[group.attrs["_index"]], store.n_genes)
 
     @property
     def path(self) -> Path:
@@ -61,18 +90,25 @@ class _StoreSource:
     def n_cells(self) -> int:
         return self.store.n_cells
 
-    @property
-    def obs(self) -> pd.DataFrame:
-        return self.store.obs.drop(columns="split")
-
     def measured(self, dataset: str) -> np.ndarray:
-        return self.store.measured[self.store.datasets.index(dataset)]
+        mask = np.zeros(self.n_genes, bool)
+        mask[:self.store.n_genes] = self.store.measured[self.store.datasets.index(dataset)]
+        return mask
 
     def read(self, start: int, stop: int) -> scipy.sparse.csr_matrix:
-        return self.store.read_rows(start, stop)
+        block = self.store.read_rows(start, stop)
+        return scipy.sparse.csr_matrix((block.data, block.indices, block.indptr), shape=(stop - start, self.n_genes))
+
+    def read_ids(self, start: int, stop: int) -> np.ndarray:
+        return as_utf8(self.ids[start:stop])
 
 
 _Source = H5adInput | _StoreSource
+
+
+def _row_dtype(n_cells: int) -> np.dtype:
+    """Integer dtype of per-cell row numbers: 4 bytes a cell up to 2**31 cells."""
+    return np.dtype(np.int32 if n_cells < 2**31 else np.int64)
 
 
 def split_by_unit(unit: np.ndarray, fractions: Sequence[float], rng: np.random.Generator) -> np.ndarray:
@@ -99,25 +135,53 @@ def _assign_splits(unit: np.ndarray, known: np.ndarray, fractions: Sequence[floa
                    rng: np.random.Generator) -> np.ndarray:
     """Split per cell: `known` where >= 0, else the split of the cell's unit if the unit has known
     cells, else a fresh `split_by_unit` over the cells of units never seen."""
-    unit_split = np.full(int(unit.max()) + 1, -1, np.int8)
+    n_units = int(unit.max()) + 1
+    unit_split = np.full(n_units, -1, np.int8)
     unit_split[unit[known >= 0]] = known[known >= 0]
     split = np.where(known >= 0, known, unit_split[unit]).astype(np.int8)
     new = split < 0
     if new.any():
-        _, new_unit = np.unique(unit[new], return_inverse=True)
-        split[new] = split_by_unit(new_unit, fractions, rng)
+        unseen = np.zeros(n_units, bool)
+        unseen[unit[new]] = True
+        split[new] = split_by_unit((np.cumsum(unseen) - 1)[unit[new]], fractions, rng)
     return split
 
 
+def _donor_units(obs: pd.DataFrame, block: int = 2**20) -> np.ndarray:
+    """Donor unit (dataset_id, donor_id) of each cell, numbered 0..k-1 in category order; 4 bytes a cell."""
+    dataset, donor = obs["dataset_id"].cat.codes.to_numpy(), obs["donor_id"].cat.codes.to_numpy()
+    n_donors = len(obs["donor_id"].cat.categories) + 1  # + 1: code -1 (missing) stays apart
+
+    def keys(lo: int) -> np.ndarray:
+        return dataset[lo:lo + block].astype(np.int64) * n_donors + donor[lo:lo + block]
+
+    units = np.unique(np.concatenate([np.unique(keys(lo)) for lo in range(0, len(obs), block)]))
+    unit = np.empty(len(obs), np.int32)
+    for lo in range(0, len(obs), block):
+        unit[lo:lo + block] = np.searchsorted(units, keys(lo))
+    return unit
+
+
+def _shuffled_order(split: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Cell of each store row: the cells grouped by split, shuffled within each."""
+    order, at = np.empty(len(split), _row_dtype(len(split))), 0
+    for k in range(len(SPLITS)):
+        members = np.flatnonzero(split == k)
+        part = order[at:at + len(members)]
+        part[:] = members
+        rng.shuffle(part)
+        at += len(members)
+    return order
+
+
 def _merge_obs(sources: Sequence[_Source]) -> pd.DataFrame:
-    """The sources' kept obs columns, concatenated, as categoricals; cell ids must be unique."""
-    obs = pd.concat([src.obs for src in sources])
-    duplicated = obs.index[obs.index.duplicated()]
-    if len(duplicated):
-        cell = duplicated[0]
-        where = ", ".join(str(src.path) for src in sources if cell in src.obs.index)
-        raise SscellError(f"cell id {cell!r} appears more than once (in {where}); cell ids must be unique")
-    return obs.astype("category")
+    """The sources' kept obs columns concatenated, as categoricals with sorted categories (RangeIndex)."""
+    names = dict.fromkeys(c for src in sources for c in src.obs.columns)
+    return pd.DataFrame({
+        c: union_categoricals([src.obs[c].array if c in src.obs  # else all missing
+                               else pd.Categorical.from_codes(np.full(src.n_cells, -1, np.int8), categories=[])
+                               for src in sources], sort_categories=True)
+        for c in names})
 
 
 def _measured(sources: Sequence[_Source], genes: pd.Index) -> pd.DataFrame:
@@ -138,20 +202,22 @@ def _progress(total: int, what: str) -> tqdm.tqdm:
 
 def _count_pass(sources: Sequence[_Source], block_cells: int) -> tuple[np.ndarray, int]:
     """Validate every block of counts; return nonzeros per cell (sources concatenated) and the max count."""
-    nnz, max_count = [], 0
-    with _progress(sum(src.n_cells for src in sources), "checking") as bar:
+    nnz, at, max_count = np.empty(sum(src.n_cells for src in sources), np.int32), 0, 0
+    with _progress(len(nnz), "checking") as bar:
         for src in sources:
             if isinstance(src, _StoreSource):  # already valid; keep its count dtype at least
-                nnz.append(np.diff(src.store.indptr))
+                nnz[at:at + src.n_cells] = np.diff(src.store.indptr)
                 max_count = max(max_count, 0 if src.store.data_dtype == np.uint16 else 2**16)
+                at += src.n_cells
                 bar.update(src.n_cells)
                 continue
             for start in range(0, src.n_cells, block_cells):
                 block = src.read(start, min(start + block_cells, src.n_cells))
-                nnz.append(np.diff(block.indptr))
+                nnz[at:at + block.shape[0]] = np.diff(block.indptr)
                 max_count = max(max_count, int(block.data.max(initial=0)))
+                at += block.shape[0]
                 bar.update(block.shape[0])
-    return np.concatenate(nnz), max_count
+    return nnz, max_count
 
 
 def _pwrite(fd: int, array: np.ndarray, offset: int) -> None:
@@ -161,22 +227,29 @@ def _pwrite(fd: int, array: np.ndarray, offset: int) -> None:
         view, offset = view[written:], offset + written
 
 
-def _shuffle_into(writer: StoreWriter, sources: Sequence[_Source], order: np.ndarray, scratch: Path,
+def _bucket_starts(indptr: np.ndarray, bucket_nonzeros: int, bucket_rows: int) -> np.ndarray:
+    """First store row of each bucket: a new bucket wherever indptr crosses a multiple of
+    `bucket_nonzeros`, and at least every `bucket_rows` rows."""
+    n = len(indptr) - 1
+    crossings = np.searchsorted(indptr[:-1], np.arange(0, int(indptr[-1]) + 1, bucket_nonzeros), "left")
+    return np.union1d(crossings[crossings < n], np.arange(0, n, bucket_rows))
+
+
+def _shuffle_into(writer: StoreWriter, sources: Sequence[_Source], dest: np.ndarray, id_bytes: int, scratch: Path,
                   block_cells: int, bucket_nonzeros: int) -> None:
-    """Append the cells to `writer` in `order` (store row i holds concatenated-source cell order[i]).
+    """Append the cells to `writer` with their ids, concatenated-source cell i as store row dest[i].
 
     Passes 2 and 3 of the module docstring: bucket k holds store rows [starts[k], starts[k+1]) and
     nonzeros [indptr[starts[k]], indptr[starts[k+1]]), so each bucket is one region of each scratch
-    file (rows, indices, data), filled from its start by a cursor.
+    file (rows, ids, indices, data), filled from its start by a cursor.
     """
-    indptr, n = writer.indptr, len(order)
-    dest = np.empty(n, np.int64)
-    dest[order] = np.arange(n)
-    starts = np.flatnonzero(np.diff(indptr[:-1] // bucket_nonzeros, prepend=-1))
+    indptr, n = writer.indptr, len(dest)
+    starts = _bucket_starts(indptr, bucket_nonzeros, BUCKET_ROWS)
     bounds = np.append(starts, n)
-    bucket_of_row = np.repeat(np.arange(len(starts)), np.diff(bounds))
     row_cursor, nz_cursor = starts.copy(), indptr[starts].copy()
-    dtypes = {"rows": np.dtype(np.int64), "indices": writer.indices_dtype, "data": writer.data_dtype}
+    dtypes = {"rows": dest.dtype, "ids": np.dtype(f"S{id_bytes}"), "indices": writer.indices_dtype,
+              "data": writer.data_dtype}
+    per_row = ("rows", "ids")
     scratch.mkdir()
     fds = {name: os.open(scratch / name, os.O_RDWR | os.O_CREAT) for name in dtypes}
     try:
@@ -186,15 +259,17 @@ def _shuffle_into(writer: StoreWriter, sources: Sequence[_Source], order: np.nda
                 for start in range(0, src.n_cells, block_cells):
                     stop = min(start + block_cells, src.n_cells)
                     rows = dest[offset + start:offset + stop]
-                    by_bucket = np.argsort(bucket_of_row[rows], kind="stable")
+                    by_bucket = np.argsort(np.searchsorted(starts, rows, "right"), kind="stable")
                     block, rows = src.read(start, stop)[by_bucket], rows[by_bucket]
-                    parts = {"rows": rows, "indices": block.indices.astype(dtypes["indices"]),
+                    parts = {"rows": rows, "ids": np.asarray(src.read_ids(start, stop), dtypes["ids"])[by_bucket],
+                             "indices": block.indices.astype(dtypes["indices"]),
                              "data": block.data.astype(dtypes["data"])}
-                    buckets = bucket_of_row[rows]
+                    buckets = np.searchsorted(starts, rows, "right") - 1
                     cuts = np.flatnonzero(np.diff(buckets)) + 1
                     for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(rows)]):
                         k, nz_lo, nz_hi = buckets[lo], block.indptr[lo], block.indptr[hi]
-                        _pwrite(fds["rows"], parts["rows"][lo:hi], row_cursor[k] * 8)
+                        for name in per_row:
+                            _pwrite(fds[name], parts[name][lo:hi], row_cursor[k] * dtypes[name].itemsize)
                         for name in ("indices", "data"):
                             _pwrite(fds[name], parts[name][nz_lo:nz_hi], nz_cursor[k] * dtypes[name].itemsize)
                         row_cursor[k] += hi - lo
@@ -202,15 +277,12 @@ def _shuffle_into(writer: StoreWriter, sources: Sequence[_Source], order: np.nda
                     bar.update(stop - start)
                 offset += src.n_cells
         with _progress(n, "writing") as bar:
-            for lo, hi in zip(bounds[:-1], bounds[1:]):
-                part = {name: np.fromfile(scratch / name, dtypes[name], offset=start * dtypes[name].itemsize,
-                                          count=stop - start)
-                        for name, (start, stop) in [("rows", (lo, hi)), ("indices", (indptr[lo], indptr[hi])),
-                                                    ("data", (indptr[lo], indptr[hi]))]}
-                rows = part["rows"]
-                local = np.concatenate([[0], np.cumsum(indptr[rows + 1] - indptr[rows])])
-                block = scipy.sparse.csr_matrix((part["data"], part["indices"], local), shape=(hi - lo, writer.n_genes))
-                writer.append(block[np.argsort(rows)])
+            for lo, hi in itertools.pairwise(bounds):
+                spans = {"rows": (lo, hi), "ids": (lo, hi), "indices": (indptr[lo], indptr[hi]),
+                         "data": (indptr[lo], indptr[hi])}
+                part = {name: np.fromfile(scratch / name, dtypes[name], offset=a * dtypes[name].itemsize, count=b - a)
+                        for name, (a, b) in spans.items()}
+                _append_bucket(writer, part, lo, hi)
                 bar.update(hi - lo)
     finally:
         for fd in fds.values():
@@ -218,19 +290,46 @@ def _shuffle_into(writer: StoreWriter, sources: Sequence[_Source], order: np.nda
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def _append_bucket(writer: StoreWriter, part: dict[str, np.ndarray], lo: int, hi: int) -> None:
+    """Append store rows [lo, hi) to `writer` from a bucket's scratch arrays (rows in bucket
+    order), gathering ~APPEND_NONZEROS nonzeros at a time so no full copy of the bucket is made."""
+    indptr, rows = writer.indptr, part["rows"]
+    in_order = np.argsort(rows)
+    lengths = indptr[rows + 1] - indptr[rows]
+    starts = (np.cumsum(lengths) - lengths)[in_order]  # where each store row's nonzeros are in the bucket
+    step = max(1, APPEND_NONZEROS * (hi - lo) // max(int(indptr[hi] - indptr[lo]), 1))
+    for a in range(0, hi - lo, step):
+        b = min(a + step, hi - lo)
+        local = indptr[lo + a:lo + b + 1] - indptr[lo + a]
+        gather = np.repeat(starts[a:b] - local[:-1], np.diff(local)) + np.arange(local[-1])
+        block = scipy.sparse.csr_matrix((part["data"][gather], part["indices"][gather], local),
+                                        shape=(b - a, writer.n_genes))
+        writer.append(block, np.char.decode(part["ids"][in_order[a:b]], "utf-8"))
+
+
 def _build(sources: Sequence[_Source], var: pd.DataFrame, known: np.ndarray, attrs: dict, tmp: Path, *,
            seed: int, split_fractions: Sequence[float], block_cells: int, bucket_nonzeros: int) -> None:
-    """Write the store of `sources` (gene order: var) at tmp/store; `known`: fixed splits (-1: assign)."""
+    """Write the store of `sources` (gene order: var) at tmp/store; `known`: fixed splits (-1: assign).
+
+    Memory beyond a block: at most ~40 bytes a cell (obs codes, nonzeros, order, indptr), ~25
+    while the cells move (obs codes in store order, each cell's store row, indptr).
+    """
+    id_bytes = check_unique(sources, block_cells)
     obs = _merge_obs(sources)
     nnz, max_count = _count_pass(sources, block_cells)
     rng = np.random.default_rng(seed)
-    unit = obs.groupby(["dataset_id", "donor_id"], observed=True).ngroup().to_numpy()
-    split = _assign_splits(unit, known, split_fractions, rng)
-    order = np.concatenate([rng.permutation(np.flatnonzero(split == k)) for k in range(len(SPLITS))])
-    obs = obs.iloc[order].assign(split=pd.Categorical.from_codes(split[order], SPLITS))
-    writer = StoreWriter(tmp / "store", np.concatenate([[0], np.cumsum(nnz[order])]), len(var),
-                         count_dtype(max_count), attrs)
-    _shuffle_into(writer, sources, order, tmp / "buckets", block_cells, bucket_nonzeros)
+    split = _assign_splits(_donor_units(obs), known, split_fractions, rng)
+    order = _shuffled_order(split, rng)
+    obs = pd.DataFrame({c: pd.Categorical.from_codes(obs[c].cat.codes.to_numpy()[order], dtype=obs[c].dtype)
+                        for c in obs} | {"split": pd.Categorical.from_codes(split[order], SPLITS)})
+    indptr = np.zeros(len(order) + 1, np.int64)
+    np.cumsum(nnz[order], out=indptr[1:])
+    del nnz, split
+    dest = np.empty_like(order)
+    dest[order] = np.arange(len(order), dtype=order.dtype)
+    del order
+    writer = StoreWriter(tmp / "store", indptr, len(var), count_dtype(max_count), attrs)
+    _shuffle_into(writer, sources, dest, id_bytes, tmp / "buckets", block_cells, bucket_nonzeros)
     writer.close(obs, var, {"measured": _measured(sources, var.index)})
 
 
@@ -271,6 +370,7 @@ def _report(output: Path, t0: float, cells_written: int, **extra) -> dict:
         "bytes_on_disk": size, "bytes_per_cell": size / store.n_cells, "seconds": seconds,
         "cells_per_s": cells_written / seconds,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        **({"traced_peak_bytes": tracemalloc.get_traced_memory()[1]} if tracemalloc.is_tracing() else {}),
     }
 
 
@@ -280,6 +380,12 @@ def _expand(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     for p in map(Path, inputs):
         paths.extend(sorted(p.glob("*.h5ad")) if p.is_dir() else [p])
     return paths
+
+
+def _gene_table(h5ads: Sequence[H5adInput], genes: pd.Index) -> pd.DataFrame:
+    """The var rows of `genes`, each from the first input holding it (NaN where none does)."""
+    var = pd.concat([inp.var for inp in h5ads])
+    return var[~var.index.duplicated()].reindex(genes)
 
 
 def _given_splits(h5ads: Sequence[H5adInput]) -> np.ndarray:
@@ -297,8 +403,9 @@ def convert(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, *, v
 
     vocabulary: a text file of gene ids, one per line, fixing the store's genes and their order;
     by default the union of the inputs' genes in first-seen order. append: add the inputs to the
-    existing store at `output` (its genes stay; cells of donor units already in it keep their
-    split). gene_column: a var column holding the gene ids (default: the var index).
+    existing store at `output` (cells of donor units already in it keep their split; its genes
+    stay, followed by the inputs' new genes unless it was made with a vocabulary file).
+    gene_column: a var column holding the gene ids (default: the var index).
     round_counts: round non-integer counts instead of refusing them. split_column: an obs column of
     train/val/test values that overrides the donor split for the inputs' cells. Returns the report.
     """
@@ -312,7 +419,8 @@ def convert(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, *, v
     if block_cells < 1 or bucket_nonzeros < 1:
         raise SscellError(f"block_cells ({block_cells}) and bucket_nonzeros ({bucket_nonzeros}) must be at least 1")
     if append and vocabulary:
-        raise SscellError("--append keeps the store's genes; drop --vocabulary")
+        raise SscellError("--append keeps the store's genes (and grows them if it was made without --vocabulary); "
+                          "drop --vocabulary")
     output.parent.mkdir(parents=True, exist_ok=True)
     _clean_stale(output)
     if append and not output.exists():
@@ -324,26 +432,36 @@ def convert(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, *, v
         h5ads = [open_input(p, stack, gene_column=gene_column, round_counts=round_counts, split_column=split_column)
                  for p in paths]
         sources: list[_Source] = []
-        attrs = {"inputs": [], "counts_source": [], "seed": seed, "split_fractions": list(split_fractions)}
+        attrs = {"inputs": [], "counts_source": [], "seed": seed, "split_fractions": list(split_fractions),
+                 "vocabulary_file": str(vocabulary) if vocabulary else None}
+        added = 0
         if append:
-            old = open_store(output)
-            genes, var, what = old.var.index, old.var, f"the store's genes ({output})"
-            skipped = [str(inp.path) for inp in h5ads if inp.obs.index.isin(old.obs.index).all()]
+            old = _StoreSource.open(output)
+            hashes, _ = sorted_hashes([old], block_cells)
+            skipped = [str(inp.path) for inp in h5ads if all_in(inp, hashes, block_cells)]
+            del hashes
             h5ads = [inp for inp in h5ads if str(inp.path) not in skipped]
             if not h5ads:
                 return _report(output, t0, 0, appended_cells=0, skipped=skipped)
-            sources.append(_StoreSource(old))
             previous = zarr.open_group(output, mode="r").attrs["sscell"]
-            attrs.update(inputs=previous["inputs"], counts_source=previous["counts_source"])
-            known = np.r_[old.obs["split"].cat.codes.to_numpy(np.int8), _given_splits(h5ads)]
+            genes, var, kind = old.store.var.index, old.store.var, id_kind(old.store.var.index)
+            what = f"the store's genes ({output})"
+            if "vocabulary_file" in previous and previous["vocabulary_file"] is None:  # derived: grows
+                union = union_vocabulary(h5ads)
+                new_genes = union[~union.isin(genes)]
+                genes, var, added = genes.append(new_genes), pd.concat([var, _gene_table(h5ads, new_genes)]), len(new_genes)
+                old.n_genes = len(genes)
+            sources.append(old)
+            attrs.update(inputs=previous["inputs"], counts_source=previous["counts_source"],
+                         vocabulary_file=previous.get("vocabulary_file", "unknown"))
+            known = np.r_[old.split, _given_splits(h5ads)]
         else:
             skipped = []
             genes = read_vocabulary(vocabulary) if vocabulary else union_vocabulary(h5ads)
             what = f"the vocabulary {vocabulary}" if vocabulary else f"the first input's genes ({h5ads[0].path})"
-            var = pd.concat([inp.var for inp in h5ads])
-            var = var[~var.index.duplicated()].reindex(genes)
+            var = _gene_table(h5ads, genes)
             known = _given_splits(h5ads)
-        kind = id_kind(h5ads[0].var.index) if not (append or vocabulary) else None  # a union may mix kinds
+            kind = None if vocabulary else id_kind(h5ads[0].var.index)  # a union may mix kinds
         for inp in h5ads:
             align(inp, genes, what, kind)
         sources.extend(h5ads)
@@ -368,7 +486,7 @@ def convert(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, *, v
             shutil.rmtree(tmp, ignore_errors=True)
     return _report(output, t0, sum(src.n_cells for src in sources),
                    appended_cells=sum(inp.n_cells for inp in h5ads) if append else 0, skipped=skipped,
-                   counts_source={str(inp.path): inp.source for inp in h5ads},
+                   counts_source={str(inp.path): inp.source for inp in h5ads}, genes_added=added,
                    genes_dropped={str(inp.path): inp.dropped for inp in h5ads})
 
 
@@ -377,7 +495,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m sscell.data.convert", description=__doc__.splitlines()[0])
     parser.add_argument("inputs", nargs="+", help=".h5ad files or directories holding them")
     parser.add_argument("--output", required=True, help="store directory to create (or to extend with --append)")
-    parser.add_argument("--append", action="store_true", help="add the inputs' cells to the existing store")
+    parser.add_argument("--append", action="store_true",
+                        help="add the inputs' cells (and, unless it was made with --vocabulary, their new genes) "
+                             "to the existing store")
     parser.add_argument("--vocabulary", help="text file of gene ids, one per line (default: the inputs' genes)")
     parser.add_argument("--gene-column", help="var column holding gene ids (default: the var index)")
     parser.add_argument("--round-counts", action="store_true",

@@ -2,7 +2,8 @@
 
 Files are opened with h5py and anndata's element readers (`anndata.io.read_elem` for single
 obs/var columns, `anndata.io.sparse_dataset` for the counts), because `read_h5ad(backed='r')`
-loads layers, obsm and uns into memory. Only the obs columns the store keeps are read.
+loads layers, obsm and uns into memory. Only the obs columns the store keeps are read, as
+categoricals (a small integer code per cell); cell ids stay on disk and are read in row blocks.
 
 Counts come from layers['counts'], else raw.X, else X. Genes are matched to the vocabulary by
 id (the var index, or a var column named by `gene_column`); genes outside the vocabulary are
@@ -22,12 +23,15 @@ import h5py
 import numpy as np
 import pandas as pd
 import scipy.sparse
+from pandas.api.types import union_categoricals
 
+from sscell.data.cell_ids import as_utf8
 from sscell.data.store import SPLITS
 from sscell.errors import SscellError
 
 REQUIRED_OBS = ("cell_type", "donor_id")
 OPTIONAL_OBS = ("cell_type_ontology_term_id", "dataset_id", "assay", "tissue")
+_COLUMN_BLOCK = 2**20  # cells of a plain (non-categorical) obs column read at a time
 _ENSEMBL = re.compile(r"ENS[A-Z]*G\d+(\.\d+)?")  # ENSG00000141510, ENSMUSG..., with version
 
 
@@ -42,7 +46,8 @@ class H5adInput:
     path: Path
     counts: anndata.abc.CSRDataset | h5py.Dataset
     source: str                 # where the counts came from, for the report
-    obs: pd.DataFrame           # kept columns only, categoricals of strings
+    obs: pd.DataFrame           # kept columns only, categoricals of strings; a RangeIndex (ids: read_ids)
+    ids: h5py.Dataset           # the obs index (cell ids), on disk
     var: pd.DataFrame           # index: gene ids of the counts' columns
     round_counts: bool = False  # round non-integer counts instead of refusing them
     columns: np.ndarray | None = None  # vocabulary column of each input column, -1: dropped
@@ -63,6 +68,14 @@ class H5adInput:
         mask = np.zeros(self.n_genes, bool)
         mask[self.columns[self.columns >= 0]] = True
         return mask
+
+    def read_ids(self, start: int, stop: int) -> np.ndarray:
+        """Cell ids of rows [start, stop) as an object array of UTF-8 bytes."""
+        try:
+            return as_utf8(self.ids[start:stop])
+        except (OSError, KeyError, ValueError, RuntimeError) as e:
+            raise SscellError(f"{self.path}: cannot read cell ids {start}-{stop - 1}, the file looks truncated "
+                              f"or corrupt ({_one_line(e)})") from None
 
     def read(self, start: int, stop: int) -> scipy.sparse.csr_matrix:
         """Validated counts of rows [start, stop) as csr over the vocabulary, explicit zeros dropped."""
@@ -99,9 +112,20 @@ class H5adInput:
         return data
 
 
-def _read_obs(path: Path, group: h5py.Group) -> pd.DataFrame:
-    """The kept obs columns as categoricals of strings, indexed by cell id (str)."""
-    index = anndata.io.read_elem(group[group.attrs["_index"]])
+def _read_categorical(elem: h5py.Group | h5py.Dataset) -> pd.Categorical:
+    """An obs column as a categorical; a plain array is read in blocks, never as one array of objects."""
+    if isinstance(elem, h5py.Group):  # categorical or nullable: codes/values plus a mask, small
+        return pd.Categorical(anndata.io.read_elem(elem))
+    read = elem.asstr() if h5py.check_string_dtype(elem.dtype) else elem
+    return union_categoricals([pd.Categorical(read[start:start + _COLUMN_BLOCK])
+                               for start in range(0, len(elem), _COLUMN_BLOCK)] or [pd.Categorical([])])
+
+
+def _read_obs(path: Path, group: h5py.Group) -> tuple[pd.DataFrame, h5py.Dataset]:
+    """The kept obs columns as categoricals of strings (RangeIndex), and the cell ids' dataset."""
+    ids = group[group.attrs["_index"]]
+    if not isinstance(ids, h5py.Dataset):
+        raise SscellError(f"{path}: obs index is not a plain string array; rewrite the file with anndata")
     missing = [c for c in REQUIRED_OBS if c not in group]
     if missing:
         raise SscellError(f"{path}: obs lacks required column(s) {', '.join(missing)}; "
@@ -109,27 +133,27 @@ def _read_obs(path: Path, group: h5py.Group) -> pd.DataFrame:
     columns = {}
     for c in REQUIRED_OBS + OPTIONAL_OBS:
         if c in group:
-            column = pd.Categorical(anndata.io.read_elem(group[c]))
+            column = _read_categorical(group[c])
             columns[c] = column.rename_categories([str(v) for v in column.categories])
             if c in REQUIRED_OBS and (columns[c].codes < 0).any():
                 raise SscellError(f"{path}: obs column {c} has missing values; fill or drop those cells")
-    obs = pd.DataFrame(columns, index=pd.Index(np.asarray(index, dtype=str)))
+    obs = pd.DataFrame(columns, index=pd.RangeIndex(len(ids)))
     if "dataset_id" not in obs:
-        obs["dataset_id"] = pd.Categorical([path.stem] * len(obs))
-    return obs
+        obs["dataset_id"] = pd.Categorical.from_codes(np.zeros(len(obs), np.int8), [path.stem])
+    return obs, ids
 
 
 def _read_split(path: Path, group: h5py.Group, column: str) -> np.ndarray:
     """Split codes (index into SPLITS) of a user-given obs column of train/val/test values."""
     if column not in group:
         raise SscellError(f"{path}: obs has no split column {column!r}; add it or drop --split-column")
-    values = pd.Categorical(anndata.io.read_elem(group[column]))
+    values = _read_categorical(group[column])
     unknown = sorted({str(v) for v in values.categories} - set(SPLITS))
     if unknown or (values.codes < 0).any():
         found = unknown[:3] if unknown else ["missing values"]
         raise SscellError(f"{path}: obs column {column!r} holds {', '.join(found)}; "
                           f"split values must be {', '.join(SPLITS)}")
-    return np.asarray([SPLITS.index(str(v)) for v in values], np.int8)
+    return np.asarray([SPLITS.index(str(v)) for v in values.categories], np.int8)[values.codes]
 
 
 def open_input(path: str | os.PathLike, stack: contextlib.ExitStack, *, gene_column: str | None = None,
@@ -153,7 +177,7 @@ def open_input(path: str | os.PathLike, stack: contextlib.ExitStack, *, gene_col
             if counts.format != "csr":
                 raise SscellError(f"{path}: counts in {source} are stored as {counts.format}; "
                                   "rewrite them as csr (e.g. adata.X = adata.X.tocsr()) and convert again")
-        obs = _read_obs(path, f["obs"])
+        obs, ids = _read_obs(path, f["obs"])
         given_split = _read_split(path, f["obs"], split_column) if split_column else None
         var = anndata.io.read_elem(f[var_key])
     except (OSError, KeyError, ValueError, RuntimeError) as e:
@@ -172,7 +196,7 @@ def open_input(path: str | os.PathLike, stack: contextlib.ExitStack, *, gene_col
     if var.index.has_duplicates:
         raise SscellError(f"{path}: gene id {var.index[var.index.duplicated()][0]!r} appears more than once "
                           f"in {var_key}{'.' + gene_column if gene_column else ''}; gene ids must be unique")
-    return H5adInput(path, counts, source, obs, var, round_counts, given_split=given_split)
+    return H5adInput(path, counts, source, obs, ids, var, round_counts, given_split=given_split)
 
 
 def read_vocabulary(path: str | os.PathLike) -> pd.Index:
@@ -211,7 +235,7 @@ def align(inp: H5adInput, vocabulary: pd.Index, what: str, wanted: str | None = 
                 f"give the var index (or a var column named with --gene-column) as {wanted}")
         raise SscellError(f"{inp.path}: gene ids look like {kind} (e.g. {inp.var.index[0]!r}) but {what} uses "
                           f"{wanted} (e.g. {vocabulary[0]!r}); {hint}")
-    inp.columns = vocabulary.get_indexer(inp.var.index)
+    inp.columns = vocabulary.get_indexer(inp.var.index).astype(np.int32)  # int32 gene indices per nonzero
     inp.n_genes = len(vocabulary)
     if inp.dropped == len(inp.var):
         raise SscellError(f"{inp.path}: none of its {len(inp.var)} genes (e.g. {inp.var.index[0]!r}) is in "

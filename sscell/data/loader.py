@@ -4,18 +4,31 @@ A loader reads a *selection*: the rows of one split, optionally only some datase
 a fraction of them (`select_rows`), held as a sorted array of store rows. The split's rows are
 cut into windows of `block_cells` consecutive rows (the store is shuffled at write time, so a
 window is a random sample); a block is the selected rows of one window. Each epoch permutes
-the blocks, the permuted sequence of cells is cut into global batches, each process reads
+the blocks, the permuted sequence of cells is cut into global batches, and each process reads
 only its contiguous slice of a global batch - the runs of consecutive selected rows, all
-issued at once - and shuffles it. Rows outside the selection are never read.
+issued at once. Rows outside the selection are never read.
 
 The order is a pure function of (seed, epoch, batch index), so the iterator state is just
 the global step, exact resume needs no replay, and every selected cell is seen once per epoch
 (bar the last partial batch). The loader's host state per cell is its row (int64) and three
 label codes (int32): 20 bytes, no Python objects.
 
-Batches are padded sparse rows (`genes`, `counts`: cells x width, width a power of two agreed
-by every process, so jit sees few shapes), integer labels and `cell` (each cell's row in the
-store); `sscell.data.preprocess` densifies on the device.
+Batch layout (flat CSR per data-parallel shard). A process's slice of a batch is cut into
+`shards` equal groups of consecutive cells, one per device of the mesh's "data" axis that the
+process feeds; shard s holds its cells' nonzeros concatenated:
+
+    genes   (shards, size)        gene index of each nonzero (the store's uint16 / uint32)
+    counts  (shards, size)        its count (the store's uint16 / uint32)
+    indptr  (shards, cells + 1)   int32: shard s's cell i is genes/counts[s, indptr[s, i]:indptr[s, i + 1]]
+    cell, cell_type, donor, dataset   (shards * cells,) int32: store row and label codes
+
+`size` is the nonzeros of the epoch's fullest shard rounded up to one of 8 sizes per power of
+two (`nnz_bucket`), computed by every process from the in-RAM indptr: one shape per epoch for
+jit (usually one for the whole run); the padding past indptr[s, -1] holds zeros. The leading
+axis of every field is split over the mesh's "data" axis, so each device densifies its own
+cells only (`sscell.data.preprocess.densify`). With uint16 genes and counts the host ships
+~4 bytes a nonzero plus 4 a cell, where padded rows (cells x the fullest row) took 4 bytes a
+slot: 4.3-4.6x fewer bytes at 19,331 genes (`python -m benchmarks.bench_loader`).
 """
 from __future__ import annotations
 
@@ -25,7 +38,6 @@ import functools
 from collections.abc import Iterator, Sequence
 
 import numpy as np
-import scipy.sparse as sp
 
 from sscell.data.store import Store
 from sscell.errors import SscellError
@@ -36,19 +48,17 @@ _FRACTION_STREAM = 2**40  # rng key of the fraction draw, apart from the (seed, 
 
 
 def label_codes(store: Store, start: int, stop: int) -> dict[str, np.ndarray]:
-    """Integer codes (int32) of the label columns for rows [start, stop) of the store."""
-    obs = store.obs.iloc[start:stop]
+    """Integer codes (int32) of the label columns for rows [start, stop) of the store (0 where absent)."""
     return {
-        name: np.asarray(obs[column].astype("category").cat.codes, np.int32)
-        if column in obs else np.zeros(stop - start, np.int32)
+        name: store.labels[column].cat.codes.to_numpy()[start:stop].astype(np.int32)
+        if column in store.labels else np.zeros(stop - start, np.int32)
         for name, column in LABEL_COLUMNS.items()
     }
 
 
 def label_names(store: Store, name: str) -> list[str]:
     """The category names behind the codes of label `name` (e.g. the cell types)."""
-    column = store.obs[LABEL_COLUMNS[name]].astype("category")
-    return [str(c) for c in column.cat.categories]
+    return [str(c) for c in store.labels[LABEL_COLUMNS[name]].cat.categories]
 
 
 def select_rows(store: Store, split: str, *, datasets: Sequence[str] = (), fraction: float = 1.0,
@@ -64,10 +74,10 @@ def select_rows(store: Store, split: str, *, datasets: Sequence[str] = (), fract
     rows = np.arange(start, stop, dtype=np.int64)
     if datasets:
         column = LABEL_COLUMNS["dataset"]
-        if column not in store.obs:
+        if column not in store.labels:
             raise SscellError(f"the store has no obs['{column}'] to select datasets from; drop the dataset selection")
-        labels = store.obs[column].iloc[start:stop].astype("category")  # codes: no per-cell strings
-        codes, names = labels.cat.codes.to_numpy(), np.asarray(labels.cat.categories.astype(str))
+        labels = store.labels[column]
+        codes, names = labels.cat.codes.to_numpy()[start:stop], np.asarray(labels.cat.categories.astype(str))
         present = names[np.bincount(codes, minlength=len(names)) > 0]
         unknown = sorted(set(datasets) - set(present))
         if unknown:
@@ -85,31 +95,36 @@ def select_rows(store: Store, split: str, *, datasets: Sequence[str] = (), fract
     return rows
 
 
-def bucket_width(fullest: int, n_genes: int) -> int:
-    """Padded row width for rows of at most `fullest` nonzeros: a power of two >= 16, at most n_genes."""
-    return min(n_genes, max(16, 1 << (max(fullest, 1) - 1).bit_length()))
+def nnz_bucket(n: int) -> int:
+    """Padded length for `n` nonzeros: the next multiple of 1/8 of n's power of two (>= 16), so
+    padding stays under 12.5% and a batch sees one of 8 sizes per doubling."""
+    n = int(n)
+    if n <= 16:
+        return 16
+    step = 1 << ((n - 1).bit_length() - 4)
+    return -(-n // step) * step
 
 
-def padded_rows(matrix: sp.csr_matrix, width: int | None = None,
-                order: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(genes, counts) of shape (cells, width): each row's nonzeros, zero-padded.
+def shard_nonzeros(data: np.ndarray, indices: np.ndarray, lengths: np.ndarray, shards: int = 1,
+                   size: int | None = None) -> dict[str, np.ndarray]:
+    """{"genes", "counts", "indptr"} of cells in the flat layout of the module docstring.
 
-    Genes are uint16 (int32 beyond 65,536 genes) and counts keep the matrix's dtype (the
-    store's integer counts): half the bytes of int32/float32 to fill and to ship, and
-    `preprocess.densify` casts on the device. Output row i holds matrix row `order[i]`
-    (default: row i); `width` defaults to the bucket of the fullest row.
+    `data` / `indices` are the cells' counts / gene indices concatenated in cell order (a CSR
+    matrix's `data` and `indices`), `lengths` the cells' nonzeros; the cells are cut into
+    `shards` equal groups of consecutive cells. Dtypes are kept; `size` defaults to
+    `nnz_bucket` of the fullest shard.
     """
-    n = matrix.shape[0]
-    nnz_per_row = np.diff(matrix.indptr)
-    if width is None:
-        width = bucket_width(int(nnz_per_row.max(initial=1)), matrix.shape[1])
-    destination = np.arange(n) if order is None else np.argsort(order)  # output row of each matrix row
-    flat = np.arange(matrix.nnz) + np.repeat(destination * width - matrix.indptr[:-1], nnz_per_row)
-    genes = np.zeros(n * width, np.uint16 if matrix.shape[1] <= 2**16 else np.int32)
-    counts = np.zeros(n * width, matrix.dtype)
-    genes[flat] = matrix.indices
-    counts[flat] = matrix.data
-    return genes.reshape(n, width), counts.reshape(n, width)
+    cells = len(lengths)
+    if cells % shards:
+        raise ValueError(f"{cells} cells do not split into {shards} equal shards")
+    indptr = np.zeros((shards, cells // shards + 1), np.int32)
+    np.cumsum(np.asarray(lengths).reshape(shards, -1), axis=1, out=indptr[:, 1:])
+    totals = indptr[:, -1]
+    size = nnz_bucket(totals.max(initial=0)) if size is None else size
+    genes, counts = np.zeros((shards, size), indices.dtype), np.zeros((shards, size), data.dtype)
+    for s, (lo, hi) in enumerate(zip(np.cumsum(totals) - totals, np.cumsum(totals))):
+        genes[s, :hi - lo], counts[s, :hi - lo] = indices[lo:hi], data[lo:hi]
+    return {"genes": genes, "counts": counts, "indptr": indptr}
 
 
 def runs(rows: np.ndarray) -> list[tuple[int, int]]:
@@ -122,15 +137,19 @@ def runs(rows: np.ndarray) -> list[tuple[int, int]]:
 class CellLoader:
     """Batches of the selected cells of one split; `batch(step)` is a pure function of the step.
 
-    `datasets` and `fraction` narrow the split as in `select_rows` (drawn from `seed`).
+    `datasets` and `fraction` narrow the split as in `select_rows` (drawn from `seed`). Each
+    process's slice of a batch is laid out in `shards` shards (the data-parallel devices it
+    feeds: `sscell.training.mesh.local_data_shards`). Cells keep their block order within a
+    batch: the store is shuffled at write time, and a step does not depend on the order of
+    the cells of its batch.
     """
 
     def __init__(self, store: Store, split: str, batch_size: int, seed: int, *,
                  datasets: Sequence[str] = (), fraction: float = 1.0, block_cells: int = 64,
-                 process_index: int = 0, process_count: int = 1, prefetch: int = 4):
-        if batch_size % process_count:
-            raise SscellError(f"batch size {batch_size} is not divisible by the {process_count} processes; "
-                              "choose a multiple")
+                 process_index: int = 0, process_count: int = 1, shards: int = 1, prefetch: int = 4):
+        if batch_size % (process_count * shards):
+            raise SscellError(f"batch size {batch_size} is not divisible by the {process_count} process(es) x "
+                              f"{shards} data shard(s) each; choose a multiple")
         self.store = store
         self.rows = select_rows(store, split, datasets=datasets, fraction=fraction, seed=seed)
         self.n_cells = len(self.rows)
@@ -143,6 +162,7 @@ class CellLoader:
         self.block_cells = block_cells
         self.process_index = process_index
         self.process_count = process_count
+        self.shards = shards
         self.prefetch = prefetch
         self.steps_per_epoch = self.n_cells // batch_size
         start, stop = store.split_range(split)
@@ -151,6 +171,7 @@ class CellLoader:
         # Block b holds self.rows[bounds[b]:bounds[b + 1]], the selected rows of one window.
         self._bounds = np.r_[0, np.flatnonzero(np.diff(window)) + 1, self.n_cells]
         self._epoch_order = functools.lru_cache(maxsize=2)(self._order)
+        self._epoch_size = functools.lru_cache(maxsize=2)(self._size)
 
     def _order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """This epoch's block order, and where each block begins in the epoch's cell sequence."""
@@ -158,34 +179,45 @@ class CellLoader:
         lengths = (self._bounds[1:] - self._bounds[:-1])[blocks]
         return blocks, np.cumsum(lengths) - lengths
 
+    def _cells(self, epoch: int, first: int, last: int) -> np.ndarray:
+        """Indices into `self.rows` of cells [first, last) of the epoch's cell sequence."""
+        blocks, positions = self._epoch_order(epoch)
+        lo = int(np.searchsorted(positions, first, side="right")) - 1
+        hi = int(np.searchsorted(positions, last, side="left"))
+        blocks, positions = blocks[lo:hi], positions[lo:hi]
+        skip = np.maximum(first - positions, 0)  # cells of each block before `first` / from `last` on
+        take = np.minimum(last - positions, self._bounds[blocks + 1] - self._bounds[blocks]) - skip
+        return np.repeat(self._bounds[blocks] + skip - (np.cumsum(take) - take), take) + np.arange(take.sum())
+
     def selection(self, step: int) -> np.ndarray:
         """Indices into `self.rows` of global batch `step`, process slices one after another."""
         epoch, index = divmod(step, self.steps_per_epoch)
-        blocks, positions = self._epoch_order(epoch)
-        first, last = index * self.batch_size, (index + 1) * self.batch_size
-        lo = int(np.searchsorted(positions, first, side="right")) - 1
-        hi = int(np.searchsorted(positions, last, side="left"))
-        return np.concatenate([
-            self._bounds[b] + np.arange(max(first - p, 0), min(last - p, self._bounds[b + 1] - self._bounds[b]))
-            for b, p in zip(blocks[lo:hi], positions[lo:hi])])
+        return self._cells(epoch, index * self.batch_size, (index + 1) * self.batch_size)
+
+    def _size(self, epoch: int, chunk_cells: int = 2**18) -> int:
+        """The padded size of every shard of the epoch: `nnz_bucket` of its fullest shard, from the
+        in-RAM indptr (so one shape per epoch for jit, and every process agrees without reading
+        another's cells), counted ~`chunk_cells` cells at a time."""
+        cells = self.steps_per_epoch * self.batch_size
+        shard_cells = self.local_batch_size // self.shards
+        chunk = max(1, chunk_cells // self.batch_size) * self.batch_size
+        fullest = 0
+        for first in range(0, cells, chunk):
+            rows = self.rows[self._cells(epoch, first, min(first + chunk, cells))]
+            lengths = self.store.indptr[rows + 1] - self.store.indptr[rows]
+            fullest = max(fullest, int(lengths.reshape(-1, shard_cells).sum(1).max()))
+        return nnz_bucket(fullest)
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
-        """This process's slice of global batch `step`: padded rows and labels, shuffled."""
-        selection = self.selection(step)
-        indptr = self.store.indptr
-        # One padded width for every process's slice (global arrays need equal shapes), from the
-        # in-RAM indptr alone: no process reads another's cells.
-        fullest = int((indptr[self.rows[selection] + 1] - indptr[self.rows[selection]]).max())
-        width = bucket_width(fullest, self.store.n_genes)
+        """This process's slice of global batch `step` in the flat sharded layout, with labels."""
         n = self.local_batch_size
-        selection = selection[self.process_index * n:(self.process_index + 1) * n]
+        selection = self.selection(step)[self.process_index * n:(self.process_index + 1) * n]
         rows = self.rows[selection]
-        matrix = sp.vstack(self.store.read_blocks(runs(rows)), format="csr")
-        epoch, index = divmod(step, self.steps_per_epoch)
-        order = np.random.default_rng([self.seed, epoch, index, self.process_index]).permutation(n)
-        genes, counts = padded_rows(matrix, width, order)
-        labels = {name: codes[selection[order]] for name, codes in self.labels.items()}
-        return {"genes": genes, "counts": counts, "cell": rows[order].astype(np.int32), **labels}
+        data, indices = self.store.read_nonzeros(runs(rows))
+        lengths = self.store.indptr[rows + 1] - self.store.indptr[rows]
+        labels = {name: codes[selection] for name, codes in self.labels.items()}
+        nonzeros = shard_nonzeros(data, indices, lengths, self.shards, self._epoch_size(step // self.steps_per_epoch))
+        return {**nonzeros, "cell": rows.astype(np.int32), **labels}
 
     def iterate(self, start_step: int, stop_step: int) -> Iterator[dict[str, np.ndarray]]:
         """Batches for steps [start_step, stop_step), `prefetch` steps read ahead on as many threads."""
@@ -199,22 +231,23 @@ class CellLoader:
                 yield pending.popleft().result()
 
 
-def sequential_batches(store: Store, start: int, stop: int, batch_size: int
+def sequential_batches(store: Store, start: int, stop: int, batch_size: int, shards: int = 1
                        ) -> Iterator[tuple[dict[str, np.ndarray], int]]:
-    """Rows [start, stop) in store order, as (batch, n_valid) of fixed `batch_size` cells.
+    """Rows [start, stop) in store order, as (batch, n_valid) of fixed `batch_size` cells, in
+    `CellLoader.batch`'s layout with `shards` shards.
 
-    The last batch is padded with empty cells (all-zero counts) so jit sees one batch shape;
+    The last batch is padded with empty cells (no nonzeros) so jit sees one batch shape;
     `n_valid` says how many leading cells are real.
     """
     labels = label_codes(store, start, stop)
+    lengths = np.diff(store.indptr[start:stop + 1])
+    padded = np.pad(lengths, (0, -len(lengths) % batch_size))
+    size = nnz_bucket(padded.reshape(-1, batch_size // shards).sum(1).max(initial=0))  # one shape for all
     for a in range(start, stop, batch_size):
         b = min(a + batch_size, stop)
-        matrix = store.read_rows(a, b)
-        if b - a < batch_size:
-            matrix = sp.vstack([matrix, sp.csr_matrix((batch_size - (b - a), store.n_genes), dtype=matrix.dtype)],
-                               format="csr")
-        genes, counts = padded_rows(matrix)
         pad = batch_size - (b - a)
+        data, indices = store.read_nonzeros([(a, b)])
         batch = {name: np.pad(codes[a - start:b - start], (0, pad)) for name, codes in labels.items()}
         cell = np.pad(np.arange(a, b, dtype=np.int32), (0, pad))
-        yield {"genes": genes, "counts": counts, "cell": cell, **batch}, b - a
+        nonzeros = shard_nonzeros(data, indices, padded[a - start:a - start + batch_size], shards, size)
+        yield {**nonzeros, "cell": cell, **batch}, b - a

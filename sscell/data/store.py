@@ -7,7 +7,8 @@ Layout (`anndata.read_zarr(STORE)` opens it; the loader reads cells through `Sto
     STORE/X/data       counts, uint16 if every count < 65536 else uint32
     STORE/X/indices    gene index, uint16 if n_genes <= 65536 else uint32
     STORE/X/indptr     int64, n_cells + 1 (held in RAM by `Store`)
-    STORE/obs, /var    written by anndata, so dtypes and categoricals round trip
+    STORE/obs, /var    written by anndata, so dtypes and categoricals round trip (obs/_index, the
+                       cell ids, in chunks of ID_CHUNK written as the rows arrive)
 
     STORE/varm/measured  bool DataFrame, genes x datasets: which genes each dataset_id measured
 
@@ -16,6 +17,12 @@ accepted by `open_store`.
 
 Rows are grouped by obs["split"] (train, val, test) and shuffled within each split at write time,
 so a split is one contiguous row range and any contiguous block of it is a random sample.
+
+Reading (`open_store`): indptr, the label columns of obs (as category codes) and var stay in
+RAM; counts are read on demand with tensorstore, the full obs with `Store.read_obs()`. A store
+copied to a bucket (`gsutil -m cp -r STORE gs://BUCKET/PATH`, `aws s3 sync STORE
+s3://BUCKET/PATH`) opens from its URL: tensorstore's gcs / s3 drivers read X, zarr-python
+through gcsfs / s3fs (`pip install 'sscell[remote]'`) reads obs, var and varm.
 
 Chunking of data/indices/indptr (1-D, zarr v3 `sharding_indexed`, blosc lz4 + byte shuffle per
 inner chunk, all readable by zarr-python too): inner chunks hold about 128 cells' worth of
@@ -44,7 +51,11 @@ FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
 SHARD_ELEMENTS = 2**24
 CELLS_PER_CHUNK = 128
+ID_CHUNK = 2**16  # cell ids per chunk of obs/_index
 _HOW_TO_CREATE = "create one with python -m sscell.data.convert"
+# obs columns held in RAM by `Store.labels` (as category codes), when the store has them
+LABEL_OBS_COLUMNS = ("split", "cell_type", "cell_type_ontology_term_id", "donor_id", "dataset_id")
+REMOTE = {"gs": ("gcs", "gcsfs"), "s3": ("s3", "s3fs")}  # URL scheme: tensorstore kvstore driver, fsspec package
 
 
 def _context() -> ts.Context:
@@ -97,18 +108,37 @@ def _create_array(path: Path, size: int, dtype: np.dtype, chunks: tuple[int, int
     return ts.open(spec, context=ctx).result()
 
 
-def _open_array(path: Path, ctx: ts.Context) -> ts.TensorStore:
-    return ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}},
-                   read=True, context=ctx).result()
+def _kvstore(location: str, key: str) -> dict:
+    """The tensorstore kvstore of `key` (e.g. "X/data") in the store at `location`: a local path,
+    gs://BUCKET/PATH or s3://BUCKET/PATH.
+
+    Credentials come from the environment as for gsutil / the aws CLI (Application Default
+    Credentials; AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or ~/.aws/credentials); an s3://
+    store on an S3-compatible server is reached through AWS_ENDPOINT_URL.
+    """
+    scheme, remote, rest = location.partition("://")
+    if not remote:
+        return {"driver": "file", "path": str(Path(location, key))}
+    bucket, _, prefix = rest.partition("/")
+    spec = {"driver": REMOTE[scheme][0], "bucket": bucket, "path": "/".join(filter(None, (prefix.strip("/"), key))) + "/"}
+    if scheme == "s3" and os.environ.get("AWS_ENDPOINT_URL"):
+        spec["endpoint"] = os.environ["AWS_ENDPOINT_URL"]
+    return spec
+
+
+def _open_array(kvstore: dict, ctx: ts.Context) -> ts.TensorStore:
+    return ts.open({"driver": "zarr3", "kvstore": kvstore}, read=True, context=ctx).result()
 
 
 class StoreWriter:
-    """Writes a new store at `path`: X rows appended in order, then obs and var.
+    """Writes a new store at `path`: X rows (and their cell ids) appended in order, then obs and var.
 
     The row layout (`indptr`) is known up front, so data/indices are created at their final
     size and written in shard-aligned pieces (each shard written once); the tail is written by
     `close`. At most one piece is being written while the caller prepares the next block.
     `data_dtype` must hold every count; blocks may carry any dtypes that cast exactly.
+    Cell ids given with the rows go to obs/_index in chunk-aligned pieces, so they are never all
+    in memory; without them, `close` takes them from obs.index.
     """
 
     def __init__(self, path: str | os.PathLike, indptr: np.ndarray, n_genes: int,
@@ -134,14 +164,30 @@ class StoreWriter:
         self._flushed = 0     # nonzeros written to disk so far
         self._buffer: list[tuple[np.ndarray, np.ndarray]] = []
         self._pending: list[ts.WriteFutures] = []
+        self._ids = root.create_group("obs").create_array(
+            "_index", shape=(n_cells,), dtype=str, chunks=(max(1, min(n_cells, ID_CHUNK)),),
+            compressors=zarr.codecs.ZstdCodec(), attributes={"encoding-type": "string-array",
+                                                            "encoding-version": "0.2.0"})
+        self._id_buffer: list[np.ndarray] = []
+        self._ids_written = 0
+        self._with_ids: bool | None = None  # whether append() gets the ids
 
-    def append(self, block: scipy.sparse.csr_matrix) -> None:
-        """Append the next block of rows (csr, n_genes columns) after those already appended."""
+    def append(self, block: scipy.sparse.csr_matrix, ids: np.ndarray | None = None) -> None:
+        """Append the next block of rows (csr, n_genes columns) after those already appended, with
+        their cell ids (str), if given; give them with every block or with none."""
         stop = self._rows + block.shape[0]
         expected = self.indptr[stop] - self.indptr[self._rows]
         if block.nnz != expected:
             raise ValueError(f"rows {self._rows}:{stop} have {block.nnz} nonzeros, indptr says {expected}")
-        self._buffer.append((block.data, block.indices))
+        if self._with_ids not in (None, ids is not None) or (ids is not None and len(ids) != block.shape[0]):
+            raise ValueError("give one cell id per row with every block, or with none")
+        self._with_ids = ids is not None
+        if self._with_ids:
+            self._id_buffer.append(np.asarray(ids, dtype=str))
+            if stop - self._ids_written >= self._ids.chunks[0]:
+                self._write_ids((stop - self._ids_written) // self._ids.chunks[0] * self._ids.chunks[0])
+        self._buffer.append((block.data.astype(self.data_dtype, copy=False),  # buffered at store width
+                             block.indices.astype(self.indices_dtype, copy=False)))
         self._rows = stop
         buffered = int(self.indptr[stop]) - self._flushed
         if buffered >= self.shard_elements:
@@ -154,23 +200,39 @@ class StoreWriter:
         for pending in self._pending:
             pending.result()
         lo, hi = self._flushed, self._flushed + n
-        self._pending = [
-            self._data[lo:hi].write(data[:n].astype(self._data.dtype.numpy_dtype, copy=False)),
-            self._indices[lo:hi].write(indices[:n].astype(self._indices.dtype.numpy_dtype, copy=False)),
+        self._pending = [  # data and indices are never modified again: tensorstore need not copy them
+            self._data[lo:hi].write(data[:n].astype(self._data.dtype.numpy_dtype, copy=False),
+                                    can_reference_source_data_indefinitely=True),
+            self._indices[lo:hi].write(indices[:n].astype(self._indices.dtype.numpy_dtype, copy=False),
+                                       can_reference_source_data_indefinitely=True),
         ]
         self._flushed = hi
 
+    def _write_ids(self, n: int) -> None:
+        ids = np.concatenate(self._id_buffer)
+        self._ids[self._ids_written:self._ids_written + n] = ids[:n]
+        self._id_buffer = [ids[n:]]
+        self._ids_written += n
+
     def close(self, obs: pd.DataFrame, var: pd.DataFrame, varm: dict[str, pd.DataFrame] | None = None) -> None:
-        """Write the remaining nonzeros, obs, var and varm (obs rows in store order), then the sscell attribute."""
+        """Write the remaining nonzeros, obs, var and varm (obs rows in store order; its index is
+        ignored if the ids came with the rows), then the sscell attribute."""
         if self._rows != len(self.indptr) - 1:
             raise ValueError(f"{self._rows} rows appended, indptr describes {len(self.indptr) - 1}")
         if self._flushed < self.indptr[-1]:
             self._flush(int(self.indptr[-1]) - self._flushed)
+        if self._with_ids:
+            self._write_ids(self._rows - self._ids_written)
+        elif self._rows:
+            self._ids[:] = obs.index.astype(str).to_numpy()
         for pending in self._pending:
             pending.result()
         root = zarr.open_group(self.path, mode="r+", zarr_format=3)
         with anndata.settings.override(auto_shard_zarr_v3=False):  # obs/var columns are small: unsharded
-            anndata.io.write_elem(root, "obs", obs)
+            for name in obs.columns:  # anndata's dataframe layout, around the _index written above
+                anndata.io.write_elem(root["obs"], name, obs[name].values)
+            root["obs"].attrs.update({"_index": "_index", "column-order": list(obs.columns),
+                                      "encoding-type": "dataframe", "encoding-version": "0.2.0"})
             anndata.io.write_elem(root, "var", var)
             if varm:
                 anndata.io.write_elem(root, "varm", varm)
@@ -179,8 +241,13 @@ class StoreWriter:
 
 @dataclasses.dataclass(eq=False)
 class Store:
-    """An open store: indptr, obs and var in RAM; counts read on demand with tensorstore.
+    """An open store: indptr, label columns and var in RAM; counts and the full obs read on demand.
 
+    `labels` holds the obs columns of LABEL_OBS_COLUMNS the store has (split, cell type and its
+    ontology id, donor, dataset) as categoricals with a RangeIndex: their integer codes and
+    categories only, a few bytes a cell and no per-cell strings, so host memory grows by
+    ~15 bytes a cell with the store (with `indptr`). `read_obs()` reads the full obs (every
+    column, cell ids as index) from the store when asked.
     `datasets` are the obs dataset_id categories (the order of the loader's `dataset` codes);
     `measured[d, g]` says whether dataset `datasets[d]` measured gene `g` (unmeasured genes
     read as zeros but are unknown).
@@ -190,10 +257,11 @@ class Store:
     n_cells: int
     n_genes: int
     indptr: np.ndarray = dataclasses.field(repr=False)
-    obs: pd.DataFrame = dataclasses.field(repr=False)
+    labels: pd.DataFrame = dataclasses.field(repr=False)
     var: pd.DataFrame = dataclasses.field(repr=False)
     datasets: list[str] = dataclasses.field(repr=False)
     measured: np.ndarray = dataclasses.field(repr=False)
+    _root: zarr.Group = dataclasses.field(repr=False)
     _data: ts.TensorStore = dataclasses.field(repr=False)
     _indices: ts.TensorStore = dataclasses.field(repr=False)
 
@@ -202,11 +270,15 @@ class Store:
         """The stored counts' dtype (uint16 or uint32)."""
         return np.dtype(self._data.dtype.numpy_dtype)
 
+    def read_obs(self) -> pd.DataFrame:
+        """The full obs (every column, the cell ids as index), read from the store now."""
+        return anndata.io.read_elem(self._root["obs"])
+
     def split_range(self, split: str) -> tuple[int, int]:
         """Contiguous [start, stop) rows of `split` ("train", "val" or "test")."""
         if split not in SPLITS:
             raise SscellError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
-        codes = self.obs["split"].cat.codes.to_numpy()
+        codes = self.labels["split"].cat.codes.to_numpy()
         k = SPLITS.index(split)
         return int(np.searchsorted(codes, k, "left")), int(np.searchsorted(codes, k, "right"))
 
@@ -214,49 +286,80 @@ class Store:
         """Counts of rows [start, stop) as csr (data in the stored integer dtype)."""
         return self.read_blocks([(start, stop)])[0]
 
-    def read_blocks(self, ranges: Sequence[tuple[int, int]]) -> list[scipy.sparse.csr_matrix]:
-        """One csr per [start, stop) range; all reads are issued before any is awaited."""
+    def _read(self, ranges: Sequence[tuple[int, int]]) -> list[tuple[ts.Future, ts.Future]]:
+        """(counts, gene indices) read futures of each [start, stop) range, all issued at once."""
         futures = []
         for start, stop in ranges:
             if not 0 <= start <= stop <= self.n_cells:
                 raise SscellError(f"rows [{start}, {stop}) are outside the store's {self.n_cells} cells ({self.path})")
             lo, hi = self.indptr[start], self.indptr[stop]
-            futures.append((start, stop, self._data[lo:hi].read(), self._indices[lo:hi].read()))
+            futures.append((self._data[lo:hi].read(), self._indices[lo:hi].read()))
+        return futures
+
+    def read_blocks(self, ranges: Sequence[tuple[int, int]]) -> list[scipy.sparse.csr_matrix]:
+        """One csr per [start, stop) range; all reads are issued before any is awaited."""
         return [
             scipy.sparse.csr_matrix((data.result(), indices.result(), self.indptr[start:stop + 1] - self.indptr[start]),
                                     shape=(stop - start, self.n_genes))
-            for start, stop, data, indices in futures
+            for (start, stop), (data, indices) in zip(ranges, self._read(ranges))
         ]
+
+    def read_nonzeros(self, ranges: Sequence[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+        """(counts, gene indices) of the rows of every [start, stop) range, concatenated in range
+        order, in the stored dtypes (row lengths: `indptr`); all reads are issued before any is awaited."""
+        futures = self._read(ranges)
+        empty = (np.zeros(0, self.data_dtype), np.zeros(0, self._indices.dtype.numpy_dtype))
+        return tuple(np.concatenate([f[k].result() for f in futures] or [empty[k]]) for k in (0, 1))
+
+
+def _read_labels(obs: zarr.Group) -> pd.DataFrame:
+    """The obs columns of LABEL_OBS_COLUMNS present in `obs`, as categoricals (codes and categories only)."""
+    columns = {}
+    for name in LABEL_OBS_COLUMNS:
+        if name in obs:
+            values = anndata.io.read_elem(obs[name])
+            columns[name] = values if isinstance(values, pd.Categorical) else pd.Categorical(values)
+    return pd.DataFrame(columns)
 
 
 def open_store(path: str | os.PathLike) -> Store:
-    """Open a store written by `sscell.data.convert`."""
-    root_path = Path(path)
+    """Open a store written by `sscell.data.convert`: a local path, or a gs://BUCKET/PATH or
+    s3://BUCKET/PATH URL of a store copied there (`pip install 'sscell[remote]'`; see `_kvstore`)."""
+    scheme, remote, _ = str(path).partition("://")
+    location = str(path) if remote else str(Path(path))
 
     def not_a_store(why: str) -> SscellError:
-        return SscellError(f"{root_path} is not an sscell store: {why}; {_HOW_TO_CREATE}")
+        return SscellError(f"{location} is not an sscell store: {why}; {_HOW_TO_CREATE}")
 
-    if not root_path.exists():
+    if remote and scheme not in REMOTE:
+        raise SscellError(f"{location}: stores are read from a local path, gs://BUCKET/PATH or s3://BUCKET/PATH, "
+                          f"not {scheme}://")
+    if not remote and not Path(location).exists():
         raise not_a_store("it does not exist")
-    if not (root_path / "zarr.json").is_file():
-        raise not_a_store("no zarr.json")
-    root = zarr.open_group(root_path, mode="r", zarr_format=3)
+    try:
+        root = zarr.open_group(location, mode="r", zarr_format=3)
+    except ImportError as error:  # fsspec's backend for the scheme is missing
+        raise SscellError(f"reading {scheme}:// stores needs {REMOTE[scheme][1]}: pip install 'sscell[remote]'"
+                          ) from error
+    except FileNotFoundError:  # zarr's GroupNotFoundError too
+        raise not_a_store("no zarr.json") from None
+    except OSError as error:  # e.g. a bucket that does not exist or refuses the credentials
+        raise SscellError(f"cannot read {location}: {error}; check the URL and the credentials") from None
     version = root.attrs.get("sscell", {}).get("format_version")
     if version is None:
         raise not_a_store("its zarr.json has no sscell format_version attribute")
     if version != FORMAT_VERSION:
         raise not_a_store(f"sscell format_version is {version}, this sscell reads {FORMAT_VERSION}")
-    if not (root_path / "X" / "indptr" / "zarr.json").is_file():
+    if "X" not in root or "indptr" not in root["X"]:
         raise not_a_store("no X/indptr")
-    obs = anndata.io.read_elem(root["obs"])
-    split = obs.get("split")
-    if (split is None or not isinstance(split.dtype, pd.CategoricalDtype)
-            or tuple(split.cat.categories) != SPLITS or np.any(np.diff(split.cat.codes.to_numpy()) < 0)):
+    labels = _read_labels(root["obs"])
+    split = labels.get("split")
+    if split is None or tuple(split.cat.categories) != SPLITS or np.any(np.diff(split.cat.codes.to_numpy()) < 0):
         raise not_a_store(f"obs['split'] is not a categorical {list(SPLITS)} with rows grouped in that order")
     ctx = _context()
-    indptr = _open_array(root_path / "X" / "indptr", ctx).read().result()
+    indptr = _open_array(_kvstore(location, "X/indptr"), ctx).read().result()
     n_cells, n_genes = root["X"].attrs["shape"]
-    datasets = [str(d) for d in obs["dataset_id"].astype("category").cat.categories] if "dataset_id" in obs else []
+    datasets = [str(d) for d in labels["dataset_id"].cat.categories] if "dataset_id" in labels else []
     if "varm" in root and "measured" in root["varm"]:
         mask = anndata.io.read_elem(root["varm"]["measured"])
         if not set(datasets) <= set(mask.columns):
@@ -264,7 +367,7 @@ def open_store(path: str | os.PathLike) -> Store:
         measured = mask[datasets].to_numpy(bool).T.copy()
     else:  # written without a mask (e.g. by StoreWriter directly): every gene measured
         measured = np.ones((len(datasets), n_genes), bool)
-    return Store(path=str(root_path), n_cells=n_cells, n_genes=n_genes, indptr=indptr,
-                 obs=obs, var=anndata.io.read_elem(root["var"]), datasets=datasets, measured=measured,
-                 _data=_open_array(root_path / "X" / "data", ctx),
-                 _indices=_open_array(root_path / "X" / "indices", ctx))
+    return Store(path=location, n_cells=n_cells, n_genes=n_genes, indptr=indptr, labels=labels,
+                 var=anndata.io.read_elem(root["var"]), datasets=datasets, measured=measured, _root=root,
+                 _data=_open_array(_kvstore(location, "X/data"), ctx),
+                 _indices=_open_array(_kvstore(location, "X/indices"), ctx))

@@ -1,4 +1,4 @@
-"""`python -m sscell.evaluation --workdir=DIR`: evaluate a trained run from its workdir."""
+"""`python -m sscell.evaluation --workdir=DIR [--tasks=knn,umap] [--store=STORE --outdir=DIR]`: evaluate a trained run."""
 from __future__ import annotations
 
 from absl import app, flags, logging
@@ -7,6 +7,11 @@ from sscell.errors import exit_on_error
 from sscell.evaluation.evaluate import evaluate
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Work directory of a run made by python -m sscell.main.")
+_TASKS = flags.DEFINE_list("tasks", None, "Evaluation tasks, e.g. knn,linear_probe,reconstruction,integration,umap "
+                           "(default: the run's eval.tasks).")
+_STORE = flags.DEFINE_string("store", None, "Evaluate the cells of this store (the run's genes, e.g. a transfer "
+                             "target) instead of the run's own.")
+_OUTDIR = flags.DEFINE_string("outdir", None, "Where results and figures go (default: the workdir).")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -14,7 +19,7 @@ def main(argv: list[str]) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)
     with exit_on_error():
-        evaluate(_WORKDIR.value)
+        evaluate(_WORKDIR.value, _TASKS.value, _STORE.value, _OUTDIR.value)
 
 
 if __name__ == "__main__":

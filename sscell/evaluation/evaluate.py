@@ -1,103 +1,385 @@
-"""Evaluate a run from its workdir alone: `python -m sscell.evaluation --workdir=runs/quickstart`.
+"""Evaluate a run from its workdir alone: `python -m sscell.evaluation --workdir=runs/quickstart [--tasks=knn,umap]`.
 
-Embeds validation and test cells with the latest (or best, `eval.checkpoint`) checkpoint, then
-reports zero-shot kNN cell typing (reference = validation cells, query = test cells) for the embedding and for PCA of
-log1p-normalised counts, and the test cells' reconstruction explained variance (PCA's is its
-projection back to genes). Writes
-`results.md`, `results.csv` and `loss_curve.png` into the workdir.
+The latest (or best, `eval.checkpoint`) checkpoint embeds the validation and test cells (and,
+for the linear probe, a sample of training cells); two baselines embed the same cells: PCA of
+log1p-normalised counts and PCA of the highly variable genes' (both fitted on validation
+cells). Each selected task (`eval.tasks`) then scores every method on the same cells:
+
+- knn: zero-shot cell typing, k nearest validation cells vote for each test cell (no self
+  neighbour: the sets are disjoint); macro F1 (headline), micro F1, per-class F1, and, when the
+  store holds Cell Ontology ids, ontology-aware F1 (predicting a descendant of the true type
+  counts as correct);
+- linear_probe: logistic regression on frozen embeddings (`sscell.evaluation.probe`);
+- reconstruction: explained variance and MSE of the test cells' log1p expression, on every
+  measured gene and on a seeded random `eval.mask_rate` of them hidden from the input (scored
+  on the hidden genes only); unmeasured genes are never scored. PCA reconstructs by projecting
+  back to genes;
+- integration: scib-metrics bio conservation and batch correction with batch = donor and
+  batch = dataset (`sscell.evaluation.integration`), on a seeded sample of `eval.integration_cells`
+  held-out (validation and test) cells, so that several donors take part;
+- umap: UMAP of each method's embedding of `eval.umap_cells` held-out cells, coloured by cell
+  type and by batch (dataset, or donor when there is one dataset).
+
+Writes into the workdir: results.{csv,md} (one row per method; fine-tuning rows from
+`python -m sscell.evaluation.finetune` appended), per_class_f1.{csv,md},
+integration.{csv,md}, umap_cell_type.png, umap_batch.png, bars_<task>.png and loss_curve.png.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
+import time
 
 import jax
+import ml_collections
 import numpy as np
+import pandas as pd
+import scipy.sparse as sp
 
-from sscell.config import load_config
+from sscell.config import default_config, load_config
 from sscell.data.loader import label_names, sequential_batches
 from sscell.data.prepare import store_path
 from sscell.data.store import Store, open_store
 from sscell.errors import SscellError
-from sscell.evaluation.metrics import ExplainedVariance, explained_variance, f1_scores, fit_pca, knn_predict
+from sscell.evaluation.embed import load_params
+from sscell.evaluation.figures import plot_bars, plot_maps, umap_2d
+from sscell.evaluation.finetune import finetune_rows
+from sscell.evaluation.integration import AGGREGATES, integration_scores
+from sscell.evaluation.metrics import (
+    ExplainedVariance,
+    f1_scores,
+    fit_pca,
+    highly_variable_genes,
+    per_class_f1,
+)
+from sscell.evaluation.neighbors import knn_predict
+from sscell.evaluation.ontology import (
+    cell_ontology_descendants,
+    corrected_predictions,
+    is_cell_ontology_id,
+)
+from sscell.evaluation.probe import linear_probe
 from sscell.evaluation.report import plot_loss_curves, write_results
-from sscell.training import checkpoint
-from sscell.training.mesh import make_mesh, replicated
-from sscell.training.state import abstract_state
+from sscell.losses.masking import mask_input, random_gene_mask
+from sscell.training.state import check_same_genes
 from sscell.training.step import task_batch
-from sscell.training.train import Setup, build
+from sscell.training.train import Setup
+
+__all__ = ["TASKS", "evaluate", "load_params"]
+
+TASKS = ("knn", "linear_probe", "reconstruction", "integration", "umap")
+BATCHES = {"donor": "donor", "dataset": "dataset"}  # integration batch keys -> loader label names
+BAR_COLUMNS = {
+    "knn": ("knn_macro_f1", "knn_micro_f1", "knn_macro_f1_ontology"),
+    "linear_probe": ("probe_macro_f1", "probe_micro_f1", "probe_macro_f1_ontology"),
+    "reconstruction": ("recon_ev_weighted", "recon_ev_uniform", "recon_masked_ev_weighted", "recon_masked_ev_uniform"),
+    "integration": tuple(f"scib_{b}_{a}" for b in BATCHES for a in ("bio", "batch", "total")),
+}
 
 
-def load_params(workdir: str, config, store: Store):
-    """(setup, params, step) of `workdir`'s "latest" or "best" checkpoint (`config.eval.checkpoint`)."""
-    setup = build(config, store)
-    manager = checkpoint.checkpoint_manager(workdir, config.train.checkpoint_every, config.train.keep_checkpoints)
-    layout = abstract_state(setup.model, setup.optimizer, replicated(make_mesh(config.mesh)), setup.init_extra)
-    restored = checkpoint.restore(manager, layout, config.eval.checkpoint)
-    manager.close()
-    if restored is None:
-        raise SscellError(f"{workdir} has no checkpoint yet; train first with python -m sscell.main")
-    return setup, restored[0]["params"], int(restored[0]["step"])
+def eval_settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The run's `eval` section over today's defaults (a run saved before a field existed gets its default)."""
+    settings = default_config().eval
+    settings.update(config.eval.to_dict())
+    return settings
 
 
-def embed_split(setup: Setup, params, store: Store, split: str, batch_size: int, max_cells: int,
-                reconstruction: ExplainedVariance | None = None) -> dict[str, np.ndarray]:
-    """Embeddings, log1p-normalised expression and cell-type codes of a split's cells.
+def selected_tasks(tasks) -> tuple[str, ...]:
+    """`tasks` (names or a comma-separated string) checked against TASKS."""
+    names = tuple(t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip())
+    unknown = [t for t in names if t not in TASKS]
+    if unknown or not names:
+        raise SscellError(f"unknown evaluation task(s) {', '.join(unknown) or '(none given)'}; choose from "
+                          f"{', '.join(TASKS)} (eval.tasks or --tasks)")
+    return names
 
-    `max_cells` > 0 keeps the first cells of the split (a random sample: the store is
-    shuffled within splits). With `reconstruction` (only for models with a decoder, i.e. a
-    `reconstruct` method), also accumulates its explained variance.
+
+class Baselines:
+    """PCA(n) of log1p counts and PCA(n) of the `hvg_genes` most variable genes, fitted on `fit_x`."""
+
+    def __init__(self, fit_x: sp.csr_matrix, n_components: int, hvg_genes: int, seed: int):
+        self.pca = fit_pca(fit_x, n_components, seed)
+        self.hvg = highly_variable_genes(fit_x, hvg_genes)
+        self.hvg_pca = fit_pca(fit_x[:, self.hvg], n_components, seed)
+        self.pca_name = f"PCA({self.pca.n_components_}) log1p"
+        self.hvg_name = f"PCA({self.hvg_pca.n_components_}) HVG({len(self.hvg)})"
+
+    def embed(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        return {self.pca_name: self.pca.transform(x).astype(np.float32),
+                self.hvg_name: self.hvg_pca.transform(x[:, self.hvg]).astype(np.float32)}
+
+    def reconstruct(self, x: np.ndarray) -> np.ndarray:
+        return self.pca.inverse_transform(self.pca.transform(x))
+
+
+@dataclasses.dataclass
+class Cells:
+    """Evaluated cells of one split: embeddings by method, and label codes (cell_type, donor, dataset)."""
+
+    embeddings: dict[str, np.ndarray]
+    labels: dict[str, np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.labels["cell_type"])
+
+    def subset(self, rows: np.ndarray) -> Cells:
+        return Cells({k: v[rows] for k, v in self.embeddings.items()}, {k: v[rows] for k, v in self.labels.items()})
+
+    @staticmethod
+    def held_out(val: Cells, test: Cells, n: int, seed: int) -> Cells:
+        """A seeded random sample of `n` (all if fewer) validation and test cells, in that order."""
+        both = Cells({k: np.concatenate([v, test.embeddings[k]]) for k, v in val.embeddings.items()},
+                     {k: np.concatenate([v, test.labels[k]]) for k, v in val.labels.items()})
+        if len(both) <= n:
+            return both
+        return both.subset(np.sort(np.random.default_rng(seed).choice(len(both), n, replace=False)))
+
+
+class Reconstructions:
+    """Explained variance accumulators: (method, "all" | "masked") -> ExplainedVariance."""
+
+    def __init__(self):
+        self.scores: dict[tuple[str, str], ExplainedVariance] = {}
+
+    def update(self, method: str, which: str, x, x_hat, mask) -> None:
+        self.scores.setdefault((method, which), ExplainedVariance()).update(x, x_hat, mask)
+
+    def columns(self, method: str) -> dict[str, float]:
+        return {f"recon_{'' if which == 'all' else 'masked_'}{k}": v
+                for (m, which), ev in self.scores.items() if m == method for k, v in ev.result().items()}
+
+
+class Evaluator:
+    """Embeds a store's splits with a run's parameters and the baselines, batch by batch."""
+
+    def __init__(self, setup: Setup, params, store: Store, settings, seed: int, method: str, reconstruct: bool):
+        self.params, self.store, self.settings, self.method = params, store, settings, method
+        self.table = store.measured if len(store.measured) else np.ones((1, store.n_genes), bool)
+        self.key = jax.random.key(seed)
+        model, n_genes, rate = setup.model, setup.info.n_genes, settings.mask_rate
+
+        @jax.jit
+        def forward(params, batch, table, key):
+            view = task_batch(batch, n_genes, table)  # the model's training-time input
+            x, measured = view["x"], view["measured"]
+            out = {"x": x, "z": model.apply({"params": params}, x, method="encode")}
+            if reconstruct:
+                hidden = random_gene_mask(key, x.shape, rate) & measured
+                out.update(measured=measured, hidden=hidden,
+                           x_hat=model.apply({"params": params}, x, method="reconstruct"),
+                           x_hat_masked=model.apply({"params": params}, mask_input(x, hidden, rate),
+                                                    method="reconstruct"))
+            return out
+
+        self.forward = forward
+        self.baselines: Baselines | None = None
+
+    def _batches(self, split: str, limit: int):
+        start, stop = self.store.split_range(split)
+        stop = min(stop, start + limit) if limit > 0 else stop
+        for batch, n_valid in sequential_batches(self.store, start, stop, self.settings.batch_size):
+            key = jax.random.fold_in(self.key, int(batch["cell"][0]))  # masks depend on the cells only
+            yield batch, n_valid, jax.device_get(self.forward(self.params, batch, self.table, key))
+
+    def fit_baselines(self, seed: int) -> None:
+        """Fit the baselines on the first `eval.baseline_cells` validation cells."""
+        parts = [sp.csr_matrix(out["x"][:n]) for _, n, out in self._batches("val", self.settings.baseline_cells)]
+        self.baselines = Baselines(sp.vstack(parts, format="csr"), self.settings.pca_components,
+                                   self.settings.hvg_genes, seed)
+
+    def cells(self, split: str, limit: int, reconstructions: Reconstructions | None = None) -> Cells:
+        """Embeddings (model and baselines) and labels of the first `limit` cells of `split` (0: all)."""
+        parts: dict[str, list] = {}
+        labels: dict[str, list] = {name: [] for name in ("cell_type", "donor", "dataset")}
+        for batch, n, out in self._batches(split, limit):
+            x = out["x"][:n]
+            embeddings = {self.method: out["z"][:n], **self.baselines.embed(x)}
+            for name, e in embeddings.items():
+                parts.setdefault(name, []).append(e)
+            for name, values in labels.items():
+                values.append(batch[name][:n])
+            if reconstructions is not None:
+                masked_input = np.asarray(mask_input(x, out["hidden"][:n], self.settings.mask_rate))
+                for method, all_genes, hidden_genes in (
+                        (self.method, out["x_hat"][:n], out["x_hat_masked"][:n]),
+                        (self.baselines.pca_name, self.baselines.reconstruct(x),
+                         self.baselines.reconstruct(masked_input))):
+                    reconstructions.update(method, "all", x, all_genes, out["measured"][:n])
+                    reconstructions.update(method, "masked", x, hidden_genes, out["hidden"][:n])
+        if not labels["cell_type"]:
+            raise SscellError(f"the store has no {split} cells to evaluate; convert it with a {split} split")
+        return Cells({k: np.concatenate(v) for k, v in parts.items()},
+                     {k: np.concatenate(v) for k, v in labels.items()})
+
+
+def _ontology_descendants(store: Store) -> dict[int, set[int]] | None:
+    """{cell-type code: codes at or below it in the Cell Ontology}, or None when the store's
+    cell types do not map one-to-one onto Cell Ontology ids."""
+    labels = store.labels
+    if "cell_type_ontology_term_id" not in labels or "cell_type" not in labels:
+        return None
+    types, terms = labels["cell_type"].cat.codes.to_numpy(), labels["cell_type_ontology_term_id"]
+    n_terms = len(terms.cat.categories)
+    pairs = np.unique(types.astype(np.int64) * n_terms + terms.cat.codes.to_numpy())  # distinct (type, term)
+    codes, term_codes = pairs // n_terms, pairs % n_terms
+    if len(codes) != len(np.unique(codes)) or (types < 0).any() or (terms.cat.codes < 0).any():
+        return None
+    names = [str(terms.cat.categories[t]) for t in term_codes]
+    if not all(is_cell_ontology_id(t) for t in names):
+        return None
+    below = cell_ontology_descendants([int(c) for c in codes], names)
+    return {int(k): {int(c) for c in v} for k, v in below.items()}
+
+
+@dataclasses.dataclass
+class Outcome:
+    """What the tasks produce: result columns per method, per-class F1 columns, extra tables, notes."""
+
+    rows: dict[str, dict]
+    per_class: dict[str, pd.Series] = dataclasses.field(default_factory=dict)
+    tables: dict[str, list[dict]] = dataclasses.field(default_factory=dict)
+    notes: list[str] = dataclasses.field(default_factory=list)
+    files: list[str] = dataclasses.field(default_factory=list)
+
+    def score(self, task: str, method: str, true: np.ndarray, pred: np.ndarray, type_names: list[str],
+              descendants: dict | None) -> None:
+        """F1 columns `{task}_macro_f1`, `{task}_micro_f1` (+ `_ontology`) and per-class F1."""
+        row = self.rows[method]
+        for name, value in f1_scores(true, pred).items():
+            row[f"{task}_{name}"] = value
+        if descendants is not None:
+            for name, value in f1_scores(true, corrected_predictions(true, pred, descendants)).items():
+                row[f"{task}_{name}_ontology"] = value
+        table = per_class_f1(true, pred)
+        table.index = [type_names[c] for c in table.index]
+        self.per_class.setdefault("test_cells", table["support"])
+        self.per_class[f"{task}: {method}"] = table["f1"]
+
+
+def evaluate(workdir: str, tasks=None, store: str | None = None, outdir: str | None = None) -> list[dict]:
+    """Run the evaluation tasks (default `eval.tasks`) on `workdir`'s `eval.checkpoint` checkpoint;
+    returns the result rows (the model's first).
+
+    `store` evaluates the cells of another store with the run's gene vocabulary (e.g. a
+    transfer target) instead of the run's own; outputs go to `outdir` (default: the workdir).
+    Fine-tuning rows are appended only when the run's own store is evaluated.
     """
-    model, measured = setup.model, setup.info.measured_table()
-
-    @jax.jit
-    def forward(params, batch):
-        x = task_batch(batch, store.n_genes, measured)["x"]  # the model's training-time input
-        z = model.apply({"params": params}, x, method="encode")
-        x_hat = model.apply({"params": params}, x, method="reconstruct") if reconstruction is not None else x
-        return x, x_hat, z
-
-    start, stop = store.split_range(split)
-    if max_cells > 0:
-        stop = min(stop, start + max_cells)
-    parts = {"x": [], "z": [], "cell_type": []}
-    for batch, n_valid in sequential_batches(store, start, stop, batch_size):
-        x, x_hat, z = jax.device_get(forward(params, batch))
-        parts["x"].append(x[:n_valid])
-        parts["z"].append(z[:n_valid])
-        parts["cell_type"].append(batch["cell_type"][:n_valid])
-        if reconstruction is not None:
-            reconstruction.update(x[:n_valid], x_hat[:n_valid])
-    return {name: np.concatenate(values) for name, values in parts.items()}
-
-
-def evaluate(workdir: str) -> list[dict]:
-    """Run the evaluation of `workdir`'s `eval.checkpoint` checkpoint; returns the result rows."""
     config = load_config(workdir)
-    store = open_store(store_path(config, workdir))
-    setup, params, step = load_params(workdir, config, store)
-    settings = config.eval
-    reconstruction = ExplainedVariance() if hasattr(setup.model, "reconstruct") else None
-    val = embed_split(setup, params, store, "val", settings.batch_size, settings.max_cells)
-    test = embed_split(setup, params, store, "test", settings.batch_size, settings.max_cells, reconstruction)
-    pca = fit_pca(val["x"], settings.pca_components, config.seed)
-    pca_val, pca_test = pca.transform(val["x"]), pca.transform(test["x"])
+    settings = eval_settings(config)
+    tasks = selected_tasks(settings.tasks if tasks is None else tasks)
+    run_store = open_store(store_path(config, workdir))
+    setup, params, step = load_params(workdir, config, run_store)
+    if store is None:
+        store = run_store
+    else:
+        store = open_store(store)
+        check_same_genes(run_store.path, store, workdir)
+    outdir = outdir or workdir
+    os.makedirs(outdir, exist_ok=True)
+    method = f"sscell {config.loss.name} (step {step})"
+    reconstruct = "reconstruction" in tasks and hasattr(setup.model, "reconstruct")  # tasks without a decoder: none
+    evaluator = Evaluator(setup, params, store, settings, config.seed, method, reconstruct)
+    started = time.perf_counter()
+    evaluator.fit_baselines(config.seed)
+    reconstructions = Reconstructions() if reconstruct else None
+    val = evaluator.cells("val", settings.max_cells)
+    test = evaluator.cells("test", settings.max_cells, reconstructions)
+    train = evaluator.cells("train", settings.probe_cells) if "linear_probe" in tasks else None
+    type_names = label_names(store, "cell_type")
+    descendants = _ontology_descendants(store) if {"knn", "linear_probe"} & set(tasks) else None
+    methods = list(test.embeddings)
+    outcome = Outcome({m: {"method": m} for m in methods})
 
-    model_ev = reconstruction.result() if reconstruction else {}  # tasks without a decoder have none
-    rows = []
-    for method, ref, query, ev in (
-            (f"sscell {config.loss.name} (step {step})", val["z"], test["z"], model_ev),
-            (f"PCA({pca.n_components_}) log1p", pca_val, pca_test,
-             explained_variance(test["x"], pca.inverse_transform(pca_test)))):
-        predicted = knn_predict(ref, val["cell_type"], query, settings.knn_k)
-        scores = f1_scores(test["cell_type"], predicted)
-        rows.append({"method": method, "knn_macro_f1": scores["macro_f1"], "knn_micro_f1": scores["micro_f1"],
-                     **{f"recon_{k}": v for k, v in ev.items()}})
+    if "knn" in tasks:
+        for m in methods:
+            predicted = knn_predict(val.embeddings[m], val.labels["cell_type"], test.embeddings[m], settings.knn_k,
+                                    settings.knn_method)
+            outcome.score("knn", m, test.labels["cell_type"], predicted, type_names, descendants)
+    if "linear_probe" in tasks:
+        for m in methods:
+            predicted, c = linear_probe(train.embeddings[m], train.labels["cell_type"], val.embeddings[m],
+                                        val.labels["cell_type"], test.embeddings[m], seed=config.seed)
+            outcome.score("probe", m, test.labels["cell_type"], predicted, type_names, descendants)
+            outcome.rows[m]["probe_C"] = c
+    if reconstructions is not None:
+        for m in methods:
+            outcome.rows[m].update(reconstructions.columns(m))
+    elif "reconstruction" in tasks:
+        outcome.notes.append(f"reconstruction: skipped, the {config.loss.name} model has no decoder")
+    if "integration" in tasks:
+        _integration(Cells.held_out(val, test, settings.integration_cells, config.seed),
+                     evaluator.baselines.pca_name, settings, outcome)
+    if "umap" in tasks and jax.process_index() == 0:
+        _umap(Cells.held_out(val, test, settings.umap_cells, config.seed), store, type_names, config.seed,
+              settings.knn_method, outdir, outcome)
 
+    rows = list(outcome.rows.values())
+    if store is run_store:  # fine-tuning vs from scratch, if `python -m sscell.evaluation.finetune` ran
+        rows += finetune_rows(workdir)
     if jax.process_index() != 0:  # every process computes (params are global arrays), one writes
         return rows
-    table = write_results(rows, workdir)
-    plot_loss_curves(os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "loss_curve.png"))
-    print(f"\nZero-shot kNN (k={settings.knn_k}): reference = {len(val['z'])} validation cells, "
-          f"query = {len(test['z'])} test cells, {len(label_names(store, 'cell_type'))} cell types; "
-          f"reconstruction on test cells\n\n{table}\nwritten to {workdir}/results.md, results.csv, loss_curve.png")
+    table = write_results(rows, outdir)
+    _write(outdir, workdir, tasks, outcome)
+    probe = f"; linear probe fit on {len(train)} training cells" if train is not None else ""
+    ontology = "; ontology-aware F1 with the Cell Ontology" if descendants is not None else ""
+    recon = (f"; reconstruction on test cells (masked: {settings.mask_rate:.0%} of measured genes hidden)"
+             if reconstruct else "")
+    print(f"\nEvaluated {', '.join(tasks)} in {time.perf_counter() - started:.0f} s. "
+          f"Zero-shot kNN (k={settings.knn_k}): reference = {len(val)} validation cells, query = {len(test)} test "
+          f"cells, {len(type_names)} cell types"
+          f"{probe}{ontology}{recon}\n\n{table}" + "".join(f"\n{note}" for note in outcome.notes)
+          + f"\nwritten to {outdir}: results.md, results.csv, {', '.join(outcome.files)}")
     return rows
+
+
+def _integration(cells: Cells, unintegrated: str, settings, outcome: Outcome) -> None:
+    """scib-metrics scores per batch key: totals into the result rows, every metric into integration.csv."""
+    done: dict[bytes, pd.DataFrame] = {}  # batch partition -> its scores (donor and dataset may coincide)
+    for batch, label in BATCHES.items():
+        partition = pd.factorize(cells.labels[label])[0]
+        if partition.max() < 1:
+            outcome.notes.append(f"integration with batch = {batch}: skipped, the held-out cells hold one {batch}")
+            continue
+        if partition.tobytes() not in done:
+            done[partition.tobytes()] = integration_scores(
+                cells.embeddings, cells.labels["cell_type"], partition, unintegrated, kbet=settings.integration_kbet,
+                knn_method=settings.knn_method)
+        for m, values in done[partition.tobytes()].iterrows():
+            outcome.rows[m].update({f"scib_{batch}_{key}": values[name] for key, name in
+                                    zip(("bio", "batch", "total"), AGGREGATES)})
+            outcome.tables.setdefault("integration", []).append(
+                {"method": m, "batch": batch, "cells": len(cells), **values.to_dict()})
+
+
+def _umap(cells: Cells, store: Store, type_names: list[str], seed: int, knn_method: str, outdir: str,
+          outcome: Outcome) -> None:
+    """UMAP figures of every method's embedding, coloured by cell type and by batch."""
+    batch = "dataset" if len(np.unique(cells.labels["dataset"])) > 1 else "donor"
+    coords = {m: umap_2d(e, seed, knn_method) for m, e in cells.embeddings.items()}
+    plot_maps(coords, cells.labels["cell_type"], type_names, f"UMAP of {len(cells)} held-out cells: cell type",
+              os.path.join(outdir, "umap_cell_type.png"))
+    plot_maps(coords, cells.labels[batch], label_names(store, batch), f"UMAP of {len(cells)} held-out cells: {batch}",
+              os.path.join(outdir, "umap_batch.png"))
+    outcome.files += ["umap_cell_type.png", "umap_batch.png"]
+
+
+def _write(outdir: str, workdir: str, tasks: tuple[str, ...], outcome: Outcome) -> None:
+    """The side tables and figures into `outdir` (results.csv/md are written by the caller); the
+    loss curves of the run in `workdir`."""
+    if outcome.per_class:
+        table = pd.DataFrame(outcome.per_class)
+        table.index.name = "cell_type"
+        write_results(table.reset_index().to_dict("records"), outdir, "per_class_f1")
+        outcome.files.append("per_class_f1.csv/.md")
+    for name, table_rows in outcome.tables.items():
+        write_results(table_rows, outdir, name)
+        outcome.files.append(f"{name}.csv/.md")
+    for task, columns in BAR_COLUMNS.items():
+        if task in tasks and any(c in row for row in outcome.rows.values() for c in columns):
+            plot_bars(list(outcome.rows.values()), columns, task.replace("_", " "),
+                      os.path.join(outdir, f"bars_{task}.png"))
+            outcome.files.append(f"bars_{task}.png")
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    if os.path.exists(metrics):
+        plot_loss_curves(metrics, os.path.join(outdir, "loss_curve.png"))
+        outcome.files.append("loss_curve.png")

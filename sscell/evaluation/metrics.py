@@ -1,44 +1,15 @@
-"""Evaluation metrics on numpy arrays: zero-shot kNN, F1, explained variance, PCA baseline."""
+"""Evaluation metrics on numpy arrays: F1, explained variance, PCA and highly-variable-gene baselines."""
 from __future__ import annotations
 
-
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 from sklearn.decomposition import PCA
 from sklearn.metrics import f1_score
-from sklearn.neighbors import KNeighborsClassifier
 
 from sscell.errors import SscellError
 
 ArrayLike = np.ndarray | sp.spmatrix | sp.sparray
-
-
-def knn_predict(
-    ref_emb: np.ndarray, ref_labels: np.ndarray, query_emb: np.ndarray, k: int = 5
-) -> np.ndarray:
-    """Label each query cell by majority vote among its `k` nearest reference cells (Euclidean).
-
-    The study's zero-shot protocol: reference = validation cells, query = test cells. The sets
-    are disjoint, so no 'self' neighbour is dropped: a query equal to a reference point counts
-    that point's label. Ties break as scikit-learn's KNeighborsClassifier breaks them (the
-    smallest label among the tied classes).
-    """
-    ref_emb, query_emb = np.asarray(ref_emb), np.asarray(query_emb)
-    ref_labels = np.asarray(ref_labels)
-    if ref_emb.ndim != 2 or query_emb.ndim != 2 or ref_emb.shape[1] != query_emb.shape[1]:
-        raise SscellError(
-            f"knn_predict needs 2-D embeddings of equal width, got {ref_emb.shape} and "
-            f"{query_emb.shape}: pass (cells, dims) arrays from the same encoder"
-        )
-    if len(ref_labels) != len(ref_emb):
-        raise SscellError(
-            f"knn_predict got {len(ref_labels)} labels for {len(ref_emb)} reference cells: "
-            "pass one label per reference cell"
-        )
-    if not 1 <= k <= len(ref_emb):
-        raise SscellError(f"knn_predict needs 1 <= k <= {len(ref_emb)} reference cells, got k={k}")
-    classifier = KNeighborsClassifier(n_neighbors=k, algorithm="auto")
-    return classifier.fit(ref_emb, ref_labels).predict(query_emb)
 
 
 def f1_scores(true: np.ndarray, pred: np.ndarray) -> dict[str, float]:
@@ -60,73 +31,94 @@ def f1_scores(true: np.ndarray, pred: np.ndarray) -> dict[str, float]:
     return {"macro_f1": float(macro), "micro_f1": float(micro)}
 
 
+def per_class_f1(true: np.ndarray, pred: np.ndarray) -> pd.DataFrame:
+    """F1 and support (true cells) of each class present in `true`, indexed by class, sorted."""
+    true, pred = np.asarray(true), np.asarray(pred)
+    classes, support = np.unique(true, return_counts=True)
+    scores = f1_score(true, pred, labels=classes, average=None, zero_division=0)
+    return pd.DataFrame({"support": support, "f1": scores}, index=pd.Index(classes, name="class"))
+
+
 class ExplainedVariance:
     """Streaming explained variance of a reconstruction, one chunk of cells at a time.
 
     Keeps per-gene counts, means and sums of squared deviations (M2) of x and of the residual
     x - x_hat in float64, merged chunk by chunk with Chan et al.'s parallel update, so the
     result does not depend on chunking and does not suffer the cancellation of sum(x^2) - n*mean^2.
+    A `mask` (cells x genes) restricts every statistic to its True entries (e.g. the genes a
+    cell's dataset measured, or the genes hidden from the model), so each gene is scored over
+    its own cells.
     """
 
     def __init__(self) -> None:
-        self._n = 0
         self._sq_err = 0.0
-        self._mean_x = self._m2_x = self._mean_r = self._m2_r = None
+        self._n = self._mean_x = self._m2_x = self._mean_r = self._m2_r = None
 
-    def update(self, x: ArrayLike, x_hat: ArrayLike) -> None:
-        """Add a chunk: `x` the true values and `x_hat` the reconstruction, both (cells, genes)."""
+    def update(self, x: ArrayLike, x_hat: ArrayLike, mask: np.ndarray | None = None) -> None:
+        """Add a chunk: `x` the true values and `x_hat` the reconstruction, both (cells, genes),
+        and optionally the boolean `mask` of entries to score (default: all)."""
         x, x_hat = _dense64(x), _dense64(x_hat)
-        if x.ndim != 2 or x_hat.shape != x.shape:
+        if x.ndim != 2 or x_hat.shape != x.shape or (mask is not None and np.shape(mask) != x.shape):
             raise SscellError(
-                f"ExplainedVariance.update needs x and x_hat of one (cells, genes) shape, got "
-                f"{x.shape} and {x_hat.shape}"
+                f"ExplainedVariance.update needs x, x_hat (and mask) of one (cells, genes) shape, got "
+                f"{x.shape}, {x_hat.shape}{'' if mask is None else f' and {np.shape(mask)}'}"
             )
-        if self._mean_x is not None and x.shape[1] != self._mean_x.shape[0]:
+        if self._n is not None and x.shape[1] != self._n.shape[0]:
             raise SscellError(
-                f"ExplainedVariance got {x.shape[1]} genes after {self._mean_x.shape[0]}: every "
+                f"ExplainedVariance got {x.shape[1]} genes after {self._n.shape[0]}: every "
                 "chunk must have the same genes"
             )
-        n_b = x.shape[0]
-        if n_b == 0:
+        if x.shape[0] == 0:
             return
-        r = x - x_hat
+        weight = np.ones_like(x) if mask is None else np.asarray(mask, np.float64)
+        r = (x - x_hat) * weight
         self._sq_err += float(np.einsum("ij,ij->", r, r))
-        mean_x, mean_r = x.mean(axis=0), r.mean(axis=0)
-        m2_x, m2_r = ((x - mean_x) ** 2).sum(axis=0), ((r - mean_r) ** 2).sum(axis=0)
-        if self._mean_x is None:
-            self._mean_x, self._m2_x, self._mean_r, self._m2_r = mean_x, m2_x, mean_r, m2_r
+        n_b = weight.sum(axis=0)
+        mean_x, m2_x = _moments(x, weight, n_b)
+        mean_r, m2_r = _moments(r, weight, n_b)
+        if self._n is None:
+            self._n, self._mean_x, self._m2_x, self._mean_r, self._m2_r = n_b, mean_x, m2_x, mean_r, m2_r
         else:
             self._mean_x, self._m2_x = _merge(self._n, self._mean_x, self._m2_x, n_b, mean_x, m2_x)
             self._mean_r, self._m2_r = _merge(self._n, self._mean_r, self._m2_r, n_b, mean_r, m2_r)
-        self._n += n_b
+            self._n = self._n + n_b
 
     def result(self) -> dict[str, float]:
-        """{"ev_weighted", "ev_uniform", "mse"} over all chunks seen.
+        """{"ev_weighted", "ev_uniform", "mse"} over all chunks seen (masked entries only).
 
-        ev_weighted = 1 - sum_g Var(x_g - xhat_g) / sum_g Var(x_g) over all genes, so a gene that
-        never varies but is reconstructed with variance still counts against it (scikit-learn's
-        and torchmetrics' 'variance_weighted' skip genes whose variance is exactly zero; the
-        two agree whenever every gene varies). ev_uniform = mean of 1 - Var(x_g - xhat_g) /
-        Var(x_g) over the genes with Var(x_g) > 0. Both are NaN when no gene varies.
+        With Var over each gene's scored entries, ev_weighted = 1 - sum_g Var(x_g - xhat_g) /
+        sum_g Var(x_g) over the scored genes, so a gene that never varies but is reconstructed
+        with variance still counts against it (scikit-learn's and torchmetrics'
+        'variance_weighted' skip genes whose variance is exactly zero; the two agree whenever
+        every gene varies). ev_uniform = mean of 1 - Var(x_g - xhat_g) / Var(x_g) over the genes
+        with Var(x_g) > 0. Both are NaN when no gene varies. mse is over every scored entry.
         """
-        if self._n == 0:
-            raise SscellError("ExplainedVariance.result called before any update with cells")
+        if self._n is None or not self._n.any():
+            raise SscellError("ExplainedVariance.result called before any update with scored cells")
+        scored = self._n > 0
+        n = np.maximum(self._n, 1)
+        var_x, var_r = self._m2_x / n, self._m2_r / n
         # A constant gene's mean is rounded, leaving M2 ~ 1e-30 instead of 0: treat a relative
         # spread below 1e-12 as constant.
-        varies = self._m2_x > self._n * (1e-12 * self._mean_x) ** 2
-        mse = self._sq_err / (self._n * self._m2_x.shape[0])
+        varies = scored & (var_x > (1e-12 * self._mean_x) ** 2)
+        mse = self._sq_err / self._n.sum()
         if not varies.any():
             return {"ev_weighted": np.nan, "ev_uniform": np.nan, "mse": float(mse)}
-        weighted = 1.0 - self._m2_r.sum() / self._m2_x[varies].sum()
-        uniform = np.mean(1.0 - self._m2_r[varies] / self._m2_x[varies])
+        weighted = 1.0 - var_r[scored].sum() / var_x[varies].sum()
+        uniform = np.mean(1.0 - var_r[varies] / var_x[varies])
         return {"ev_weighted": float(weighted), "ev_uniform": float(uniform), "mse": float(mse)}
 
 
-def _merge(
-    n_a: int, mean_a: np.ndarray, m2_a: np.ndarray, n_b: int, mean_b: np.ndarray, m2_b: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
+def _moments(values: np.ndarray, weight: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column mean and M2 of `values` over the entries where `weight` is 1."""
+    mean = (values * weight).sum(axis=0) / np.maximum(n, 1)
+    return mean, (((values - mean) * weight) ** 2).sum(axis=0)
+
+
+def _merge(n_a: np.ndarray, mean_a: np.ndarray, m2_a: np.ndarray, n_b: np.ndarray, mean_b: np.ndarray,
+           m2_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean and M2 of the union of two groups (Chan, Golub and LeVeque)."""
-    n = n_a + n_b
+    n = np.maximum(n_a + n_b, 1)  # per gene; a gene neither group scored keeps mean 0, M2 0
     delta = mean_b - mean_a
     return mean_a + delta * (n_b / n), m2_a + m2_b + delta**2 * (n_a * n_b / n)
 
@@ -135,10 +127,10 @@ def _dense64(a: ArrayLike) -> np.ndarray:
     return np.asarray(a.toarray() if sp.issparse(a) else a, dtype=np.float64)
 
 
-def explained_variance(x: ArrayLike, x_hat: ArrayLike) -> dict[str, float]:
-    """{"ev_weighted", "ev_uniform", "mse"} of a reconstruction; see ExplainedVariance.result."""
+def explained_variance(x: ArrayLike, x_hat: ArrayLike, mask: np.ndarray | None = None) -> dict[str, float]:
+    """{"ev_weighted", "ev_uniform", "mse"} of a reconstruction (on `mask`'s entries); see ExplainedVariance."""
     ev = ExplainedVariance()
-    ev.update(x, x_hat)
+    ev.update(x, x_hat, mask)
     return ev.result()
 
 
@@ -158,3 +150,31 @@ def fit_pca(fit_x: ArrayLike, n_components: int = 64, seed: int = 0) -> PCA:
     # arpack is the solver that takes sparse input in every supported scikit-learn (>= 1.4).
     solver = "arpack" if sp.issparse(fit_x) else "auto"
     return PCA(n_components=n, svd_solver=solver, random_state=seed).fit(fit_x)
+
+
+def highly_variable_genes(x: ArrayLike, n_top: int = 2000, n_bins: int = 20) -> np.ndarray:
+    """Indices (ascending) of the `n_top` genes of highest normalised dispersion in `x`
+    (log1p-normalised cells x genes), Seurat's method as in scanpy's `highly_variable_genes`
+    (flavor "seurat"): dispersion = variance / mean of expm1(x) per gene, log-scaled, then
+    z-scored within `n_bins` equal-width bins of log1p(mean); a bin holding one gene gives it 1.
+    """
+    x = sp.csr_matrix(x, dtype=np.float64) if sp.issparse(x) else np.asarray(x, np.float64)
+    counts = x.expm1() if sp.issparse(x) else np.expm1(x)
+    n_cells = x.shape[0]
+    if n_cells < 2:
+        raise SscellError(f"highly_variable_genes needs at least 2 cells, got {n_cells}")
+    mean = np.asarray(counts.mean(axis=0)).ravel()
+    mean_sq = np.asarray(counts.multiply(counts).mean(axis=0) if sp.issparse(counts) else (counts**2).mean(axis=0))
+    var = (mean_sq.ravel() - mean**2) * (n_cells / (n_cells - 1))
+    mean[mean == 0] = 1e-12
+    dispersion = var / mean
+    dispersion[dispersion == 0] = np.nan
+    table = pd.DataFrame({"dispersion": np.log(dispersion), "bin": pd.cut(np.log1p(mean), bins=n_bins)})
+    grouped = table.groupby("bin", observed=True)["dispersion"]
+    bin_mean, bin_std = grouped.transform("mean"), grouped.transform("std")
+    single = bin_std.isna() & table["dispersion"].notna()  # scanpy: a lone gene in its bin scores 1
+    bin_mean, bin_std = bin_mean.where(~single, 0.0), bin_std.where(~single, table["dispersion"])
+    normalised = ((table["dispersion"] - bin_mean) / bin_std).to_numpy()
+    normalised[np.isnan(normalised)] = -np.inf
+    n_top = min(n_top, x.shape[1])
+    return np.sort(np.argsort(-normalised, kind="stable")[:n_top])

@@ -7,7 +7,7 @@ import os
 import numpy as np
 
 from sscell.data.gmt import read_gmt
-from sscell.data.loader import LABEL_COLUMNS, label_codes, label_names
+from sscell.data.loader import LABEL_COLUMNS, label_codes, label_names, select_rows
 from sscell.data.store import Store
 from sscell.data.synthetic import programmes_path, tf_targets_path
 from sscell.errors import SscellError
@@ -17,6 +17,8 @@ from sscell.errors import SscellError
 class TaskInfo:
     """Data facts for building a task's model and loss.
 
+    class_counts: cells per cell-type code among the cells the run trains on (its train split,
+    narrowed to `data.train_datasets` and `data.train_fraction`).
     measured: bool (n_datasets, n_genes), rows in the order of the loader's `dataset` codes.
     programmes: bool (n_programmes, n_genes) membership, from `config.loss.gmt` (empty if none).
     programme_genes: for each programme, the gene it predicts (GP -> TF: the TF), -1 if none.
@@ -77,9 +79,11 @@ def task_info(config, store: Store, programmes: str = "") -> TaskInfo:
     (WORKDIR/atlas.programmes.gmt, or atlas.tf_targets.gmt for GP -> TF); a task that needs
     programmes fails when neither exists.
     """
-    train = store.split_range("train")
-    n_types = max(1, len(label_names(store, "cell_type"))) if LABEL_COLUMNS["cell_type"] in store.obs else 1
-    counts = np.bincount(label_codes(store, *train)["cell_type"], minlength=n_types)
+    start, stop = store.split_range("train")
+    n_types = max(1, len(label_names(store, "cell_type"))) if LABEL_COLUMNS["cell_type"] in store.labels else 1
+    rows = select_rows(store, "train", datasets=tuple(config.data.train_datasets),
+                       fraction=config.data.train_fraction, seed=config.seed)  # the cells trained on
+    counts = np.bincount(label_codes(store, start, stop)["cell_type"][rows - start], minlength=n_types)
     info = TaskInfo(n_genes=store.n_genes, n_cell_types=n_types, class_counts=counts,
                     measured=np.asarray(store.measured, bool))
     if not programmes:

@@ -6,11 +6,12 @@ import jax.numpy as jnp
 
 from sscell.losses.reconstruction import reconstruction_loss
 from sscell.losses.registry import register
+from sscell.models.bernoulli import bernoulli
 
 
 def random_gene_mask(key: jax.Array, shape: tuple[int, ...], rate: float) -> jax.Array:
     """Boolean mask, True where a gene is hidden; each (cell, gene) independently with `rate`."""
-    return jax.random.bernoulli(key, rate, shape)
+    return bernoulli(key, rate, shape)
 
 
 def mask_input(x: jax.Array, mask: jax.Array, rate: float) -> jax.Array:

@@ -72,7 +72,17 @@ def state_shardings(shapes, mesh: Mesh, rules) -> dict:
     return jax.tree_util.tree_map_with_path(sharding, shapes)
 
 
+def local_data_shards(mesh: Mesh) -> int:
+    """How many positions of the mesh's "data" axis this process's devices hold: the number of
+    shards its loader lays each batch out in (`sscell.data.loader`)."""
+    here = jax.process_index()
+    return sum(any(d.process_index == here for d in row.flat) for row in mesh.devices)
+
+
 def global_batch(local_batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
-    """One global jax.Array per field, assembled from every process's slice of the batch."""
+    """One global jax.Array per field, assembled from every process's slice of the batch.
+
+    Every field's leading axis (cells, or the loader's shards) is split by `sharding`; a
+    process's slice must hold a multiple of its devices' share of that axis."""
     return {name: jax.make_array_from_process_local_data(sharding, value)
             for name, value in local_batch.items()}

@@ -14,6 +14,8 @@ from sscell.data.preprocess import densify, log1p_normalise
 from sscell.losses.info import TaskInfo
 from sscell.losses.registry import Task
 
+NONZERO_FIELDS = ("genes", "counts", "indptr")  # a loader batch's sparse counts (layout: sscell.data.loader)
+
 
 def task_batch(batch: dict, n_genes: int, measured_table: np.ndarray) -> dict:
     """The loss's view of a loader batch (inside jit): "counts" (dense, unmeasured genes 0),
@@ -21,8 +23,8 @@ def task_batch(batch: dict, n_genes: int, measured_table: np.ndarray) -> dict:
     the integer labels. Unmeasured genes are zeroed before the library is summed, so their
     values can never reach a loss."""
     measured = jnp.asarray(measured_table)[batch["dataset"]]
-    counts = jnp.where(measured, densify(batch["genes"], batch["counts"], n_genes), 0.0)
-    labels = {k: v for k, v in batch.items() if k not in ("genes", "counts")}
+    counts = jnp.where(measured, densify(batch["genes"], batch["counts"], batch["indptr"], n_genes), 0.0)
+    labels = {k: v for k, v in batch.items() if k not in NONZERO_FIELDS}
     return {**labels, "counts": counts, "library": counts.sum(-1, keepdims=True),
             "x": log1p_normalise(counts), "measured": measured}
 

@@ -25,20 +25,28 @@ from sscell.errors import SscellError
 from sscell.losses.info import TaskInfo, setup_task
 from sscell.losses.registry import Task
 from sscell.training import checkpoint
-from sscell.training.mesh import batch_sharded, global_batch, make_mesh, state_shardings
+from sscell.training.mesh import batch_sharded, global_batch, local_data_shards, make_mesh, state_shardings
 from sscell.training.metric_writer import MetricWriter
 from sscell.training.optimizer import make_optimizer
-from sscell.training.state import abstract_state, create_state
+from sscell.training.state import abstract_state, create_state, pretrained_encoder
 from sscell.training.step import make_eval_step, make_train_step
 
 
-def make_loader(config: ml_collections.ConfigDict, store: Store, split: str) -> CellLoader:
-    """The run's loader over one split, this process's share of each global batch; the train
-    split is narrowed to `data.train_datasets` and `data.train_fraction`."""
-    subset = (dict(datasets=tuple(config.data.train_datasets), fraction=config.data.train_fraction)
-              if split == "train" else {})
+def make_loader(config: ml_collections.ConfigDict, store: Store, split: str, shards: int = 1) -> CellLoader:
+    """The run's loader over one split, this process's share of each global batch laid out in
+    `shards` data shards (`mesh.local_data_shards` of the run's mesh). The train split is
+    narrowed to `data.train_datasets` and `data.train_fraction`; the other splits to those of
+    `data.train_datasets` that have cells in them (all cells if none has), so validation, and
+    the best checkpoint, follow the data trained on."""
+    datasets = tuple(config.data.train_datasets)
+    if split == "train":
+        subset = dict(datasets=datasets, fraction=config.data.train_fraction)
+    else:
+        start, stop = store.split_range(split)
+        present = set(store.labels["dataset_id"].iloc[start:stop].astype(str)) if datasets else set()
+        subset = dict(datasets=tuple(d for d in datasets if d in present))
     return CellLoader(store, split, config.train.batch_size, config.seed, **subset,
-                      block_cells=config.data.block_cells, prefetch=config.data.prefetch,
+                      block_cells=config.data.block_cells, prefetch=config.data.prefetch, shards=shards,
                       process_index=jax.process_index(), process_count=jax.process_count())
 
 
@@ -145,15 +153,20 @@ def train(config: ml_collections.ConfigDict, workdir: str, store: Store, devices
 
     manager = checkpoint.checkpoint_manager(workdir, config.train.checkpoint_every,
                                             config.train.keep_checkpoints)
-    restored = checkpoint.restore(manager, abstract)
-    state = restored[0] if restored else create_state(model, optimizer, init_key, state_sharding, init_extra)
+    restored = checkpoint.restore(manager, abstract)  # the run's own checkpoint wins over train.init_from
+    if restored:
+        state = restored[0]
+    else:
+        encoder = (pretrained_encoder(config.train.init_from, config.train.init_checkpoint, store, abstract["params"])
+                   if config.train.init_from else None)
+        state = create_state(model, optimizer, init_key, state_sharding, init_extra, encoder)
     start, total = int(state["step"]), config.train.steps
     if start >= total:
         print(f"training already complete at step {start} (train.steps={total})")
         manager.close()
         return state
 
-    loader, val_loader = make_loader(config, store, "train"), make_loader(config, store, "val")
+    loader, val_loader = (make_loader(config, store, split, local_data_shards(mesh)) for split in ("train", "val"))
     train_step = make_train_step(task, model, config, optimizer, info, state_sharding, batch_sharding)
     eval_step = make_eval_step(task, model, config, info)
     writer = MetricWriter(workdir, resume_step=start)

@@ -1,0 +1,221 @@
+"""Transfer evaluation: a classifier fine-tuned from a pretrained run's encoder vs the same model from scratch.
+
+    python -m sscell.evaluation.finetune --workdir=PRETRAINED_RUN --store=TARGET_STORE [--dataset=DATASET_ID]
+        [--fractions=0.01,0.1,1] [--steps=N] [--seed=SEED] [--config=experiments/finetune_cpu.py]
+
+For each label fraction, two supervised runs train the whole classifier (the pretrained run's
+encoder architecture + a linear head, class-weighted cross-entropy; the config's optimiser, by
+default the study's fine-tuning settings) on that fraction of the target's train cells: one starting
+from the pretrained encoder (`train.init_from`), one from scratch (at fraction 1, the study's
+supervised baseline). Each is an ordinary sscell run in PRETRAINED_RUN/finetune/<arm>_<fraction>/
+(resumable: rerunning continues or, when done, only scores). Fractions are nested seed-drawn
+samples of the target's train cells (`select_rows`); no other cells are read for training.
+Both arms are scored on the target's test cells: macro F1 (headline) and micro F1, written to
+PRETRAINED_RUN/finetune.{md,csv}, which `python -m sscell.evaluation` then adds to its table.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pandas as pd
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from sscell.config import check_compatible, default_config, load_config, save_config
+from sscell.data.loader import label_codes, select_rows, sequential_batches
+from sscell.data.prepare import store_path
+from sscell.data.store import Store, open_store
+from sscell.errors import SscellError, exit_on_error
+from sscell.evaluation.embed import load_params
+from sscell.evaluation.metrics import f1_scores
+from sscell.evaluation.report import write_results
+from sscell.training.state import check_same_genes
+from sscell.training.step import task_batch
+from sscell.training.train import train
+
+RESULTS = "finetune"  # PRETRAINED_RUN/finetune.{md,csv} and the arms' folder PRETRAINED_RUN/finetune/
+ARMS = ("pretrained", "scratch")
+
+
+def finetune_config() -> ml_collections.ConfigDict:
+    """The study's fine-tuning: the whole classifier trained with 'balanced' class-weighted
+    cross-entropy, AdamW lr 9e-4, weight decay 0.05, batch 16,384, clipping at norm 1, x0.9
+    every 2 epochs, scored at the checkpoint with the best validation loss."""
+    config = default_config()
+    config.loss.name = "supervised"
+    config.train.update(steps=1_000, batch_size=16_384, lr=9e-4, weight_decay=0.05, val_every=100,
+                        checkpoint_every=100)
+    config.eval.checkpoint = "best"
+    return config
+
+
+def arm_dir(workdir: str, arm: str, fraction: float) -> str:
+    """Where arm `arm` ("pretrained" or "scratch") at label fraction `fraction` runs."""
+    return os.path.join(workdir, RESULTS, f"{arm}_{fraction:g}")
+
+
+def arm_config(base: ml_collections.ConfigDict, workdir: str, store: Store, arm: str, fraction: float,
+               datasets: tuple[str, ...], seed: int) -> ml_collections.ConfigDict:
+    """The run config of one arm: `base` (fine-tuning settings) with the pretrained run's model,
+    the target store, its datasets and label fraction, and, for the pretrained arm, its encoder.
+
+    The batch is capped at the fraction's cells (rounded down to a multiple of the devices), and
+    under step decay the decay interval is the same number of steps at every fraction: the
+    study's `lr_decay_epochs` epochs of the whole selection at batch `base.train.batch_size`.
+    """
+    config = base.copy_and_resolve_references()
+    pretrained = load_config(workdir).model.to_dict()
+    for key in config.model:  # the pretrained architecture; fields it predates keep their defaults
+        value = pretrained.get(key, config.model[key])
+        config.model[key] = tuple(value) if isinstance(value, list) else value
+    config.seed = seed
+    config.loss.name = "supervised"
+    location = store.path if "://" in store.path else os.path.abspath(store.path)  # local paths made absolute
+    config.data.update(store=location, h5ad="", train_datasets=datasets, train_fraction=fraction)
+    config.data.synthetic.n_cells = 0
+    config.train.init_from = os.path.abspath(workdir) if arm == "pretrained" else ""
+
+    devices = jax.device_count()
+    n_all = len(select_rows(store, "train", datasets=datasets, seed=seed))
+    n_cells = len(select_rows(store, "train", datasets=datasets, fraction=fraction, seed=seed))
+    batch_all = min(base.train.batch_size, n_all // devices * devices)
+    batch = min(base.train.batch_size, n_cells // devices * devices)
+    if batch == 0:
+        raise SscellError(f"label fraction {fraction:g} selects {n_cells} train cells, fewer than the {devices} "
+                          "devices; choose a larger fraction")
+    config.train.batch_size = batch
+    if config.train.schedule == "step_decay":
+        config.train.lr_decay_epochs = base.train.lr_decay_epochs * (n_all // batch_all) / (n_cells // batch)
+    return config
+
+
+def train_arm(config: ml_collections.ConfigDict, workdir: str, store: Store) -> bool:
+    """Train (or resume, or find finished) one arm's run in `workdir`, as `sscell.main` would;
+    False if it stopped early (preemption: rerunning resumes)."""
+    os.makedirs(workdir, exist_ok=True)
+    check_compatible(config, workdir)
+    if jax.process_index() == 0:
+        save_config(config, workdir)
+    return int(train(config, workdir, store)["step"]) >= config.train.steps
+
+
+def predict_test(arms: dict, store: Store, datasets: tuple[str, ...], batch_size: int
+                 ) -> tuple[np.ndarray, dict]:
+    """(true cell-type codes, {arm key: predicted codes}) of the target's test cells (of
+    `datasets` only, if given); `arms` maps keys to (config, workdir) of trained runs.
+
+    Reads the test split once for every arm; the codes are the store's, as in training.
+    """
+    loaded = {name: load_params(workdir, config, store) for name, (config, workdir) in arms.items()}
+    setup = next(iter(loaded.values()))[0]  # every arm has the same model on the same store
+    model, measured = setup.model, setup.info.measured_table()
+
+    @jax.jit
+    def predict(params, batch):
+        x = task_batch(batch, store.n_genes, measured)["x"]  # the model's training-time input
+        return jnp.argmax(model.apply({"params": params}, x), axis=-1)
+
+    start, stop = store.split_range("test")
+    keep = np.zeros(stop - start, bool)
+    keep[select_rows(store, "test", datasets=datasets) - start] = True
+    predicted = {name: [] for name in arms}
+    for first, (batch, n_valid) in zip(range(start, stop, batch_size),
+                                       sequential_batches(store, start, stop, batch_size)):
+        rows = keep[first - start:first - start + n_valid]
+        for name, (_, params, _) in loaded.items():
+            predicted[name].append(np.asarray(jax.device_get(predict(params, batch)))[:n_valid][rows])
+    true = label_codes(store, start, stop)["cell_type"][keep]
+    return true, {name: np.concatenate(parts) for name, parts in predicted.items()}
+
+
+def finetune(workdir: str, target_store: str, fractions: list[float], *, datasets: tuple[str, ...] = (),
+             steps: int | None = None, seed: int | None = None, base: ml_collections.ConfigDict | None = None,
+             arms: tuple[str, ...] = ARMS) -> list[dict]:
+    """Fine-tune from run `workdir`'s encoder vs from scratch at each label fraction of
+    `target_store`'s train cells (of `datasets` only, if given), score both on its test cells,
+    write `workdir`/finetune.{md,csv}; returns the result rows ([] if preempted: rerun to resume).
+
+    `base` holds the fine-tuning settings (default `finetune_config()`), `steps` overrides
+    its train.steps (the same for every fraction and arm); `seed` (default: the pretrained
+    run's) seeds the heads, the batch order and the fraction draw. `arms` may leave out
+    "scratch" (e.g. when several pretrained runs share one from-scratch baseline).
+    """
+    base = (base or finetune_config()).copy_and_resolve_references()
+    if steps is not None:
+        base.train.steps = steps
+    if not fractions:
+        raise SscellError("no label fractions given; pass e.g. --fractions=0.01,0.1,1")
+    pretrained = load_config(workdir)
+    seed = pretrained.seed if seed is None else seed
+    store = open_store(target_store)
+    check_same_genes(store_path(pretrained, workdir), store, workdir)
+    datasets = tuple(datasets)
+    trained, cells = {}, {}
+    for fraction in fractions:
+        for arm in arms:
+            config = arm_config(base, workdir, store, arm, fraction, datasets, seed)
+            run = arm_dir(workdir, arm, fraction)
+            if not train_arm(config, run, store):
+                print(f"{run} stopped early (preempted); rerun the same command to resume")
+                return []
+            trained[(arm, fraction)] = (config, run)
+        cells[fraction] = len(select_rows(store, "train", datasets=datasets, fraction=fraction, seed=seed))
+
+    true, predicted = predict_test(trained, store, datasets, base.eval.batch_size)
+    names = {"pretrained": f"fine-tuned from sscell {pretrained.loss.name}", "scratch": "supervised from scratch"}
+    rows = []
+    for (arm, fraction), prediction in predicted.items():
+        scores = f1_scores(true, prediction)
+        rows.append({"method": names[arm], "label_fraction": fraction, "train_cells": cells[fraction],
+                     "steps": base.train.steps, "finetune_macro_f1": scores["macro_f1"],
+                     "finetune_micro_f1": scores["micro_f1"]})
+    if jax.process_index() == 0:
+        table = write_results(rows, workdir, RESULTS)
+        subset = f" of {', '.join(datasets)}" if datasets else ""
+        print(f"\nFine-tuning vs from scratch: {len(true)} test cells{subset} in {store.path}, "
+              f"{base.eval.checkpoint} checkpoints\n\n{table}\nwritten to {workdir}/{RESULTS}.md, {RESULTS}.csv")
+    return rows
+
+
+def finetune_rows(workdir: str) -> list[dict]:
+    """The rows of `workdir`/finetune.csv ([] if the run was never fine-tuned), for the main results table."""
+    path = os.path.join(workdir, f"{RESULTS}.csv")
+    return pd.read_csv(path).to_dict("records") if os.path.exists(path) else []
+
+
+def _fractions(values: list[str]) -> list[float]:
+    try:
+        return [float(v) for v in values]
+    except ValueError:
+        raise SscellError(f"--fractions={','.join(values)} holds a non-number; pass e.g. 0.01,0.1,1") from None
+
+
+def cli() -> None:
+    """The command (its flags are defined here, so importing this module defines none)."""
+    config = config_flags.DEFINE_config_file("config", None, "Fine-tuning settings (default: the study's, "
+                                             "finetune_config()), e.g. experiments/finetune_cpu.py.", lock_config=True)
+    workdir = flags.DEFINE_string("workdir", None, "Work directory of the pretrained run.")
+    store = flags.DEFINE_string("store", None, "Target store (the same gene vocabulary as the pretrained run's).")
+    datasets = flags.DEFINE_multi_string("dataset", [], "Target dataset_id(s) within the store (default: all).")
+    fractions = flags.DEFINE_list("fractions", ["0.01", "0.1", "1"], "Label fractions of the target's train cells.")
+    steps = flags.DEFINE_integer("steps", None, "Training steps of every run (default: the config's train.steps).")
+    seed = flags.DEFINE_integer("seed", None, "Seed of the heads, batch order and fraction draw (default: the "
+                                "pretrained run's).")
+    flags.mark_flags_as_required(["workdir", "store"])
+
+    def main(argv: list[str]) -> None:
+        del argv
+        logging.set_verbosity(logging.WARNING)
+        with exit_on_error():
+            finetune(workdir.value, store.value, _fractions(fractions.value), datasets=tuple(datasets.value),
+                     steps=steps.value, seed=seed.value, base=config.value)
+
+    app.run(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,150 @@
+"""k-nearest-neighbour search and the zero-shot kNN classifier, for up to millions of reference cells.
+
+Two searches, the same answer up to approximation:
+- exact: blocked in JAX (query blocks x reference blocks, a running top-k merged block by
+  block, so memory is bounded by the block sizes), on the default device (a GPU when present);
+  the float32 search keeps 2k + 8 candidates, re-ranked in float64 (ties by reference index), so
+  rounding cannot reorder near-ties as a float32-only search would.
+- approximate: a faiss HNSW graph (M = 32, efSearch = 64): its cost grows about as
+  n log n, where the exact search's grows with n_ref x n_query.
+"auto" takes the exact search on an accelerator, or when n_ref x n_query <= `exact_max_pairs`.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sscell.errors import SscellError
+
+METHODS = ("auto", "exact", "approximate")
+EXACT_MAX_PAIRS = 2e10  # n_ref x n_query above which "auto" searches approximately on a CPU
+_QUERY_BLOCK, _REF_BLOCK = 1024, 8192
+HNSW_LINKS, HNSW_EF = 32, 64  # graph degree; candidate list size when building and searching
+_VOTE_BLOCK = 65536  # query cells voted at once (bounds the cells x classes count table)
+
+
+def _check(ref: np.ndarray, query: np.ndarray, k: int, what: str) -> None:
+    if ref.ndim != 2 or query.ndim != 2 or ref.shape[1] != query.shape[1]:
+        raise SscellError(f"{what} needs 2-D embeddings of equal width, got {ref.shape} and {query.shape}: "
+                          "pass (cells, dims) arrays from the same encoder")
+    if not 1 <= k <= len(ref):
+        raise SscellError(f"{what} needs 1 <= k <= {len(ref)} reference cells, got k={k}")
+
+
+def resolve_method(method: str, n_ref: int, n_query: int, exact_max_pairs: float = EXACT_MAX_PAIRS) -> str:
+    """"exact" or "approximate" for `method` ("auto" decides by device and size)."""
+    if method not in METHODS:
+        raise SscellError(f"unknown kNN method {method!r}; choose one of {', '.join(METHODS)} (config.eval.knn_method)")
+    if method != "auto":
+        return method
+    on_accelerator = jax.default_backend() != "cpu"
+    return "exact" if on_accelerator or n_ref * n_query <= exact_max_pairs else "approximate"
+
+
+@functools.partial(jax.jit, static_argnames="k")
+def _block_candidates(query: jax.Array, ref_blocks: jax.Array, ref_valid: jax.Array, k: int):
+    """(squared distances, indices) of the k nearest references of each query row (float32).
+
+    `ref_blocks` is (blocks, block, dims); `ref_valid` marks real (not padding) rows. A scan
+    over the blocks keeps a running top-k, so only one query x block distance matrix exists.
+    """
+    query_sq = jnp.sum(query * query, axis=1, keepdims=True)
+    block = ref_blocks.shape[1]
+
+    def merge(best, inputs):
+        i, refs, valid = inputs
+        dist = query_sq - 2.0 * query @ refs.T + jnp.sum(refs * refs, axis=1)[None, :]
+        dist = jnp.where(valid[None, :], dist, jnp.inf)
+        neg, idx = jax.lax.top_k(-jnp.concatenate([best[0], dist], axis=1), k)
+        ids = jnp.concatenate([best[1], i * block + jnp.broadcast_to(jnp.arange(block), dist.shape)], axis=1)
+        return (-neg, jnp.take_along_axis(ids, idx, axis=1)), None
+
+    init = (jnp.full((query.shape[0], k), jnp.inf, query.dtype), jnp.zeros((query.shape[0], k), jnp.int32))
+    (dist, ids), _ = jax.lax.scan(merge, init, (jnp.arange(ref_blocks.shape[0]), ref_blocks, ref_valid))
+    return dist, ids
+
+
+def _exact(ref: np.ndarray, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    n_ref = len(ref)
+    block = min(_REF_BLOCK, n_ref)
+    n_blocks = -(-n_ref // block)
+    padded = np.zeros((n_blocks * block, ref.shape[1]), np.float32)
+    padded[:n_ref] = ref
+    valid = np.arange(n_blocks * block) < n_ref
+    ref_blocks = jnp.asarray(padded.reshape(n_blocks, block, -1))
+    ref_valid = jnp.asarray(valid.reshape(n_blocks, block))
+    candidates = min(n_ref, 2 * k + 8)  # float32 rounding can only swap near-ties: re-rank a margin in float64
+    ref64, query64 = ref.astype(np.float64), query.astype(np.float64)
+    q_block = min(_QUERY_BLOCK, len(query))
+    indices = np.empty((len(query), k), np.int64)
+    distances = np.empty((len(query), k), np.float64)
+    for a in range(0, len(query), q_block):
+        b = min(a + q_block, len(query))
+        chunk = np.zeros((q_block, query.shape[1]), np.float32)  # one shape for jit
+        chunk[:b - a] = query[a:b]
+        _, ids = jax.device_get(_block_candidates(jnp.asarray(chunk), ref_blocks, ref_valid, candidates))
+        ids = ids[:b - a]
+        exact = np.sqrt(np.sum((ref64[ids] - query64[a:b, None, :]) ** 2, axis=-1))
+        order = np.lexsort((ids, exact), axis=-1)[:, :k]  # nearest first, ties by reference index
+        indices[a:b] = np.take_along_axis(ids, order, axis=1)
+        distances[a:b] = np.take_along_axis(exact, order, axis=1)
+    return indices, distances
+
+
+def _approximate(ref: np.ndarray, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    import faiss  # imported only when needed
+
+    index = faiss.IndexHNSWFlat(ref.shape[1], HNSW_LINKS)
+    index.hnsw.efConstruction = HNSW_EF
+    index.add(np.ascontiguousarray(ref))
+    index.hnsw.efSearch = max(HNSW_EF, 2 * k)
+    squared, indices = index.search(np.ascontiguousarray(query), k)
+    return indices.astype(np.int64), np.sqrt(np.maximum(squared, 0)).astype(np.float64)
+
+
+def nearest_neighbors(ref: np.ndarray, query: np.ndarray, k: int, method: str = "auto",
+                      exact_max_pairs: float = EXACT_MAX_PAIRS) -> tuple[np.ndarray, np.ndarray]:
+    """(indices into `ref`, Euclidean distances), both (n_query, k), nearest first.
+
+    A query equal to a reference point finds it at distance 0 (no self-neighbour is dropped).
+    `method`: "exact", "approximate" or "auto" (see the module docstring).
+    """
+    ref, query = np.asarray(ref, np.float32), np.asarray(query, np.float32)
+    _check(ref, query, k, "nearest_neighbors")
+    if resolve_method(method, len(ref), len(query), exact_max_pairs) == "exact":
+        return _exact(ref, query, k)
+    return _approximate(ref, query, k)
+
+
+def vote(neighbor_labels: np.ndarray) -> np.ndarray:
+    """The most frequent label of each row of (cells, k) integer labels; ties go to the smallest
+    label, as in scikit-learn's KNeighborsClassifier."""
+    n_classes = int(neighbor_labels.max(initial=0)) + 1
+    winners = np.empty(len(neighbor_labels), np.int64)
+    for a in range(0, len(neighbor_labels), _VOTE_BLOCK):
+        rows = neighbor_labels[a:a + _VOTE_BLOCK]
+        counts = np.zeros((len(rows), n_classes), np.int32)
+        np.add.at(counts, (np.arange(len(rows))[:, None], rows), 1)
+        winners[a:a + len(rows)] = counts.argmax(axis=1)  # first maximum: the smallest label
+    return winners
+
+
+def knn_predict(ref_emb: np.ndarray, ref_labels: np.ndarray, query_emb: np.ndarray, k: int = 5,
+                method: str = "auto", exact_max_pairs: float = EXACT_MAX_PAIRS) -> np.ndarray:
+    """Label each query cell by majority vote among its `k` nearest reference cells (Euclidean).
+
+    The study's zero-shot protocol: reference = validation cells, query = test cells. The sets
+    are disjoint, so no 'self' neighbour is dropped: a query equal to a reference point counts
+    that point's label. Ties break as scikit-learn's KNeighborsClassifier breaks them (the
+    smallest label among the tied classes).
+    """
+    ref_labels = np.asarray(ref_labels)
+    if len(ref_labels) != len(ref_emb):
+        raise SscellError(f"knn_predict got {len(ref_labels)} labels for {len(ref_emb)} reference cells: "
+                          "pass one label per reference cell")
+    classes, codes = np.unique(ref_labels, return_inverse=True)
+    indices, _ = nearest_neighbors(ref_emb, query_emb, k, method, exact_max_pairs)
+    return classes[vote(codes[indices])]

@@ -1,0 +1,196 @@
+"""Reproduce the study's findings at CPU scale, over seeds, in one command.
+
+    python -m sscell.reproduce --config=experiments/reproduce_cpu.py [--workdir=runs/reproduce_cpu]
+
+1. Generates an auxiliary atlas (`config.atlas`, the pretraining corpus) and a target dataset
+   with its own donors, a stronger batch effect and a subset of the cell types; converts both
+   into stores over the atlas's gene vocabulary (WORKDIR/data/).
+2. For each seed and pretext task (`config.tasks`, "supervised" being the supervised
+   baseline), pretrains on the atlas (WORKDIR/seed_S/TASK/, an ordinary resumable run), then
+   scores zero-shot kNN cell typing on the atlas's held-out donors and on the target
+   (reference = validation cells, query = test cells; PCA baselines on the same cells), and
+   fine-tunes a classifier on the target at each label fraction from the pretrained encoder
+   and, once per seed, from scratch.
+3. Writes every score to WORKDIR/scores.csv and mean +- sd over seeds, a figure and the
+   hardware and runtime to `config.report_dir`/reproduce_cpu.{md,png}.
+
+Rerunning skips what is done (runs resume, or are only scored again).
+"""
+from __future__ import annotations
+
+import os
+import platform
+import time
+
+import jax
+import ml_collections
+import numpy as np
+import pandas as pd
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from sscell.config import check_compatible, save_config
+from sscell.data.convert import convert
+from sscell.data.store import Store, open_store
+from sscell.data.synthetic import AtlasSpec, programmes_path, target_path, tf_targets_path, write_atlas
+from sscell.errors import exit_on_error
+from sscell.evaluation.evaluate import evaluate
+from sscell.evaluation.finetune import ARMS, finetune
+from sscell.evaluation.report import write_results
+from sscell.training.train import train
+
+SCORES = ("knn_macro_f1", "knn_micro_f1", "finetune_macro_f1", "finetune_micro_f1")
+
+
+def prepare_data(spec: AtlasSpec, folder: str) -> tuple[Store, Store]:
+    """(atlas store, target store), generated and converted into `folder` unless already there."""
+    os.makedirs(folder, exist_ok=True)
+    atlas = os.path.join(folder, "atlas.h5ad")
+    stores = os.path.join(folder, "atlas_store"), os.path.join(folder, "target_store")
+    if not all(os.path.exists(s) for s in stores):
+        if not os.path.exists(target_path(atlas)):
+            print(f"generating the atlas ({spec.n_cells} cells) and the target ({spec.target_cells} cells)")
+            write_atlas(spec, atlas)
+        if not os.path.exists(stores[0]):
+            convert([atlas], stores[0], seed=spec.seed)
+        vocabulary = os.path.join(folder, "genes.txt")
+        with open(vocabulary, "w") as f:
+            f.write("\n".join(open_store(stores[0]).var.index) + "\n")
+        if not os.path.exists(stores[1]):
+            convert([target_path(atlas)], stores[1], seed=spec.seed, vocabulary=vocabulary)
+    return open_store(stores[0]), open_store(stores[1])
+
+
+def pretrain_config(config: ml_collections.ConfigDict, task: str, seed: int, store: Store,
+                    data_folder: str) -> ml_collections.ConfigDict:
+    """The pretraining run of `task` with `seed`: `config.pretrain` with the task's overrides."""
+    run = config.pretrain.copy_and_resolve_references()
+    run.seed = seed
+    run.loss.name = task
+    run.data.store = os.path.abspath(store.path)
+    gmt = tf_targets_path if task == "gp_to_tf" else programmes_path
+    run.loss.gmt = os.path.abspath(str(gmt(os.path.join(data_folder, "atlas.h5ad"))))
+    for section, fields in config.task_overrides.get(task, {}).items():
+        run[section].update(fields)
+    return run
+
+
+def pretrain(run: ml_collections.ConfigDict, workdir: str, store: Store) -> None:
+    """Train (or resume, or find finished) one pretraining run, as `sscell.main` does."""
+    os.makedirs(workdir, exist_ok=True)
+    check_compatible(run, workdir)
+    if jax.process_index() == 0:
+        save_config(run, workdir)
+    train(run, workdir, store)
+
+
+def scores_of(rows: list[dict], baselines: bool, **labels) -> list[dict]:
+    """`rows` reduced to their method and SCORES columns, with `labels` added to each; the
+    baselines' rows (methods not named "sscell ...") only if `baselines`."""
+    return [{**labels, "method": r["method"].split(" (step")[0], **{k: r[k] for k in SCORES if k in r}}
+            for r in rows if baselines or r["method"].startswith("sscell")]
+
+
+def run_seed(config: ml_collections.ConfigDict, workdir: str, seed: int, atlas: Store, target: Store) -> list[dict]:
+    """Every score of one seed: per task, zero-shot kNN on atlas and target, then fine-tuning.
+
+    Baselines (PCA, training from scratch) do not depend on the task: they are scored with the
+    first task only.
+    """
+    rows = []
+    for i, task in enumerate(config.tasks):
+        run_dir = os.path.join(workdir, f"seed_{seed}", task)
+        pretrain(pretrain_config(config, task, seed, atlas, os.path.join(workdir, "data")), run_dir, atlas)
+        rows += scores_of(evaluate(run_dir, ("knn",)), i == 0, seed=seed, setting="zero-shot atlas")
+        rows += scores_of(evaluate(run_dir, ("knn",), store=target.path, outdir=os.path.join(run_dir, "target")),
+                          i == 0, seed=seed, setting="zero-shot target")
+        tuned = finetune(run_dir, target.path, list(config.fractions), steps=config.finetune.train.steps,
+                         seed=seed, base=config.finetune, arms=ARMS if i == 0 else ("pretrained",))
+        for r in tuned:
+            rows.append({"seed": seed, "setting": f"fine-tune {r['label_fraction']:g}", "method": r["method"],
+                         **{k: r[k] for k in SCORES if k in r}})
+    return rows
+
+
+def summarise(scores: pd.DataFrame) -> pd.DataFrame:
+    """Mean +- sd over seeds of each (setting, method) score."""
+    columns = [c for c in SCORES if c in scores]
+    grouped = scores.groupby(["setting", "method"], sort=False)[columns]
+    mean, sd, n = grouped.mean(), grouped.std(ddof=1), grouped.size()
+    table = mean.copy()
+    for c in columns:
+        table[c] = [f"{m:.3f} ± {s:.3f}" if np.isfinite(m) and np.isfinite(s) else (f"{m:.3f}" if np.isfinite(m) else "")
+                    for m, s in zip(mean[c], sd[c])]
+    table["seeds"] = n
+    return table.reset_index()
+
+
+def plot(scores: pd.DataFrame, path: str) -> None:
+    """Zero-shot kNN macro F1 per method (target and atlas) and fine-tuning macro F1 vs label fraction."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for ax, setting in zip(axes[:2], ("zero-shot atlas", "zero-shot target")):
+        part = scores[scores.setting == setting].groupby("method", sort=False)["knn_macro_f1"]
+        ax.bar(range(part.ngroups), part.mean(), yerr=part.std(ddof=1), capsize=3, color="tab:blue")
+        ax.set_xticks(range(part.ngroups), list(part.groups), rotation=35, ha="right", fontsize=8)
+        ax.set_title(f"{setting}: kNN macro F1")
+        ax.set_ylim(0, 1)
+    tuned = scores[scores.setting.str.startswith("fine-tune")].copy()
+    tuned["fraction"] = tuned.setting.str.split().str[-1].astype(float)
+    for method, part in tuned.groupby("method", sort=False):
+        stats = part.groupby("fraction")["finetune_macro_f1"]
+        axes[2].errorbar(stats.mean().index, stats.mean(), yerr=stats.std(ddof=1), marker="o", capsize=3,
+                         label=method)
+    axes[2].set_xscale("log")
+    axes[2].set_xlabel("label fraction of the target's train cells")
+    axes[2].set_title("target: fine-tuned macro F1")
+    axes[2].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=110)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+
+
+def reproduce(config: ml_collections.ConfigDict, workdir: str) -> pd.DataFrame:
+    """Run the whole study (see the module docstring); returns the summary table."""
+    started = time.perf_counter()
+    spec = AtlasSpec(**config.atlas.to_dict())
+    atlas, target = prepare_data(spec, os.path.join(workdir, "data"))
+    rows = [r for seed in config.seeds for r in run_seed(config, workdir, seed, atlas, target)]
+    scores = pd.DataFrame(rows)
+    scores.to_csv(os.path.join(workdir, "scores.csv"), index=False)
+    table = summarise(scores)
+    minutes = (time.perf_counter() - started) / 60
+    os.makedirs(config.report_dir, exist_ok=True)
+    plot(scores, os.path.join(config.report_dir, "reproduce_cpu.png"))
+    hardware = f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), jax {jax.__version__}"
+    header = (f"Generated by `python -m sscell.reproduce`: atlas {atlas.n_cells} cells x {atlas.n_genes} genes, "
+              f"target {target.n_cells} cells; seeds {list(config.seeds)}; {hardware}; "
+              f"{minutes:.0f} min (this invocation).")
+    markdown = write_results(table.to_dict("records"), config.report_dir, "reproduce_cpu")
+    report = os.path.join(config.report_dir, "reproduce_cpu.md")
+    with open(report + ".tmp", "w") as f:
+        f.write(f"{header}\n\n{markdown}\n![scores](reproduce_cpu.png)\n")
+    os.replace(report + ".tmp", report)
+    print(f"\n{header}\n\n{markdown}\nwritten to {config.report_dir}/reproduce_cpu.md, .csv, .png")
+    return table
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    config = flags.FLAGS["config"].value
+    workdir = flags.FLAGS["workdir"].value or os.path.join("runs", "reproduce_cpu")
+    with exit_on_error():
+        reproduce(config, workdir)
+
+
+if __name__ == "__main__":
+    config_flags.DEFINE_config_file("config", None, "Study config, e.g. experiments/reproduce_cpu.py.",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None, "Where the data and runs go (default runs/reproduce_cpu).")
+    flags.mark_flags_as_required(["config"])
+    app.run(main)

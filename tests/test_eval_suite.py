@@ -1,0 +1,103 @@
+"""The evaluation of a tiny trained run end to end, and embeddings of an .h5ad / a store written as AnnData."""
+import csv
+
+import anndata
+import numpy as np
+import pytest
+
+from sscell.config import default_config, save_config
+from sscell.data.store import open_store
+from sscell.evaluation.embed import OBSM_KEY, embed, load_params
+from sscell.evaluation.evaluate import TASKS, evaluate
+from sscell.training.train import train
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_store, tmp_path_factory):
+    """A run trained 30 steps on the tiny store (tiny_config's settings), with its config saved."""
+    config = default_config()
+    config.data.store = tiny_store.path
+    config.model.update(hidden=(32, 32), latent=8)
+    config.train.update(steps=30, batch_size=64, log_every=5, val_every=10, val_batches=2, checkpoint_every=10,
+                        lr_decay_epochs=100)
+    config.eval.update(batch_size=128, pca_components=8, hvg_genes=48, integration_cells=400, umap_cells=400)
+    workdir = tmp_path_factory.mktemp("run")
+    train(config, str(workdir), tiny_store)
+    save_config(config, workdir)
+    return workdir, config
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_every_task_writes_sane_outputs(trained_run, capsys):
+    workdir, _ = trained_run
+    rows = evaluate(str(workdir))
+    assert [r["method"] for r in rows] == ["sscell masked (step 30)", "PCA(8) log1p", "PCA(8) HVG(48)"]
+    written = read_csv(workdir / "results.csv")
+    assert [r["method"] for r in written] == [r["method"] for r in rows]
+    for row in rows:
+        for task in ("knn", "probe"):
+            for score in ("macro_f1", "micro_f1", "macro_f1_ontology", "micro_f1_ontology"):
+                assert 0 < row[f"{task}_{score}"] <= 1, (row["method"], task, score)
+            assert row[f"{task}_macro_f1_ontology"] >= row[f"{task}_macro_f1"] - 1e-12
+        for key in ("donor", "dataset"):
+            assert all(0 <= row[f"scib_{key}_{a}"] <= 1 for a in ("bio", "batch", "total"))
+    for row in rows[:2]:  # the model and PCA reconstruct; PCA of the HVGs does not
+        assert all(np.isfinite(row[f"recon_{p}{k}"]) and row[f"recon_{p}{k}"] <= 1
+                   for p in ("", "masked_") for k in ("ev_weighted", "ev_uniform"))
+        assert row["recon_mse"] > 0 and row["recon_masked_mse"] > 0
+    assert rows[1]["recon_ev_weighted"] > 0  # PCA's projection explains variance on the cells it did not see
+    assert not any(k.startswith("recon_") for k in rows[2])
+    per_class = read_csv(workdir / "per_class_f1.csv")
+    assert len(per_class) >= 2 and all(0 <= float(v) <= 1 for r in per_class for k, v in r.items()
+                                       if k.startswith(("knn", "probe")))
+    start, stop = open_store(trained_run[1].data.store).split_range("test")
+    assert sum(int(r["test_cells"]) for r in per_class) == stop - start
+    integration = read_csv(workdir / "integration.csv")
+    assert {r["batch"] for r in integration} == {"donor", "dataset"} and len(integration) == 6
+    for name in ("umap_cell_type.png", "umap_batch.png", "loss_curve.png",
+                 *(f"bars_{t}.png" for t in TASKS if t != "umap")):
+        assert (workdir / name).read_bytes().startswith(PNG), name
+    out = capsys.readouterr().out
+    assert "knn_macro_f1" in out and "results.md" in out
+
+
+def test_selected_tasks_only(trained_run):
+    workdir, _ = trained_run
+    rows = evaluate(str(workdir), tasks="knn")
+    assert all("knn_macro_f1" in r and not any(k.startswith(("probe", "recon", "scib")) for k in r) for r in rows)
+
+
+def test_embeddings_of_an_h5ad_and_of_the_store(trained_run, tiny_h5ad, tmp_path):
+    workdir, config = trained_run
+    atlas = anndata.read_h5ad(tiny_h5ad)
+    store = open_store(config.data.store)
+    from_store = embed(str(workdir), store.path, str(tmp_path / "store.h5ad"))
+    from_h5ad = embed(str(workdir), tiny_h5ad, str(tmp_path / "atlas.h5ad"), batch_size=100)
+    assert from_h5ad["cells"] == from_store["cells"] == atlas.n_obs and from_h5ad["step"] == 30
+    by_h5ad, by_store = anndata.read_h5ad(tmp_path / "atlas.h5ad"), anndata.read_h5ad(tmp_path / "store.h5ad")
+    assert by_h5ad.obs_names.tolist() == atlas.obs_names.tolist()  # the input's cells, in its order
+    assert by_h5ad.obs.columns.tolist() == atlas.obs.columns.tolist()
+    assert by_h5ad.obsm[OBSM_KEY].shape == (atlas.n_obs, 8) and by_h5ad.uns["sscell"]["step"] == 30
+    np.testing.assert_allclose(by_h5ad.obsm[OBSM_KEY], by_store[atlas.obs_names].obsm[OBSM_KEY], rtol=1e-5, atol=1e-5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["atlas.h5ad", "store.h5ad"]  # no temporary left
+
+    # Genes the file lacks are unmeasured: zeroed before normalising, as in training.
+    kept = atlas.var_names[10:][::-1]  # 10 vocabulary genes missing, the rest in another order
+    partial = atlas[:300, kept].copy()
+    partial.write_h5ad(tmp_path / "partial.h5ad")
+    summary = embed(str(workdir), str(tmp_path / "partial.h5ad"), str(tmp_path / "partial_emb.h5ad"))
+    assert summary["genes_not_measured"] == 10 and summary["genes_dropped"] == 0
+    counts = np.zeros((300, atlas.n_vars))
+    counts[:, 10:] = atlas[:300].X.toarray()[:, 10:]
+    library = counts.sum(1, keepdims=True)
+    x = np.log1p(counts / np.maximum(library, 1) * 1e4).astype(np.float32)  # a cell left without counts stays 0
+    setup, params, _ = load_params(str(workdir), config, store)
+    expected = np.asarray(setup.model.apply({"params": params}, x, method="encode"))
+    written = anndata.read_h5ad(tmp_path / "partial_emb.h5ad").obsm[OBSM_KEY]
+    np.testing.assert_allclose(written, expected, rtol=1e-4, atol=1e-4)
