@@ -61,12 +61,13 @@ def rate(batches, cells: int) -> float:
     return seen / (time.perf_counter() - start)
 
 
-def sscell_rates(store_path: Path, batch_size: int, cells: int, threads: list[int]) -> dict[str, float]:
+def sscell_rates(store_path: Path, batch_size: int, cells: int, threads: list[int],
+                 block_cells: int = 64) -> dict[str, float]:
     """Cells/s of the train split's shuffled batches per prefetch thread count."""
     store = open_store(store_path)
     result = {}
     for t in threads:
-        loader = CellLoader(store, "train", batch_size, seed=t, prefetch=t)
+        loader = CellLoader(store, "train", batch_size, seed=t, prefetch=t, block_cells=block_cells)
         result[str(t)] = rate(loader.iterate(0, 10**9), cells)
     return result
 
@@ -239,9 +240,13 @@ def main() -> None:
             best = max(rates["sscell"].values())
             result["ratios"] = {f"sscell_best_over_{k}": best / v for k, v in rates.items()
                                 if isinstance(v, float)}
-            if isinstance(rates.get("annbatch"), dict):
-                result["ratios"].update({f"sscell_best_over_annbatch_chunk{c}": best / v
-                                         for c, v in rates["annbatch"]["cells_per_s"].items()})
+            if isinstance(rates.get("annbatch"), dict):  # also sscell reading blocks of annbatch's chunk size
+                threads = [int(max(rates["sscell"], key=rates["sscell"].get))]
+                for c, v in rates["annbatch"]["cells_per_s"].items():
+                    same = max(sscell_rates(store, b, n, threads, int(c)).values())
+                    rates[f"sscell_block{c}"] = same
+                    result["ratios"].update({f"sscell_best_over_annbatch_chunk{c}": best / v,
+                                             f"sscell_block{c}_over_annbatch_chunk{c}": same / v})
             if "bytes" not in args.skip:
                 result["shipped_bytes"] = [shipped_bytes(store, b, 20, s) for s in (1, 8)]
             if "train_step" not in args.skip:
