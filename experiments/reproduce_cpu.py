@@ -5,8 +5,10 @@
 Generates a 100,000-cell auxiliary atlas (2,000 genes, 6 datasets x 5 donors) and a
 10,000-cell target dataset (its own 4 donors, a 3x stronger batch effect, 6 of the 10 cell
 types), pretrains each task on the atlas, scores zero-shot kNN and fine-tuning at 1%, 10% and
-100% of the target's labels, and writes docs/reproduce_cpu.{md,csv,png}. Sized for about an
-hour on 2 CPU cores (see docs/reproduction.md for the measured runtime and what the data show).
+100% of the target's labels, and writes docs/reproduce_cpu.{md,csv,png}. Not yet sized: on 2
+CPU cores the data take ~3 min, masked pretraining 75 s and each fine-tuning run ~25 s, but
+BYOL / Barlow Twins step ~20x slower (their augmentations) and 1,500 steps under-train the
+encoder at this atlas size (issue 8 has the first partial figures).
 Bigger: --config.atlas.n_cells=1000000 --config.pretrain.train.steps=20000
 --config.pretrain.model.hidden='(512,512,256,256)'; fewer seeds: --config.seeds='(0,)'.
 """
