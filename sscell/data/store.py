@@ -108,6 +108,13 @@ def _create_array(path: Path, size: int, dtype: np.dtype, chunks: tuple[int, int
     return ts.open(spec, context=ctx).result()
 
 
+def resolved_location(path: str | os.PathLike) -> str:
+    """A store's location made comparable and portable: URLs (gs://, s3://) as given, local
+    paths absolute with links resolved."""
+    path = str(path)
+    return path if "://" in path else os.path.realpath(path)
+
+
 def _kvstore(location: str, key: str) -> dict:
     """The tensorstore kvstore of `key` (e.g. "X/data") in the store at `location`: a local path,
     gs://BUCKET/PATH or s3://BUCKET/PATH.

@@ -28,7 +28,7 @@ from ml_collections import config_flags
 from sscell.config import check_compatible, default_config, load_config, save_config
 from sscell.data.loader import label_codes, select_rows, sequential_batches
 from sscell.data.prepare import store_path
-from sscell.data.store import Store, open_store
+from sscell.data.store import Store, open_store, resolved_location
 from sscell.errors import SscellError, exit_on_error
 from sscell.evaluation.embed import load_params
 from sscell.evaluation.metrics import f1_scores
@@ -74,8 +74,7 @@ def arm_config(base: ml_collections.ConfigDict, workdir: str, store: Store, arm:
         config.model[key] = tuple(value) if isinstance(value, list) else value
     config.seed = seed
     config.loss.name = "supervised"
-    location = store.path if "://" in store.path else os.path.abspath(store.path)  # local paths made absolute
-    config.data.update(store=location, h5ad="", train_datasets=datasets, train_fraction=fraction)
+    config.data.update(store=resolved_location(store.path), h5ad="", train_datasets=datasets, train_fraction=fraction)
     config.data.synthetic.n_cells = 0
     config.train.init_from = os.path.abspath(workdir) if arm == "pretrained" else ""
 

@@ -7,7 +7,6 @@ another run's checkpoint (`train.init_from`, fine-tuning): `pretrained_encoder` 
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -20,7 +19,7 @@ from jax.sharding import NamedSharding
 
 from sscell.config import load_config
 from sscell.data.prepare import store_path
-from sscell.data.store import Store, open_store
+from sscell.data.store import Store, open_store, resolved_location
 from sscell.errors import SscellError
 from sscell.models.mlp import init_params
 from sscell.training import checkpoint
@@ -79,15 +78,10 @@ def _fit_problems(pretrained: dict, here: dict) -> list[str]:
     return problems + [f"{k} only here" for k in sorted(here.keys() - pretrained.keys())]
 
 
-def _location(path: str) -> str:
-    """A store's path made comparable: local paths resolved, URLs (gs://, s3://) as given."""
-    return path if "://" in path else os.path.realpath(path)
-
-
 def check_same_genes(pretrained_store: str, store: Store, run: str) -> None:
     """Refuse `store` unless its gene vocabulary (var index, in order) is that of `pretrained_store`,
     the store run `run` trained on: an encoder's first layer is tied to its genes' order."""
-    if _location(pretrained_store) == _location(store.path):
+    if resolved_location(pretrained_store) == resolved_location(store.path):
         return
     try:
         reference = open_store(pretrained_store).var.index.astype(str)
