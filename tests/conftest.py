@@ -1,6 +1,8 @@
 """Shared fixtures: a tiny generated atlas converted into a store, once per test session."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from sscell.config import default_config
@@ -9,6 +11,7 @@ from sscell.data.store import open_store
 from sscell.data.synthetic import AtlasSpec, write_atlas
 
 TINY_ATLAS = AtlasSpec(n_cells=1600, n_genes=96, n_datasets=2, donors_per_dataset=4, seed=0)
+TINY_PROTEIN_ATLAS = dataclasses.replace(TINY_ATLAS, n_proteins=8)  # the same cells with a protein panel
 
 
 def pytest_collection_modifyitems(items):
@@ -43,3 +46,19 @@ def tiny_config(tiny_store):
                         checkpoint_every=10, lr_decay_epochs=100)
     config.eval.update(batch_size=128, pca_components=8)
     return config
+
+
+@pytest.fixture(scope="session")
+def tiny_protein_h5ad(tmp_path_factory) -> str:
+    """TINY_ATLAS with 8 proteins per cell (obsm['protein_counts'])."""
+    path = str(tmp_path_factory.mktemp("protein_atlas") / "atlas.h5ad")
+    write_atlas(TINY_PROTEIN_ATLAS, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_protein_store(tiny_protein_h5ad, tmp_path_factory):
+    """The protein atlas converted through many small blocks and shuffle buckets."""
+    path = str(tmp_path_factory.mktemp("protein_store") / "store")
+    convert([tiny_protein_h5ad], path, seed=0, block_cells=300, bucket_nonzeros=5000)
+    return open_store(path)

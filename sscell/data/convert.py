@@ -15,6 +15,9 @@ indptr; never the cell-id strings), whatever the input size, in streaming passes
 3. write: load one bucket at a time, order its rows and append them (and their ids) to the store.
 Scratch space: the uncompressed counts and ids, once (beside the output, removed at the end).
 
+A second modality (obsm['protein_counts'], sscell.data.modality) held by every input moves with
+its cells through the same passes (a per-row scratch file), so store row r keeps cell r's proteins.
+
 Genes: a --vocabulary file fixes them (genes outside it are dropped and counted); without one
 the store's genes are the inputs' union, and `--append` grows it: genes new to the store go
 after the existing ones (stored gene indices stay valid) and count as unmeasured by every
@@ -52,6 +55,7 @@ from pandas.api.types import union_categoricals
 
 from sscell.data.cell_ids import all_in, as_utf8, check_unique, sorted_hashes
 from sscell.data.inputs import H5adInput, align, id_kind, open_input, read_vocabulary, union_vocabulary
+from sscell.data.modality import ModalityReader, common_panel, has_modality, open_modality
 from sscell.data.store import SPLITS, Store, StoreWriter, count_dtype, open_store
 from sscell.errors import SscellError, exit_on_error
 
@@ -71,6 +75,8 @@ class _StoreSource:
     ids: zarr.Array    # obs/_index
     n_genes: int
     source: str = "store"
+    modality: ModalityReader | None = None  # its obsm['protein_counts'], if it holds one
+    modality_names: tuple[str, ...] | None = None
 
     @classmethod
     def open(cls, path: Path) -> _StoreSource:
@@ -79,8 +85,10 @@ class _StoreSource:
         group = zarr.open_group(path, mode="r")["obs"]
         columns = {c: pd.Categorical(anndata.io.read_elem(group[c])) for c in group.attrs["column-order"]}
         split = columns.pop("split").codes.astype(np.int8)
+        reader = open_modality(store) if has_modality(store) else None
         return cls(store, pd.DataFrame(columns, index=pd.RangeIndex(store.n_cells)), split,
-                   group[group.attrs["_index"]], store.n_genes)
+                   group[group.attrs["_index"]], store.n_genes, modality=reader,
+                   modality_names=reader.names if reader else None)
 
     @property
     def path(self) -> Path:
@@ -101,6 +109,9 @@ class _StoreSource:
 
     def read_ids(self, start: int, stop: int) -> np.ndarray:
         return as_utf8(self.ids[start:stop])
+
+    def read_modality(self, start: int, stop: int) -> np.ndarray:
+        return self.modality.read([(start, stop)])
 
 
 _Source = H5adInput | _StoreSource
@@ -236,12 +247,13 @@ def _bucket_starts(indptr: np.ndarray, bucket_nonzeros: int, bucket_rows: int) -
 
 
 def _shuffle_into(writer: StoreWriter, sources: Sequence[_Source], dest: np.ndarray, id_bytes: int, scratch: Path,
-                  block_cells: int, bucket_nonzeros: int) -> None:
+                  block_cells: int, bucket_nonzeros: int, n_features: int = 0) -> None:
     """Append the cells to `writer` with their ids, concatenated-source cell i as store row dest[i].
 
     Passes 2 and 3 of the module docstring: bucket k holds store rows [starts[k], starts[k+1]) and
     nonzeros [indptr[starts[k]], indptr[starts[k+1]]), so each bucket is one region of each scratch
-    file (rows, ids, indices, data), filled from its start by a cursor.
+    file (rows, ids, indices, data, and the modality's rows when `n_features` > 0), filled from its
+    start by a cursor.
     """
     indptr, n = writer.indptr, len(dest)
     starts = _bucket_starts(indptr, bucket_nonzeros, BUCKET_ROWS)
@@ -250,6 +262,9 @@ def _shuffle_into(writer: StoreWriter, sources: Sequence[_Source], dest: np.ndar
     dtypes = {"rows": dest.dtype, "ids": np.dtype(f"S{id_bytes}"), "indices": writer.indices_dtype,
               "data": writer.data_dtype}
     per_row = ("rows", "ids")
+    if n_features:
+        dtypes["modality"] = np.dtype((np.float32, (n_features,)))
+        per_row += ("modality",)
     scratch.mkdir()
     fds = {name: os.open(scratch / name, os.O_RDWR | os.O_CREAT) for name in dtypes}
     try:
@@ -264,6 +279,8 @@ def _shuffle_into(writer: StoreWriter, sources: Sequence[_Source], dest: np.ndar
                     parts = {"rows": rows, "ids": np.asarray(src.read_ids(start, stop), dtypes["ids"])[by_bucket],
                              "indices": block.indices.astype(dtypes["indices"]),
                              "data": block.data.astype(dtypes["data"])}
+                    if n_features:
+                        parts["modality"] = src.read_modality(start, stop)[by_bucket]
                     buckets = np.searchsorted(starts, rows, "right") - 1
                     cuts = np.flatnonzero(np.diff(buckets)) + 1
                     for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(rows)]):
@@ -278,8 +295,8 @@ def _shuffle_into(writer: StoreWriter, sources: Sequence[_Source], dest: np.ndar
                 offset += src.n_cells
         with _progress(n, "writing") as bar:
             for lo, hi in itertools.pairwise(bounds):
-                spans = {"rows": (lo, hi), "ids": (lo, hi), "indices": (indptr[lo], indptr[hi]),
-                         "data": (indptr[lo], indptr[hi])}
+                spans = {"indices": (indptr[lo], indptr[hi]), "data": (indptr[lo], indptr[hi])} | {
+                    name: (lo, hi) for name in per_row}
                 part = {name: np.fromfile(scratch / name, dtypes[name], offset=a * dtypes[name].itemsize, count=b - a)
                         for name, (a, b) in spans.items()}
                 _append_bucket(writer, part, lo, hi)
@@ -304,7 +321,8 @@ def _append_bucket(writer: StoreWriter, part: dict[str, np.ndarray], lo: int, hi
         gather = np.repeat(starts[a:b] - local[:-1], np.diff(local)) + np.arange(local[-1])
         block = scipy.sparse.csr_matrix((part["data"][gather], part["indices"][gather], local),
                                         shape=(b - a, writer.n_genes))
-        writer.append(block, np.char.decode(part["ids"][in_order[a:b]], "utf-8"))
+        writer.append(block, np.char.decode(part["ids"][in_order[a:b]], "utf-8"),
+                      part["modality"][in_order[a:b]] if "modality" in part else None)
 
 
 def _build(sources: Sequence[_Source], var: pd.DataFrame, known: np.ndarray, attrs: dict, tmp: Path, *,
@@ -314,6 +332,7 @@ def _build(sources: Sequence[_Source], var: pd.DataFrame, known: np.ndarray, att
     Memory beyond a block: at most ~40 bytes a cell (obs codes, nonzeros, order, indptr), ~25
     while the cells move (obs codes in store order, each cell's store row, indptr).
     """
+    panel = common_panel(sources)  # before the long passes: inputs with different panels fail fast
     id_bytes = check_unique(sources, block_cells)
     obs = _merge_obs(sources)
     nnz, max_count = _count_pass(sources, block_cells)
@@ -328,8 +347,9 @@ def _build(sources: Sequence[_Source], var: pd.DataFrame, known: np.ndarray, att
     dest = np.empty_like(order)
     dest[order] = np.arange(len(order), dtype=order.dtype)
     del order
-    writer = StoreWriter(tmp / "store", indptr, len(var), count_dtype(max_count), attrs)
-    _shuffle_into(writer, sources, dest, id_bytes, tmp / "buckets", block_cells, bucket_nonzeros)
+    writer = StoreWriter(tmp / "store", indptr, len(var), count_dtype(max_count), attrs, modality=panel)
+    _shuffle_into(writer, sources, dest, id_bytes, tmp / "buckets", block_cells, bucket_nonzeros,
+                  len(panel[1]) if panel else 0)
     writer.close(obs, var, {"measured": _measured(sources, var.index)})
 
 

@@ -7,7 +7,9 @@ categoricals (a small integer code per cell); cell ids stay on disk and are read
 
 Counts come from layers['counts'], else raw.X, else X. Genes are matched to the vocabulary by
 id (the var index, or a var column named by `gene_column`); genes outside the vocabulary are
-dropped, and a vocabulary gene an input lacks counts as not measured by that input.
+dropped, and a vocabulary gene an input lacks counts as not measured by that input. A second
+modality, obsm['protein_counts'] with uns['protein_counts_names'], stays on disk and is read in
+the same row blocks (sscell.data.modality).
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import pandas as pd
 import scipy.sparse
 from pandas.api.types import union_categoricals
 
+from sscell.data import modality as modalities
 from sscell.data.cell_ids import as_utf8
 from sscell.data.store import SPLITS
 from sscell.errors import SscellError
@@ -53,6 +56,8 @@ class H5adInput:
     columns: np.ndarray | None = None  # vocabulary column of each input column, -1: dropped
     n_genes: int = 0            # vocabulary size
     given_split: np.ndarray | None = None  # split codes (index into SPLITS) from --split-column
+    modality: h5py.Dataset | None = None  # obsm['protein_counts'], on disk
+    modality_names: tuple[str, ...] | None = None  # its column names (None: no modality)
 
     @property
     def n_cells(self) -> int:
@@ -92,6 +97,15 @@ class H5adInput:
         block.sort_indices()
         block.eliminate_zeros()
         return block
+
+    def read_modality(self, start: int, stop: int) -> np.ndarray:
+        """Validated obsm['protein_counts'] rows [start, stop) as float32 (cells x proteins)."""
+        try:
+            values = self.modality[start:stop]
+        except (OSError, KeyError, ValueError, RuntimeError) as e:
+            raise SscellError(f"{self.path}: cannot read obsm rows {start}-{stop - 1}, the file looks truncated "
+                              f"or corrupt ({_one_line(e)})") from None
+        return modalities.checked(values, self.path, modalities.PROTEIN_KEY, f"{start}-{stop - 1}")
 
     def _checked(self, data: np.ndarray, rows: str) -> np.ndarray:
         """`data` (stored values of some rows) if they are non-negative integer counts, rounded if allowed."""
@@ -180,11 +194,15 @@ def open_input(path: str | os.PathLike, stack: contextlib.ExitStack, *, gene_col
         obs, ids = _read_obs(path, f["obs"])
         given_split = _read_split(path, f["obs"], split_column) if split_column else None
         var = anndata.io.read_elem(f[var_key])
+        found = modalities.find_in_input(f, path)
     except (OSError, KeyError, ValueError, RuntimeError) as e:
         raise SscellError(f"{path}: cannot read it as .h5ad, the file looks truncated or corrupt "
                           f"({_one_line(e)})") from None
     if len(obs) == 0 or counts.shape[0] == 0:
         raise SscellError(f"{path}: holds no cells; drop it from the inputs")
+    if found is not None and found[0].shape[0] != len(obs):
+        raise SscellError(f"{path}: obsm['{modalities.PROTEIN_KEY}'] has {found[0].shape[0]} rows for {len(obs)} "
+                          "cells; the file is inconsistent")
     if counts.shape != (len(obs), len(var)):
         raise SscellError(f"{path}: counts in {source} have shape {counts.shape}, obs x {var_key} is "
                           f"{(len(obs), len(var))}; the file is inconsistent")
@@ -196,7 +214,8 @@ def open_input(path: str | os.PathLike, stack: contextlib.ExitStack, *, gene_col
     if var.index.has_duplicates:
         raise SscellError(f"{path}: gene id {var.index[var.index.duplicated()][0]!r} appears more than once "
                           f"in {var_key}{'.' + gene_column if gene_column else ''}; gene ids must be unique")
-    return H5adInput(path, counts, source, obs, ids, var, round_counts, given_split=given_split)
+    return H5adInput(path, counts, source, obs, ids, var, round_counts, given_split=given_split,
+                     modality=found[0] if found else None, modality_names=found[1] if found else None)
 
 
 def read_vocabulary(path: str | os.PathLike) -> pd.Index:

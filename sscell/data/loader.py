@@ -21,6 +21,8 @@ process feeds; shard s holds its cells' nonzeros concatenated:
     counts  (shards, size)        its count (the store's uint16 / uint32)
     indptr  (shards, cells + 1)   int32: shard s's cell i is genes/counts[s, indptr[s, i]:indptr[s, i + 1]]
     cell, cell_type, donor, dataset   (shards * cells,) int32: store row and label codes
+    modality (shards * cells, features) float32: the rows' second modality (raw protein counts),
+                                  only from a loader made with `modality` (sscell.data.modality)
 
 `size` is the nonzeros of the epoch's fullest shard rounded up to one of 8 sizes per power of
 two (`nnz_bucket`), computed by every process from the in-RAM indptr: one shape per epoch for
@@ -39,6 +41,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from sscell.data.modality import BATCH_FIELD, open_modality
 from sscell.data.store import Store
 from sscell.errors import SscellError
 
@@ -141,16 +144,19 @@ class CellLoader:
     process's slice of a batch is laid out in `shards` shards (the data-parallel devices it
     feeds: `sscell.training.mesh.local_data_shards`). Cells keep their block order within a
     batch: the store is shuffled at write time, and a step does not depend on the order of
-    the cells of its batch.
+    the cells of its batch. `modality` (an obsm key such as "protein_counts") adds the rows'
+    values of that modality to every batch, read by the same runs of rows as the counts.
     """
 
     def __init__(self, store: Store, split: str, batch_size: int, seed: int, *,
                  datasets: Sequence[str] = (), fraction: float = 1.0, block_cells: int = 64,
-                 process_index: int = 0, process_count: int = 1, shards: int = 1, prefetch: int = 4):
+                 process_index: int = 0, process_count: int = 1, shards: int = 1, prefetch: int = 4,
+                 modality: str = ""):
         if batch_size % (process_count * shards):
             raise SscellError(f"batch size {batch_size} is not divisible by the {process_count} process(es) x "
                               f"{shards} data shard(s) each; choose a multiple")
         self.store = store
+        self.modality = open_modality(store, modality) if modality else None
         self.rows = select_rows(store, split, datasets=datasets, fraction=fraction, seed=seed)
         self.n_cells = len(self.rows)
         self.batch_size = batch_size
@@ -217,6 +223,8 @@ class CellLoader:
         lengths = self.store.indptr[rows + 1] - self.store.indptr[rows]
         labels = {name: codes[selection] for name, codes in self.labels.items()}
         nonzeros = shard_nonzeros(data, indices, lengths, self.shards, self._epoch_size(step // self.steps_per_epoch))
+        if self.modality is not None:
+            labels[BATCH_FIELD] = self.modality.read(runs(rows))
         return {**nonzeros, "cell": rows.astype(np.int32), **labels}
 
     def iterate(self, start_step: int, stop_step: int) -> Iterator[dict[str, np.ndarray]]:
@@ -239,15 +247,22 @@ def sequential_batches(store: Store, start: int, stop: int, batch_size: int, sha
     The last batch is padded with empty cells (no nonzeros) so jit sees one batch shape;
     `n_valid` says how many leading cells are real.
     """
-    labels = label_codes(store, start, stop)
-    lengths = np.diff(store.indptr[start:stop + 1])
+    return row_batches(store, np.arange(start, stop, dtype=np.int64), batch_size, shards)
+
+
+def row_batches(store: Store, rows: np.ndarray, batch_size: int, shards: int = 1
+                ) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+    """Store rows `rows` (any order), in that order, as `sequential_batches` lays out a range."""
+    rows = np.asarray(rows, np.int64)
+    first = int(rows.min(initial=0))
+    labels = label_codes(store, first, int(rows.max(initial=0)) + 1)
+    lengths = store.indptr[rows + 1] - store.indptr[rows]
     padded = np.pad(lengths, (0, -len(lengths) % batch_size))
     size = nnz_bucket(padded.reshape(-1, batch_size // shards).sum(1).max(initial=0))  # one shape for all
-    for a in range(start, stop, batch_size):
-        b = min(a + batch_size, stop)
-        pad = batch_size - (b - a)
-        data, indices = store.read_nonzeros([(a, b)])
-        batch = {name: np.pad(codes[a - start:b - start], (0, pad)) for name, codes in labels.items()}
-        cell = np.pad(np.arange(a, b, dtype=np.int32), (0, pad))
-        nonzeros = shard_nonzeros(data, indices, padded[a - start:a - start + batch_size], shards, size)
-        yield {**nonzeros, "cell": cell, **batch}, b - a
+    for a in range(0, len(rows), batch_size):
+        chunk = rows[a:a + batch_size]
+        pad = batch_size - len(chunk)
+        data, indices = store.read_nonzeros(runs(chunk))
+        batch = {name: np.pad(codes[chunk - first], (0, pad)) for name, codes in labels.items()}
+        nonzeros = shard_nonzeros(data, indices, padded[a:a + batch_size], shards, size)
+        yield {**nonzeros, "cell": np.pad(chunk.astype(np.int32), (0, pad)), **batch}, len(chunk)

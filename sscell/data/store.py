@@ -11,6 +11,9 @@ Layout (`anndata.read_zarr(STORE)` opens it; the loader reads cells through `Sto
                        cell ids, in chunks of ID_CHUNK written as the rows arrive)
 
     STORE/varm/measured  bool DataFrame, genes x datasets: which genes each dataset_id measured
+    STORE/obsm/protein_counts, STORE/uns/protein_counts_names   optional second modality: float32
+                       cells x proteins in MODALITY_CHUNK_CELLS-row chunks, and its names
+                       (sscell.data.modality)
 
 The sscell attribute is written last, after every array, so a half-written directory is never
 accepted by `open_store`.
@@ -52,6 +55,7 @@ SPLITS = ("train", "val", "test")
 SHARD_ELEMENTS = 2**24
 CELLS_PER_CHUNK = 128
 ID_CHUNK = 2**16  # cell ids per chunk of obs/_index
+MODALITY_CHUNK_CELLS = 256  # rows per chunk of an obsm modality (a loader block reads one or two)
 _HOW_TO_CREATE = "create one with python -m sscell.data.convert"
 # obs columns held in RAM by `Store.labels` (as category codes), when the store has them
 LABEL_OBS_COLUMNS = ("split", "cell_type", "cell_type_ontology_term_id", "donor_id", "dataset_id")
@@ -82,6 +86,11 @@ def count_dtype(max_count: int) -> np.dtype:
 def index_dtype(n_genes: int) -> np.dtype:
     """Store dtype of gene indices for `n_genes` genes."""
     return np.dtype(np.uint16 if n_genes <= 2**16 else np.uint32)
+
+
+def names_key(key: str) -> str:
+    """The uns entry naming the columns of obsm[key] (a modality: sscell.data.modality)."""
+    return f"{key}_names"
 
 
 def _create_array(path: Path, size: int, dtype: np.dtype, chunks: tuple[int, int],
@@ -145,11 +154,13 @@ class StoreWriter:
     `close`. At most one piece is being written while the caller prepares the next block.
     `data_dtype` must hold every count; blocks may carry any dtypes that cast exactly.
     Cell ids given with the rows go to obs/_index in chunk-aligned pieces, so they are never all
-    in memory; without them, `close` takes them from obs.index.
+    in memory; without them, `close` takes them from obs.index. `modality` = (key, names) adds
+    obsm[key] (float32, one column per name), whose rows come with every `append`.
     """
 
     def __init__(self, path: str | os.PathLike, indptr: np.ndarray, n_genes: int,
-                 data_dtype: np.dtype, attrs: dict, shard_elements: int = SHARD_ELEMENTS):
+                 data_dtype: np.dtype, attrs: dict, shard_elements: int = SHARD_ELEMENTS,
+                 modality: tuple[str, Sequence[str]] | None = None):
         self.path = Path(path)
         self.shard_elements = shard_elements
         self.indptr = np.asarray(indptr, dtype=np.int64)
@@ -178,16 +189,31 @@ class StoreWriter:
         self._id_buffer: list[np.ndarray] = []
         self._ids_written = 0
         self._with_ids: bool | None = None  # whether append() gets the ids
+        self._modality, self._modality_names = None, modality
+        if modality is not None:
+            obsm = root.create_group("obsm", attributes={"encoding-type": "dict", "encoding-version": "0.1.0"})
+            self._modality = obsm.create_array(
+                modality[0], shape=(n_cells, len(modality[1])), dtype=np.float32,
+                chunks=(max(1, min(n_cells, MODALITY_CHUNK_CELLS)), len(modality[1])),
+                compressors=zarr.codecs.ZstdCodec(), attributes={"encoding-type": "array", "encoding-version": "0.2.0"})
 
-    def append(self, block: scipy.sparse.csr_matrix, ids: np.ndarray | None = None) -> None:
+    def append(self, block: scipy.sparse.csr_matrix, ids: np.ndarray | None = None,
+               modality: np.ndarray | None = None) -> None:
         """Append the next block of rows (csr, n_genes columns) after those already appended, with
-        their cell ids (str), if given; give them with every block or with none."""
+        their cell ids (str), if given; give them with every block or with none. `modality`: the
+        rows' obsm values (rows x features) when the store has a modality."""
         stop = self._rows + block.shape[0]
         expected = self.indptr[stop] - self.indptr[self._rows]
         if block.nnz != expected:
             raise ValueError(f"rows {self._rows}:{stop} have {block.nnz} nonzeros, indptr says {expected}")
         if self._with_ids not in (None, ids is not None) or (ids is not None and len(ids) != block.shape[0]):
             raise ValueError("give one cell id per row with every block, or with none")
+        if (self._modality is None) != (modality is None) or (
+                modality is not None and modality.shape != (block.shape[0], self._modality.shape[1])):
+            raise ValueError("give the modality's rows (rows x features) with every block when the store has one, "
+                             "and none otherwise")
+        if modality is not None:
+            self._modality[self._rows:stop] = modality
         self._with_ids = ids is not None
         if self._with_ids:
             self._id_buffer.append(np.asarray(ids, dtype=str))
@@ -243,6 +269,9 @@ class StoreWriter:
             anndata.io.write_elem(root, "var", var)
             if varm:
                 anndata.io.write_elem(root, "varm", varm)
+            if self._modality_names is not None:
+                key, names = self._modality_names
+                anndata.io.write_elem(root, "uns", {names_key(key): np.asarray(names, dtype=object)})
         root.attrs["sscell"] = self.attrs
 
 

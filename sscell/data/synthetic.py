@@ -18,12 +18,19 @@ writes, each atomically, the atlas's siblings first so a present atlas means all
 - `atlas.target.h5ad` with --target-cells: a transfer "target" dataset (one dataset, its own
   donors, a stronger batch effect, only the chosen leaf types; same genes and programmes);
 - `atlas.h5ad`: counts streamed to disk chunk by chunk, so memory stays bounded at any size.
-The same arguments always give the same files; adding a target leaves the atlas unchanged.
+The same arguments always give the same files; adding a target or proteins leaves the RNA unchanged.
+
+With --proteins=N (CITE-seq-like) every cell also gets a panel of N surface proteins,
+obsm['protein_counts'] (raw counts, cells x N) with their names in uns['protein_counts_names']
+(the layout `sscell.data.modality` reads): each protein is coded by a gene of a cell-type
+programme and follows that programme's activity in the cell (so its cell type and lineage), on
+its own scale, with its own per-dataset batch shifts, log-normal noise and Poisson counts.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -37,6 +44,8 @@ import scipy.optimize
 import scipy.sparse as sp
 
 from sscell.data.gmt import write_gmt
+from sscell.data.modality import PROTEIN_KEY
+from sscell.data.store import names_key
 from sscell.errors import SscellError, exit_on_error
 
 
@@ -91,6 +100,12 @@ STATE_EFFECT = 1.0  # mean log fold change of a cell-state programme
 STATE_RATE = 0.2  # share of cells with a given cell-state programme switched on
 TF_BASELINE = 2.5  # log baseline of a TF (top ~5% of genes), so it is detected in ~1 cell in 3
 TF_EFFECT = 2.0  # a TF's log fold change per unit of its programme's activity
+PROTEIN_BASELINE = 3.0  # mean log abundance of a protein (sd PROTEIN_BASELINE_SD across proteins)
+PROTEIN_BASELINE_SD = 1.0
+PROTEIN_EFFECT = 2.0  # mean log fold change of a protein per unit of its programme's activity
+PROTEIN_NOISE_SD = 0.3  # cell-to-cell log noise of a protein beyond its gene's programmes
+PROTEIN_BATCH_SD = 0.3  # sd of per-dataset per-protein log shifts
+PROTEIN_CAPTURE_SD = 0.3  # per-cell log sd of antibody capture (a protein library size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +128,7 @@ class AtlasSpec:
     target_cells: int = 0
     target_cell_types: tuple[str, ...] = ()
     target_batch_effect: float = 0.9
+    n_proteins: int = 0  # > 0: a CITE-seq-like protein panel per cell (obsm['protein_counts'])
 
 
 def _check(spec: AtlasSpec) -> None:
@@ -139,6 +155,8 @@ def _check(spec: AtlasSpec) -> None:
             f"{per_dataset} cells (one per leaf cell type and per donor); use at least "
             f"{spec.n_datasets * per_dataset}."
         )
+    if spec.n_proteins < 0:
+        raise SscellError(f"AtlasSpec.n_proteins={spec.n_proteins}: must be non-negative (0: no protein panel).")
     unknown = sorted(set(spec.target_cell_types) - set(LEAF_NAMES))
     if unknown or len(set(spec.target_cell_types)) < len(spec.target_cell_types):
         raise SscellError(
@@ -227,6 +245,40 @@ def _programmes(spec: AtlasSpec, rng: np.random.Generator) -> _Biology:
     dispersion = DISPERSION * np.exp(rng.normal(0.0, DISPERSION_SD, spec.n_genes))
     lineage = np.array([np.isin(owner, _ancestors(i)) for i in _LEAVES], np.float32)
     return _Biology(names, members, owner, tfs_array, effects, baseline, dispersion, lineage)
+
+
+class _Panel(NamedTuple):
+    """A protein panel: each protein's coding gene, name, scale, baseline and batch shifts."""
+
+    programmes: np.ndarray  # the cell-type programme driving each protein
+    genes: np.ndarray  # the coding gene of each protein (a member of that programme)
+    names: list[str]
+    scale: np.ndarray  # log fold change per unit of that programme's activity
+    baseline: np.ndarray  # log abundance
+    shift: dict[int, np.ndarray]  # by cohort stream: its datasets x proteins log shifts (the target's as
+                                  # much stronger than the atlas's as its RNA batch effect)
+
+
+def _protein_panel(spec: AtlasSpec, bio: _Biology) -> _Panel | None:
+    """The spec's protein panel (random stream [seed, 4]), or None without proteins."""
+    if spec.n_proteins == 0:
+        return None
+    rng = np.random.default_rng([spec.seed, 4])
+    pairs = [(p, g) for p in np.flatnonzero(bio.owner >= 0) for g in bio.members[p]]  # (programme, member gene)
+    chosen: dict[int, int] = {}  # coding gene -> its programme, each gene coding one protein
+    for p, g in (pairs[i] for i in rng.permutation(len(pairs))):
+        chosen.setdefault(int(g), int(p))
+    if spec.n_proteins > len(chosen):
+        raise SscellError(f"AtlasSpec.n_proteins={spec.n_proteins}: at most {len(chosen)} fit (one cell-type programme "
+                          "gene per protein); lower it or add programme genes.")
+    genes = np.array(list(chosen)[: spec.n_proteins])
+    target_sd = PROTEIN_BATCH_SD * (spec.target_batch_effect / spec.batch_effect if spec.batch_effect > 0 else 1.0)
+    return _Panel(programmes=np.array([chosen[g] for g in genes]), genes=genes,
+                  names=[f"{s}-protein" for s in np.asarray(_symbols(spec.n_genes))[genes]],
+                  scale=rng.gamma(4.0, PROTEIN_EFFECT / 4, spec.n_proteins),  # CV 0.5
+                  baseline=rng.normal(PROTEIN_BASELINE, PROTEIN_BASELINE_SD, spec.n_proteins),
+                  shift={2: rng.normal(0.0, PROTEIN_BATCH_SD, (spec.n_datasets, spec.n_proteins)),
+                         3: rng.normal(0.0, target_sd, (1, spec.n_proteins))})
 
 
 def _split(total: int, weights: np.ndarray, minimum: int) -> np.ndarray:
@@ -377,8 +429,35 @@ def _count_chunks(spec: AtlasSpec, bio: _Biology, cohort: _Cohort) -> Iterator[s
         yield _sample_counts(rng, logits, cohort.library[donor // cohort.donors_per_dataset], bio.dispersion)
 
 
+def _protein_chunks(spec: AtlasSpec, bio: _Biology, cohort: _Cohort, panel: _Panel) -> Iterator[np.ndarray]:
+    """The cohort's protein counts (float32, cells x proteins) in `_count_chunks`' chunks.
+
+    Chunk c replays the programme activity its RNA drew (the first draw of stream
+    [seed, stream, c]) and draws its own noise from [seed, stream + 4, c], so the RNA is the
+    same with or without proteins.
+    """
+    chunk_cells = max(1, CHUNK_ENTRIES // spec.n_genes)
+    state = bio.owner < 0
+    shift = panel.shift[cohort.stream]
+    for c, start in enumerate(range(0, len(cohort.leaf), chunk_cells)):
+        leaf = cohort.leaf[start : start + chunk_cells]
+        dataset = cohort.donor[start : start + chunk_cells] // cohort.donors_per_dataset
+        activity = _activity(np.random.default_rng([spec.seed, cohort.stream, c]), bio.lineage[leaf], state)
+        rng = np.random.default_rng([spec.seed, cohort.stream + 4, c])
+        log_mean = panel.baseline + panel.scale * activity[:, panel.programmes] + shift[dataset]
+        log_mean += rng.normal(0.0, PROTEIN_NOISE_SD, log_mean.shape)
+        log_mean += rng.normal(0.0, PROTEIN_CAPTURE_SD, (len(leaf), 1))
+        yield rng.poisson(np.exp(log_mean)).astype(np.float32)
+
+
+def _symbols(n_genes: int) -> list[str]:
+    """Gene symbols GENE0001, ... (var['feature_name'])."""
+    width = max(4, len(str(n_genes)))
+    return [f"GENE{i + 1:0{width}d}" for i in range(n_genes)]
+
+
 def _annotations(spec: AtlasSpec, bio: _Biology, cohort: _Cohort) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    """obs, var and uns of a cohort's AnnData."""
+    """obs, var and uns of a cohort's AnnData (uns names the protein panel, if any)."""
     leaf, dataset = cohort.leaf, cohort.donor // cohort.donors_per_dataset
 
     def categorical(codes: np.ndarray, values: Sequence[str]) -> pd.Categorical:
@@ -396,21 +475,24 @@ def _annotations(spec: AtlasSpec, bio: _Biology, cohort: _Cohort) -> tuple[pd.Da
         index=[f"{cohort.cell_prefix}_{i:06d}" for i in range(len(leaf))],
     )
     gene_ids = np.array([f"ENSG{i + 1:011d}" for i in range(spec.n_genes)])
-    width = max(4, len(str(spec.n_genes)))
-    symbols = [f"GENE{i + 1:0{width}d}" for i in range(spec.n_genes)]
-    var = pd.DataFrame({"feature_name": symbols, "is_tf": np.isin(np.arange(spec.n_genes), bio.tfs)},
+    var = pd.DataFrame({"feature_name": _symbols(spec.n_genes), "is_tf": np.isin(np.arange(spec.n_genes), bio.tfs)},
                        index=gene_ids)
     uns = {
         "gene_programmes": {n: gene_ids[g].tolist() for n, g in zip(bio.names, bio.members)},
         "tf_targets": {gene_ids[tf]: gene_ids[g].tolist() for tf, g in zip(bio.tfs, bio.members)},
     }
+    panel = _protein_panel(spec, bio)
+    if panel is not None:
+        uns[names_key(PROTEIN_KEY)] = np.asarray(panel.names, dtype=object)
     return obs, var, uns
 
 
 def _in_memory(spec: AtlasSpec, bio: _Biology, cohort: _Cohort) -> anndata.AnnData:
     obs, var, uns = _annotations(spec, bio, cohort)
     x = sp.vstack(list(_count_chunks(spec, bio, cohort)), format="csr")
-    return anndata.AnnData(X=x, obs=obs, var=var, uns=uns)
+    panel = _protein_panel(spec, bio)
+    obsm = {PROTEIN_KEY: np.concatenate(list(_protein_chunks(spec, bio, cohort, panel)))} if panel else None
+    return anndata.AnnData(X=x, obs=obs, var=var, uns=uns, obsm=obsm)
 
 
 def generate_atlas(spec: AtlasSpec) -> anndata.AnnData:
@@ -419,7 +501,8 @@ def generate_atlas(spec: AtlasSpec) -> anndata.AnnData:
     X: raw counts (CSR float32). obs: cell_type, cell_type_ontology_term_id, donor_id,
     dataset_id, assay, tissue. var: Ensembl-style ids as index, symbols in `feature_name`,
     `is_tf`. uns['gene_programmes']: {programme: [gene ids]}; uns['tf_targets']: {TF gene id:
-    [its programme's gene ids]}, in programme order.
+    [its programme's gene ids]}, in programme order. With spec.n_proteins: obsm['protein_counts']
+    and uns['protein_counts_names'] (module docstring).
     """
     bio, atlas, _ = _model(spec)
     return _in_memory(spec, bio, atlas)
@@ -456,11 +539,12 @@ def target_path(h5ad_path: str | os.PathLike) -> Path:
 
 
 def _write_h5ad(path: Path, obs: pd.DataFrame, var: pd.DataFrame, uns: dict,
-                chunks: Iterable[sp.csr_matrix]) -> int:
+                chunks: Iterable[sp.csr_matrix], proteins: Iterable[np.ndarray] | None = None) -> int:
     """Write an .h5ad atomically with X streamed from CSR row chunks; returns X's nonzeros.
 
     anndata writes everything but X; X is the AnnData CSR encoding (data, indices, indptr)
-    grown chunk by chunk with h5py, indptr int64 so more than 2**31 nonzeros fit.
+    grown chunk by chunk with h5py, indptr int64 so more than 2**31 nonzeros fit. `proteins`
+    (dense chunks of the same rows) become obsm['protein_counts'], also written chunk by chunk.
     """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same folder, so os.replace is atomic
     try:
@@ -473,7 +557,14 @@ def _write_h5ad(path: Path, obs: pd.DataFrame, var: pd.DataFrame, uns: dict,
             indices = x.create_dataset("indices", (0,), np.int32, maxshape=(None,), chunks=(H5_CHUNK,))
             indptr = x.create_dataset("indptr", (len(obs) + 1,), np.int64)
             indptr[0] = row = nnz = 0
-            for chunk in chunks:
+            panel = None
+            for chunk, protein in zip(chunks, proteins if proteins is not None else itertools.repeat(None)):
+                if protein is not None:
+                    if panel is None:
+                        panel = f["obsm"].create_dataset(PROTEIN_KEY, (len(obs), protein.shape[1]), np.float32,
+                                                          chunks=(min(len(obs), 4096), protein.shape[1]))
+                        panel.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+                    panel[row : row + len(protein)] = protein
                 end = nnz + chunk.nnz
                 data.resize((end,))
                 indices.resize((end,))
@@ -501,6 +592,7 @@ def write_atlas(spec: AtlasSpec, path: str | os.PathLike) -> dict[str, object]:
     if not path.parent.is_dir():
         raise SscellError(f"Cannot write {path}: folder {path.parent} does not exist; create it.")
     bio, atlas, target = _model(spec)
+    panel = _protein_panel(spec, bio)
     obs, var, uns = _annotations(spec, bio, atlas)
     summary: dict[str, object] = {"atlas": path, "programmes": programmes_path(path),
                                   "tf_targets": tf_targets_path(path), "target": None}
@@ -511,11 +603,13 @@ def write_atlas(spec: AtlasSpec, path: str | os.PathLike) -> dict[str, object]:
     else:
         summary["target"] = target_path(path)
         t_obs, t_var, t_uns = _annotations(spec, bio, target)
-        t_nnz = _write_h5ad(summary["target"], t_obs, t_var, t_uns, _count_chunks(spec, bio, target))
+        t_nnz = _write_h5ad(summary["target"], t_obs, t_var, t_uns, _count_chunks(spec, bio, target),
+                            _protein_chunks(spec, bio, target, panel) if panel else None)
         summary.update(target_cells=len(t_obs), target_nonzeros=t_nnz,
                        target_donors=t_obs["donor_id"].nunique(),
                        target_cell_types=t_obs["cell_type"].nunique())
-    nnz = _write_h5ad(path, obs, var, uns, _count_chunks(spec, bio, atlas))
+    nnz = _write_h5ad(path, obs, var, uns, _count_chunks(spec, bio, atlas),
+                      _protein_chunks(spec, bio, atlas, panel) if panel else None)
     summary.update(cells=len(obs), genes=len(var), nonzeros=nnz, cell_types=obs["cell_type"].nunique(),
                    datasets=obs["dataset_id"].nunique(), donors=obs["donor_id"].nunique())
     return summary
@@ -534,16 +628,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--target-cell-type", action="append", default=[], metavar="NAME",
                         help=f"a leaf type of the target (repeat; default all): {'; '.join(LEAF_NAMES)}")
     parser.add_argument("--target-batch-effect", type=float, default=AtlasSpec.target_batch_effect)
+    parser.add_argument("--proteins", type=int, default=0, help="surface proteins per cell (CITE-seq-like; 0: none)")
     args = parser.parse_args(argv)
     with exit_on_error():
         spec = AtlasSpec(n_cells=args.cells, n_genes=args.genes, n_datasets=args.datasets,
                          donors_per_dataset=args.donors_per_dataset, seed=args.seed,
                          target_cells=args.target_cells, target_cell_types=tuple(args.target_cell_type),
-                         target_batch_effect=args.target_batch_effect)
+                         target_batch_effect=args.target_batch_effect, n_proteins=args.proteins)
         s = write_atlas(spec, args.output)
     zeros = 1 - s["nonzeros"] / (s["cells"] * s["genes"])
+    proteins = f", {spec.n_proteins} proteins per cell" if spec.n_proteins else ""
     print(f"wrote {s['atlas']}: {s['cells']} cells x {s['genes']} genes, {s['cell_types']} cell types, "
-          f"{s['datasets']} datasets, {s['donors']} donors, {zeros:.1%} zeros")
+          f"{s['datasets']} datasets, {s['donors']} donors, {zeros:.1%} zeros{proteins}")
     print(f"wrote {s['programmes']}: {spec.n_programmes} gene programmes; "
           f"{s['tf_targets']}: their {spec.n_programmes} transcription factors' targets")
     if s["target"] is not None:

@@ -8,6 +8,7 @@ import numpy as np
 
 from sscell.data.gmt import read_gmt
 from sscell.data.loader import LABEL_COLUMNS, label_codes, label_names, select_rows
+from sscell.data.modality import open_modality
 from sscell.data.store import Store
 from sscell.data.synthetic import programmes_path, tf_targets_path
 from sscell.errors import SscellError
@@ -22,6 +23,7 @@ class TaskInfo:
     measured: bool (n_datasets, n_genes), rows in the order of the loader's `dataset` codes.
     programmes: bool (n_programmes, n_genes) membership, from `config.loss.gmt` (empty if none).
     programme_genes: for each programme, the gene it predicts (GP -> TF: the TF), -1 if none.
+    modality_features: columns of the second modality `config.data.modality` (0: none).
     """
 
     n_genes: int
@@ -31,6 +33,7 @@ class TaskInfo:
     programmes: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 0), bool))
     programme_names: tuple[str, ...] = ()
     programme_genes: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))
+    modality_features: int = 0  # columns of `data.modality` (e.g. proteins) when the run reads one
 
     def measured_table(self) -> np.ndarray:
         """The measured-gene table, all True (one row) when the data names no datasets."""
@@ -84,8 +87,10 @@ def task_info(config, store: Store, programmes: str = "") -> TaskInfo:
     rows = select_rows(store, "train", datasets=tuple(config.data.train_datasets),
                        fraction=config.data.train_fraction, seed=config.seed)  # the cells trained on
     counts = np.bincount(label_codes(store, start, stop)["cell_type"][rows - start], minlength=n_types)
+    modality = config.data.get("modality", "")
     info = TaskInfo(n_genes=store.n_genes, n_cell_types=n_types, class_counts=counts,
-                    measured=np.asarray(store.measured, bool))
+                    measured=np.asarray(store.measured, bool),
+                    modality_features=open_modality(store, modality).n_features if modality else 0)
     if not programmes:
         return info
     tf = programmes == "tf"

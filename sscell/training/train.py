@@ -47,7 +47,8 @@ def make_loader(config: ml_collections.ConfigDict, store: Store, split: str, sha
         subset = dict(datasets=tuple(d for d in datasets if d in present))
     return CellLoader(store, split, config.train.batch_size, config.seed, **subset,
                       block_cells=config.data.block_cells, prefetch=config.data.prefetch, shards=shards,
-                      process_index=jax.process_index(), process_count=jax.process_count())
+                      process_index=jax.process_index(), process_count=jax.process_count(),
+                      modality=config.data.get("modality", ""))
 
 
 class Setup(NamedTuple):

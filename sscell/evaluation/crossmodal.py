@@ -1,0 +1,202 @@
+"""Cross-modality prediction: a cell's protein counts from its RNA, fine-tuned from a pretrained
+encoder vs from scratch vs ridge regression, scored in and out of distribution.
+
+    python -m sscell.evaluation.crossmodal --workdir=PRETRAINED_RUN [--store=STORE]
+        [--config=experiments/crossmodal_cpu.py] [--fractions=0.1,1] [--steps=N] [--seed=SEED]
+
+STORE (default: the pretrained run's own store) holds obsm['protein_counts'] (sscell.data.modality)
+and the pretrained run's genes. For each fraction of the train cells of the config's
+`data.train_datasets` (all datasets if empty), two `protein_regression` runs (the pretrained
+architecture + a regression head with the batch one-hot, MSE on log1p protein counts, every
+layer trained, the config's optimiser) train for the same steps: one from the pretrained
+encoder, one from scratch. Each is an ordinary resumable sscell run in
+PRETRAINED_RUN/crossmodal/<arm>_<fraction>/. A ridge regression (scikit-learn RidgeCV, alpha by
+efficient leave-one-out) on the same cells' log1p-normalised RNA plus the batch one-hot is the
+linear baseline. All three are scored on the test cells of those datasets (`id_*`) and on every
+cell of the other datasets, batches never trained on (`ood_*`): Pearson and Spearman per cell
+(mean over cells; `*_pearson_cell` is the study's headline), per protein and over all entries,
+and MSE of log1p counts. Written to PRETRAINED_RUN/crossmodal.{md,csv} (and each protein's Pearson
+correlation across cells to crossmodal_per_protein.{md,csv}) and bars_crossmodal.png.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import jax
+import ml_collections
+import numpy as np
+import pandas as pd
+from absl import app, flags, logging
+from ml_collections import config_flags
+from sklearn.linear_model import RidgeCV
+
+from sscell.config import load_config
+from sscell.data.loader import label_codes, row_batches, runs, select_rows
+from sscell.data.modality import PROTEIN_KEY, open_modality
+from sscell.data.prepare import store_path
+from sscell.data.store import Store, open_store
+from sscell.errors import SscellError, exit_on_error
+from sscell.evaluation.embed import load_params
+from sscell.evaluation.figures import plot_bars
+from sscell.evaluation.finetune import ARMS, _fractions, arm_config, finetune_config, train_arm
+from sscell.evaluation.metrics import correlation_scores, pearson_rows
+from sscell.evaluation.report import write_results
+from sscell.losses.info import TaskInfo
+from sscell.training.state import check_same_genes
+from sscell.training.step import task_batch
+
+RESULTS = "crossmodal"  # PRETRAINED_RUN/crossmodal.{md,csv} and the arms' folder PRETRAINED_RUN/crossmodal/
+RIDGE_ALPHAS = np.logspace(-1, 4, 6)
+BAR_COLUMNS = ("id_pearson_cell", "ood_pearson_cell", "id_pearson_feature", "ood_pearson_feature")
+
+
+def crossmodal_config() -> ml_collections.ConfigDict:
+    """The study's fine-tuning settings (`finetune_config`) for the protein_regression task."""
+    config = finetune_config()
+    config.loss.name = "protein_regression"
+    config.data.modality = PROTEIN_KEY
+    return config
+
+
+def evaluation_rows(store: Store, datasets: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Sorted store rows scored: "id", the test cells of `datasets` (all if empty), and "ood",
+    every cell of the store's other datasets (absent when there are none)."""
+    codes = label_codes(store, 0, store.n_cells)["dataset"]
+    start, stop = store.split_range("test")
+    in_test = {store.datasets[c] for c in np.unique(codes[start:stop])}
+    if datasets and not in_test & set(datasets):
+        raise SscellError(f"none of the in-distribution datasets ({', '.join(datasets)}) has test cells; choose "
+                          f"data.train_datasets among {', '.join(sorted(in_test))}")
+    sets = {"id": select_rows(store, "test", datasets=tuple(d for d in datasets if d in in_test))}
+    other = [i for i, name in enumerate(store.datasets) if datasets and name not in datasets]
+    if other:
+        sets["ood"] = np.flatnonzero(np.isin(codes, other)).astype(np.int64)
+    return sets
+
+
+def _collect(store: Store, rows: np.ndarray, batch_size: int, fn: Callable[[dict], np.ndarray]) -> np.ndarray:
+    """fn(batch)'s rows (cells x k) over `rows`, read `batch_size` cells at a time, in order."""
+    parts = [np.asarray(fn(batch))[:n_valid] for batch, n_valid in row_batches(store, rows, batch_size)]
+    return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+
+
+def ridge_predictions(store: Store, measured: np.ndarray, train_rows: np.ndarray, sets: dict[str, np.ndarray],
+                      batch_size: int, max_cells: int, seed: int) -> dict[str, np.ndarray]:
+    """Predicted log1p protein counts of each set's rows by RidgeCV on the log1p-normalised RNA
+    (the model's input) and the batch one-hot of at most `max_cells` of `train_rows` (seeded)."""
+    n_genes, n_batches = store.n_genes, len(measured)
+    x_of = jax.jit(lambda batch: task_batch(batch, n_genes, measured)["x"])
+
+    def features(batch: dict) -> np.ndarray:
+        return np.concatenate([np.asarray(x_of(batch)), np.eye(n_batches, dtype=np.float32)[batch["dataset"]]], 1)
+
+    if len(train_rows) > max_cells:
+        train_rows = np.sort(np.random.default_rng(seed).choice(train_rows, max_cells, replace=False))
+    targets = np.log1p(open_modality(store, PROTEIN_KEY).read(runs(train_rows)))
+    ridge = RidgeCV(alphas=RIDGE_ALPHAS).fit(_collect(store, train_rows, batch_size, features), targets)
+    return {name: _collect(store, rows, batch_size, lambda b: ridge.predict(features(b))) for name, rows in sets.items()}
+
+
+def model_predictions(run: str, config: ml_collections.ConfigDict, store: Store, sets: dict[str, np.ndarray],
+                      batch_size: int) -> dict[str, np.ndarray]:
+    """Predicted log1p protein counts of each set's rows by the trained run in `run`."""
+    setup, params, _ = load_params(run, config, store)
+    model, measured = setup.model, setup.info.measured_table()
+
+    @jax.jit
+    def predict(batch):
+        return model.apply({"params": params}, task_batch(batch, store.n_genes, measured)["x"], batch["dataset"])
+
+    return {name: _collect(store, rows, batch_size, predict) for name, rows in sets.items()}
+
+
+def crossmodal(workdir: str, target_store: str | None = None, fractions: list[float] = (1.0,), *,
+               steps: int | None = None, seed: int | None = None,
+               base: ml_collections.ConfigDict | None = None) -> list[dict]:
+    """Train both arms per fraction on `target_store` (default: run `workdir`'s store), fit the
+    ridge baseline, score all on the ID test cells and the OOD datasets, write
+    `workdir`/crossmodal.{md,csv}; returns the result rows ([] if preempted: rerun to resume).
+
+    `base` holds the settings (default `crossmodal_config()`): its `data.train_datasets` are the
+    in-distribution datasets, `train.steps` (or `steps`) every run's length. `seed` (default:
+    the pretrained run's) seeds the heads, the batch order and the fraction draw.
+    """
+    base = (base or crossmodal_config()).copy_and_resolve_references()
+    if steps is not None:
+        base.train.steps = steps
+    if not fractions:
+        raise SscellError("no label fractions given; pass e.g. --fractions=0.1,1")
+    pretrained = load_config(workdir)
+    seed = pretrained.seed if seed is None else seed
+    store = open_store(target_store or store_path(pretrained, workdir))
+    check_same_genes(store_path(pretrained, workdir), store, workdir)
+    reader = open_modality(store, base.data.modality)
+    datasets = tuple(base.data.train_datasets)
+    sets = evaluation_rows(store, datasets)
+    targets = {name: np.log1p(reader.read(runs(rows))) for name, rows in sets.items()}
+    batch_size = base.eval.batch_size
+    names = {"pretrained": f"fine-tuned from sscell {pretrained.loss.name}", "scratch": "trained from scratch",
+             "ridge": "ridge regression"}
+
+    rows, per_protein = [], {"protein": list(reader.names)}
+    for fraction in fractions:
+        predictions, cells = {}, select_rows(store, "train", datasets=datasets, fraction=fraction, seed=seed)
+        for arm in ARMS:
+            config = arm_config(base, workdir, store, arm, fraction, datasets, seed)
+            config.loss.name = base.loss.name  # arm_config sets the classifier's
+            run = os.path.join(workdir, RESULTS, f"{arm}_{fraction:g}")
+            if not train_arm(config, run, store):
+                print(f"{run} stopped early (preempted); rerun the same command to resume")
+                return []
+            predictions[arm] = model_predictions(run, config, store, sets, batch_size)
+        measured = TaskInfo(n_genes=store.n_genes, measured=np.asarray(store.measured, bool)).measured_table()
+        predictions["ridge"] = ridge_predictions(store, measured, cells, sets, batch_size, base.eval.probe_cells, seed)
+        for method, predicted in predictions.items():
+            row = {"method": names[method], "label_fraction": fraction, "train_cells": len(cells),
+                   "steps": base.train.steps if method in ARMS else None}
+            scores = {name: correlation_scores(targets[name], predicted[name]) for name in sets}
+            row.update({f"{name}_pearson_cell": scores[name]["pearson_cell"] for name in sets})  # the headline first
+            row.update({f"{name}_{k}": v for name in sets for k, v in scores[name].items() if k != "pearson_cell"})
+            rows.append(row)
+            per_protein.update({f"{name}: {names[method]} ({fraction:g})": pearson_rows(targets[name].T,
+                                                                                       predicted[name].T)
+                                for name in sets})
+    if jax.process_index() == 0:
+        table = write_results(rows, workdir, RESULTS)
+        write_results(pd.DataFrame(per_protein).to_dict("records"), workdir, f"{RESULTS}_per_protein")
+        labelled = [{**r, "method": f"{r['method']} ({r['label_fraction']:g})"} for r in rows]
+        plot_bars(labelled if len(fractions) > 1 else rows, BAR_COLUMNS, "cross-modality prediction",
+                  os.path.join(workdir, f"bars_{RESULTS}.png"))
+        ood = f", {len(sets['ood'])} cells of held-out datasets (ood)" if "ood" in sets else ""
+        print(f"\nCross-modality prediction of {reader.n_features} proteins in {store.path}: {len(sets['id'])} test "
+              f"cells (id){ood}; {base.eval.checkpoint} checkpoints\n\n{table}\nwritten to {workdir}/{RESULTS}.md, "
+              f"{RESULTS}.csv, {RESULTS}_per_protein.csv/.md, bars_{RESULTS}.png")
+    return rows
+
+
+def cli() -> None:
+    """The command (its flags are defined here, so importing this module defines none)."""
+    config = config_flags.DEFINE_config_file("config", None, "Settings (default: crossmodal_config()), e.g. "
+                                             "experiments/crossmodal_cpu.py.", lock_config=True)
+    workdir = flags.DEFINE_string("workdir", None, "Work directory of the pretrained run.")
+    store = flags.DEFINE_string("store", None, "Store with obsm['protein_counts'] and the pretrained run's genes "
+                                "(default: the pretrained run's store).")
+    fractions = flags.DEFINE_list("fractions", ["1"], "Fractions of the in-distribution train cells.")
+    steps = flags.DEFINE_integer("steps", None, "Training steps of every run (default: the config's train.steps).")
+    seed = flags.DEFINE_integer("seed", None, "Seed of the heads, batch order and fraction draw (default: the "
+                                "pretrained run's).")
+    flags.mark_flags_as_required(["workdir"])
+
+    def main(argv: list[str]) -> None:
+        del argv
+        logging.set_verbosity(logging.WARNING)
+        with exit_on_error():
+            crossmodal(workdir.value, store.value, _fractions(fractions.value), steps=steps.value, seed=seed.value,
+                       base=config.value)
+
+    app.run(main)
+
+
+if __name__ == "__main__":
+    cli()
