@@ -31,7 +31,7 @@ def get_config():
 
     pretrain = default_config()
     pretrain.model.hidden = (256, 256, 128, 128)  # the study's widths halved for 2,000 genes
-    pretrain.train.update(steps=1_500, batch_size=256, log_every=100, val_every=500, checkpoint_every=500,
+    pretrain.train.update(steps=3_000, batch_size=256, log_every=100, val_every=500, checkpoint_every=500,
                           lr_decay_epochs=10)
     pretrain.eval.update(tasks=("knn",), max_cells=5_000)
     config.pretrain = pretrain

@@ -4,11 +4,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+import scipy.stats
 
 from sscell.errors import SscellError
 from sscell.losses import get_loss
 from sscell.losses.masking import mask_input, random_gene_mask
-from sscell.models.bernoulli import bernoulli
+from sscell.models.hash_random import bernoulli, normal, open_unit_interval
 from sscell.models.mlp import Autoencoder, Dropout, init_params
 
 SELU_ALPHA, SELU_SCALE = 1.6732632423543772, 1.0507009873554805
@@ -88,6 +89,15 @@ def test_bernoulli_edge_rates():
         bernoulli(jax.random.key(0), 1.5, (2,))
 
 
+def test_normal_draws_are_standard_normal_and_finite_at_the_extreme_bits():
+    draws = np.asarray(jax.jit(normal, static_argnums=1)(jax.random.key(3), (400, 500)), np.float64)
+    assert abs(draws.mean()) < 0.01 and abs(draws.std() - 1.0) < 0.01
+    assert abs(scipy.stats.skew(draws.ravel())) < 0.03 and abs(scipy.stats.kurtosis(draws.ravel())) < 0.05
+    extremes = np.asarray(open_unit_interval(jnp.asarray([0, 2**32 - 1], jnp.uint32)))
+    np.testing.assert_array_equal(extremes, [-1 + 2.0**-24, 1 - 2.0**-24])
+    assert np.isfinite(np.asarray(jax.scipy.special.erfinv(extremes))).all()
+
+
 def test_dropout_zeroes_the_rate_and_rescales_survivors():
     x = np.ones((300, 400), np.float32)
     out = np.asarray(Dropout(0.1, deterministic=False).apply({}, x, rngs={"dropout": jax.random.key(2)}))
@@ -103,7 +113,7 @@ def test_masked_loss_matches_numpy_reference():
     x = np.random.default_rng(2).random((6, 24)).astype(np.float32) * 4
     key = jax.random.key(7)
     batch = {"x": x, "measured": np.ones_like(x, bool)}
-    loss, metrics = loss_fn(params, batch, key, model=model, config=config, train=True)
+    loss, metrics = loss_fn(params, batch, key, model=model, config=config, train=False)  # validation: diagnostics
 
     mask_key, _ = jax.random.split(key)
     mask = np.asarray(random_gene_mask(mask_key, x.shape, 0.3))
@@ -112,6 +122,9 @@ def test_masked_loss_matches_numpy_reference():
     expected = ((reconstruction - x) ** 2 * mask).sum() / mask.sum()
     np.testing.assert_allclose(float(loss), expected, rtol=1e-4)
     np.testing.assert_allclose(float(metrics["mse_all"]), ((reconstruction - x) ** 2).mean(), rtol=1e-4)
+    np.testing.assert_allclose(float(metrics["mask_fraction"]), mask.mean(), rtol=1e-6)
+    train_loss, train_metrics = loss_fn(params, batch, key, model=model, config=config, train=True)
+    assert float(train_loss) == float(loss) and set(train_metrics) == {"loss"}  # no dropout in this model
 
     grads = jax.grad(lambda p: loss_fn(p, batch, key, model=model, config=config)[0])(params)
     norms = [float(jnp.linalg.norm(g)) for g in jax.tree.leaves(grads)]

@@ -96,7 +96,9 @@ def test_expression_of_a_loader_batch():
     library = np.maximum(dense.sum(1, keepdims=True), 1)
     np.testing.assert_allclose(np.asarray(got["counts"]), dense)
     np.testing.assert_allclose(np.asarray(got["x"]), np.log1p(dense / library * 1e4), rtol=1e-5, atol=1e-6)
-    assert set(got) == {"dataset", "counts", "library", "x", "measured"}
+    assert set(got) == {"dataset", "counts", "library", "x", "measured", "nonzeros"}
+    for got_field, field in zip(got["nonzeros"], ("genes", "counts", "indptr")):
+        np.testing.assert_array_equal(np.asarray(got_field), batch[field])
 
 
 SHARDED_DENSIFY = """

@@ -5,6 +5,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import pytest
+import scipy.stats
 from sklearn.utils.class_weight import compute_class_weight
 
 from sscell.config import default_config
@@ -16,9 +18,21 @@ from sscell.losses.info import TaskInfo
 from sscell.losses.supervised import balanced_weights
 from sscell.models.mlp import init_params
 from sscell.training.state import create_state
-from sscell.training.step import make_train_step
+from sscell.training.step import make_train_step, task_batch
 
 N_GENES = 16
+
+
+def loss_batch(counts, measured_genes=None):
+    """The loss's batch of dense `counts` (cells x N_GENES), built by the train step's own
+    `task_batch` from the loader layout (one shard holding every gene of every cell)."""
+    cells = counts.shape[0]
+    measured = np.ones((1, N_GENES), bool) if measured_genes is None else measured_genes[None]
+    loader_batch = {"genes": np.tile(np.arange(N_GENES, dtype=np.int32), (1, cells)),
+                    "counts": counts.reshape(1, -1).astype(np.float32),
+                    "indptr": np.arange(0, cells * N_GENES + 1, N_GENES, dtype=np.int32)[None],
+                    "dataset": np.zeros(cells, np.int32)}
+    return jax.jit(lambda b: task_batch(b, N_GENES, measured))(loader_batch)
 
 
 def view(key, batch, **config):
@@ -28,10 +42,13 @@ def view(key, batch, **config):
 def test_augmentations_each_with_its_probability():
     rng = np.random.default_rng(0)
     counts = rng.poisson(3.0, (400, N_GENES)).astype(np.float32)
-    x = np.log1p(counts / counts.sum(1, keepdims=True) * 1e4)
-    measured = np.ones_like(x, bool)
-    measured[:, 0] = False
-    batch = {"x": jnp.asarray(x), "counts": jnp.asarray(counts), "measured": jnp.asarray(measured)}
+    measured_genes = np.arange(N_GENES) > 0
+    batch = loss_batch(counts, measured_genes)
+    measured = np.broadcast_to(measured_genes, counts.shape)
+    kept = np.where(measured, counts, 0.0)
+    x = np.log1p(kept / kept.sum(1, keepdims=True) * 1e4)
+    np.testing.assert_allclose(np.asarray(batch["x"]), x, rtol=1e-5)
+    x = np.asarray(batch["x"])
     off = {"aug_nb_prob": 0.0, "aug_nb_theta": 10.0, "aug_dropout_prob": 0.0, "aug_dropout_rate": 0.5,
                "aug_gauss_prob": 0.0, "aug_gauss_std": 0.5}
     key = jax.random.key(0)
@@ -43,9 +60,29 @@ def test_augmentations_each_with_its_probability():
     zeroed = (dropped == 0) & (x > 0) & measured
     assert abs(zeroed.sum() / (measured & (x > 0)).sum() - 0.5) < 0.05
 
-    mean = np.full((2000, 8), 4.0, np.float32)
-    sample = np.asarray(jax.jit(nb_resample, static_argnums=2)(jax.random.key(1), jnp.asarray(mean), 2.0))
-    assert abs(sample.mean() - 4.0) < 0.15 and abs(sample.var() - (4.0 + 16.0 / 2.0)) < 0.8
+    resampled = view(key, batch, **{**off, "aug_nb_prob": 1.0, "aug_nb_theta": 10.0})
+    assert not resampled[:, 0].any() and (resampled[counts == 0] == 0).all()
+    assert 0.3 < (resampled != x).mean() < 1.0  # NB draws differ from the counts, and often tie with them
+
+
+
+@pytest.mark.parametrize("mean,theta", [(0.7, 10.0), (3.0, 10.0), (7.5, 2.0), (40.0, 10.0), (600.0, 10.0)])
+def test_nb_resample_follows_the_negative_binomial(mean, theta):
+    n = 200_000
+    ids = jnp.arange(n, dtype=jnp.uint32)
+    sample = np.asarray(jax.jit(nb_resample, static_argnums=3)(jax.random.key(1), jnp.full(n, mean), ids, theta))
+    assert (sample == np.round(sample)).all() and sample.min() >= 0
+    variance = mean + mean**2 / theta
+    assert abs(sample.mean() - mean) < 4 * np.sqrt(variance / n) + 0.005 * mean
+    assert abs(sample.var() / variance - 1) < 0.03
+    reference = scipy.stats.nbinom(theta, theta / (theta + mean))  # scipy's (n, p) parametrisation
+    support = np.arange(int(reference.ppf(0.9999)) + 1)
+    observed = np.searchsorted(np.sort(sample), support, side="right") / n
+    assert np.abs(observed - reference.cdf(support)).max() < 0.01  # Kolmogorov distance (sampling: ~0.003)
+    again = np.asarray(jax.jit(nb_resample, static_argnums=3)(jax.random.key(1), jnp.full(n, mean)[::-1], ids[::-1],
+                                                              theta))
+    np.testing.assert_array_equal(again[::-1], sample)  # a draw follows its id, not its position
+
 
 
 def test_barlow_twins_loss_is_zero_for_identical_whitened_views():
@@ -119,9 +156,7 @@ def test_byol_loss_is_symmetric_two_minus_two_cos():
     params = init_params(model, jax.random.key(0))
     target = jax.tree.map(lambda p: p * 0.5, params)
     rng = np.random.default_rng(0)
-    counts = rng.poisson(3.0, (24, N_GENES)).astype(np.float32)
-    batch = {"counts": counts, "x": np.log1p(counts / counts.sum(1, keepdims=True) * 1e4).astype(np.float32),
-             "measured": np.ones((24, N_GENES), bool)}
+    batch = loss_batch(rng.poisson(3.0, (24, N_GENES)))
     key = jax.random.key(2)
     loss, _ = jax.jit(lambda p, b, k, t: task.loss(p, b, k, model=model, config=config.loss, extra={"target": t},
                                                    info=info))(params, batch, key, target)

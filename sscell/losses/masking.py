@@ -6,7 +6,7 @@ import jax.numpy as jnp
 
 from sscell.losses.reconstruction import reconstruction_loss
 from sscell.losses.registry import register
-from sscell.models.bernoulli import bernoulli
+from sscell.models.hash_random import bernoulli
 
 
 def random_gene_mask(key: jax.Array, shape: tuple[int, ...], rate: float) -> jax.Array:
@@ -20,10 +20,16 @@ def mask_input(x: jax.Array, mask: jax.Array, rate: float) -> jax.Array:
 
 
 def reconstruct_hidden(params, batch, inputs, hidden, dropout_key, *, model, config, train):
-    """Shared by the masking tasks: encode `inputs`, score the reconstruction on `hidden` genes."""
+    """Shared by the masking tasks: encode `inputs`, score the reconstruction on `hidden` genes.
+
+    Validation (`train=False`) adds the diagnostics "mse_all" and "mask_fraction"; train steps
+    skip them (each is a pass over the cells x genes batch)."""
     output, _ = model.apply({"params": params}, inputs, train=train, rngs={"dropout": dropout_key})
-    loss, metrics = reconstruction_loss(output, params, batch, hidden, config.get("likelihood", "mse"))
-    return loss, {"loss": loss, **metrics, "mask_fraction": jnp.mean(hidden)}
+    loss, metrics = reconstruction_loss(output, params, batch, hidden, config.get("likelihood", "mse"),
+                                        diagnostics=not train)
+    if not train:
+        metrics["mask_fraction"] = jnp.mean(hidden, dtype=jnp.float32)
+    return loss, {"loss": loss, **metrics}
 
 
 @register("masked")

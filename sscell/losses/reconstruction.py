@@ -8,7 +8,8 @@ from jax.scipy.special import gammaln
 
 def masked_mean(values: jax.Array, where: jax.Array) -> jax.Array:
     """Mean of `values` over the True entries of `where` (0 when there are none)."""
-    return jnp.sum(values * where) / jnp.maximum(jnp.sum(where), 1)
+    # A float count fuses into the reduction; an integer one materialises a cells x genes int32 copy.
+    return jnp.sum(jnp.where(where, values, 0.0)) / jnp.maximum(jnp.sum(where, dtype=jnp.float32), 1.0)
 
 
 def nb_log_likelihood(counts: jax.Array, mean: jax.Array, theta: jax.Array, eps: float = 1e-8) -> jax.Array:
@@ -25,17 +26,20 @@ def nb_mean(logits: jax.Array, library: jax.Array, measured: jax.Array) -> jax.A
 
 
 def reconstruction_loss(output: jax.Array, params: dict, batch: dict, target: jax.Array,
-                        likelihood: str) -> tuple[jax.Array, dict]:
+                        likelihood: str, diagnostics: bool = True) -> tuple[jax.Array, dict]:
     """Loss of the decoder `output` on the genes where `target` (and `batch["measured"]`) holds.
 
     "mse": mean squared error against log1p values `batch["x"]`; "nb": mean negative-binomial
     negative log-likelihood of `batch["counts"]` with mean softmax(output) * library and the
-    model's per-gene `log_theta`.
+    model's per-gene `log_theta`. `diagnostics` adds "mse_all", the MSE over all measured genes
+    (one more pass over the cells x genes batch, so train steps leave it to validation).
     """
     where = target & batch["measured"]
     if likelihood == "nb":
         mean = nb_mean(output, batch["library"], batch["measured"])
         nll = -nb_log_likelihood(batch["counts"], mean, jnp.exp(params["log_theta"]))
-        return masked_mean(nll, where), {"nb_nll": masked_mean(nll, where)}
+        loss = masked_mean(nll, where)
+        return loss, {"nb_nll": loss}
     squared_error = jnp.square(output - batch["x"])
-    return masked_mean(squared_error, where), {"mse_all": masked_mean(squared_error, batch["measured"])}
+    metrics = {"mse_all": masked_mean(squared_error, batch["measured"])} if diagnostics else {}
+    return masked_mean(squared_error, where), metrics

@@ -8,8 +8,10 @@ A task is its loss plus the hooks around it:
   `info` the data facts (a `sscell.losses.info.TaskInfo`, constants such as gene programmes).
   `batch` holds "x" (log1p(counts per 10k), cells x genes), "counts" (raw counts),
   "library" (total counts), "measured" (bool, cells x genes: genes the cell's dataset
-  measured; unmeasured genes must never change a loss) and the integer labels
-  ("cell_type", "donor", "dataset").
+  measured; unmeasured genes must never change a loss), "nonzeros" (the counts as the
+  loader's flat CSR `(genes, counts, indptr)`, for work that only nonzeros need;
+  `sscell.data.preprocess.densify` makes it dense) and the integer labels ("cell_type",
+  "donor", "dataset").
 - `build_model(config, info) -> flax module` (default: the autoencoder) for the run config and
   the data facts `info` (a `sscell.losses.info.TaskInfo`). Every model has `n_genes` and an
   `encode(x, train)` method (the embedding); models with a decoder also have `reconstruct`.

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import sparse as jax_sparse
 
-from sscell.models.bernoulli import bernoulli
+from sscell.models.hash_random import bernoulli
 
 ACTIVATIONS = {"selu": nn.selu, "relu": nn.relu, "gelu": nn.gelu, "silu": nn.silu}
 NORMS = ("none", "layer")
@@ -44,7 +44,7 @@ class SparseInputDense(nn.Module):
 
 class Dropout(nn.Module):
     """`nn.Dropout` (inverted dropout, rng collection "dropout") drawing its mask with
-    `sscell.models.bernoulli`, which costs a fraction of `jax.random.bernoulli` on CPU."""
+    `sscell.models.hash_random`, which costs a fraction of `jax.random.bernoulli` on CPU."""
 
     rate: float
     deterministic: bool

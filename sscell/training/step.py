@@ -19,14 +19,16 @@ NONZERO_FIELDS = ("genes", "counts", "indptr")  # a loader batch's sparse counts
 
 def task_batch(batch: dict, n_genes: int, measured_table: np.ndarray) -> dict:
     """The loss's view of a loader batch (inside jit): "counts" (dense, unmeasured genes 0),
-    "library", "x" (log1p counts per 10k), "measured" (`measured_table[batch["dataset"]]`) and
-    the integer labels. Unmeasured genes are zeroed before the library is summed, so their
-    values can never reach a loss."""
+    "library", "x" (log1p counts per 10k), "measured" (`measured_table[batch["dataset"]]`),
+    "nonzeros" (the loader's (genes, counts, indptr), unmeasured genes included) and the integer
+    labels. Unmeasured genes are zeroed before the library is summed, so their values can never
+    reach a loss. What a loss does not use, XLA never computes."""
     measured = jnp.asarray(measured_table)[batch["dataset"]]
-    counts = jnp.where(measured, densify(batch["genes"], batch["counts"], batch["indptr"], n_genes), 0.0)
+    nonzeros = tuple(batch[k] for k in NONZERO_FIELDS)
+    counts = jnp.where(measured, densify(*nonzeros, n_genes), 0.0)
     labels = {k: v for k, v in batch.items() if k not in NONZERO_FIELDS}
     return {**labels, "counts": counts, "library": counts.sum(-1, keepdims=True),
-            "x": log1p_normalise(counts), "measured": measured}
+            "x": log1p_normalise(counts), "measured": measured, "nonzeros": nonzeros}
 
 
 def _bound_loss(task: Task, model: nn.Module, config: ml_collections.ConfigDict, info: TaskInfo, train: bool):
