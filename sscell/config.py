@@ -73,8 +73,9 @@ def default_config() -> ml_collections.ConfigDict:
         split_column="",        # with h5ad: obs column of train/val/test overriding the donor split
         # a generated atlas (sscell.data.synthetic.AtlasSpec fields), used when n_cells > 0
         synthetic=ml_collections.ConfigDict(dict(n_cells=0, n_genes=2000, n_datasets=4, donors_per_dataset=4,
-                                                 n_proteins=0)),  # > 0: a CITE-seq-like protein panel too
-        modality="",            # an obsm key (e.g. "protein_counts") the loader adds to batches as "modality"
+                                                 n_proteins=0,  # > 0: a CITE-seq-like protein panel too
+                                                 n_peaks=0)),   # > 0: multiome-like ATAC peaks instead
+        modality="",            # an obsm key ("protein_counts", "atac_counts") the loader adds to batches
         train_datasets=(),      # dataset_id values to train on (empty: all); other cells are never read
         train_fraction=1.0,     # share of those train cells used, a seed-drawn random sample (nested)
         block_cells=64,         # contiguous cells per read; blocks are shuffled per epoch
@@ -88,7 +89,7 @@ def default_config() -> ml_collections.ConfigDict:
     # The pretext task (sscell/losses); each task reads only its own fields.
     config.loss = ml_collections.ConfigDict(dict(
         name="masked",          # masked | gp_masked | gp_to_tf | gp_to_gp | byol | barlow_twins | supervised |
-                                # protein_regression (with data.modality)
+                                # protein_regression | atac_regression (with data.modality)
         module="",              # a module to import first that registers `name` (a task of your own)
         mask_rate=0.5,          # masked: share of genes hidden; gp_masked: share of programmes hidden
         likelihood="mse",       # reconstruction head: "mse" on log1p values or "nb" on counts

@@ -12,6 +12,7 @@ from sscell.data.synthetic import AtlasSpec, write_atlas
 
 TINY_ATLAS = AtlasSpec(n_cells=1600, n_genes=96, n_datasets=2, donors_per_dataset=4, seed=0)
 TINY_PROTEIN_ATLAS = dataclasses.replace(TINY_ATLAS, n_proteins=8)  # the same cells with a protein panel
+TINY_ATAC_ATLAS = dataclasses.replace(TINY_ATLAS, n_peaks=60)  # the same cells with 60 ATAC peaks
 
 
 def pytest_collection_modifyitems(items):
@@ -61,4 +62,20 @@ def tiny_protein_store(tiny_protein_h5ad, tmp_path_factory):
     """The protein atlas converted through many small blocks and shuffle buckets."""
     path = str(tmp_path_factory.mktemp("protein_store") / "store")
     convert([tiny_protein_h5ad], path, seed=0, block_cells=300, bucket_nonzeros=5000)
+    return open_store(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_atac_h5ad(tmp_path_factory) -> str:
+    """TINY_ATLAS with 60 ATAC peaks per cell (obsm['atac_counts'], CSR)."""
+    path = str(tmp_path_factory.mktemp("atac_atlas") / "atlas.h5ad")
+    write_atlas(TINY_ATAC_ATLAS, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_atac_store(tiny_atac_h5ad, tmp_path_factory):
+    """The ATAC atlas converted through many small blocks and shuffle buckets."""
+    path = str(tmp_path_factory.mktemp("atac_store") / "store")
+    convert([tiny_atac_h5ad], path, seed=0, block_cells=300, bucket_nonzeros=5000)
     return open_store(path)

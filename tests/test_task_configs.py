@@ -40,12 +40,13 @@ def test_tf_programmes_of_a_generated_atlas(tiny_h5ad):
 
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=[p.stem for p in EXPERIMENTS])
-def test_config_trains_three_steps(path, tiny_store, tiny_protein_store, tiny_h5ad, tmp_path):
+def test_config_trains_three_steps(path, tiny_store, tiny_protein_store, tiny_atac_store, tiny_h5ad, tmp_path):
     config = load_config(path)
     if "pretrain" in config:  # a study (sscell.reproduce): its pretraining runs here, the rest in test_reproduce.py
         config = config.pretrain
-    if config.data.modality:  # cross-modality: the tiny store with proteins, all its datasets
-        tiny_store, config.data.train_datasets = tiny_protein_store, ()
+    if config.data.modality:  # cross-modality: the tiny store with proteins (or peaks), all its datasets
+        stores = {"protein_counts": tiny_protein_store, "atac_counts": tiny_atac_store}
+        tiny_store, config.data.train_datasets = stores[config.data.modality], ()
     config.data.store = tiny_store.path
     config.data.synthetic.n_cells = 0
     config.loss.gmt = str((tf_targets_path if config.loss.name == "gp_to_tf" else programmes_path)(tiny_h5ad))

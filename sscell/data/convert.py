@@ -15,8 +15,10 @@ indptr; never the cell-id strings), whatever the input size, in streaming passes
 3. write: load one bucket at a time, order its rows and append them (and their ids) to the store.
 Scratch space: the uncompressed counts and ids, once (beside the output, removed at the end).
 
-A second modality (obsm['protein_counts'], sscell.data.modality) held by every input moves with
-its cells through the same passes (a per-row scratch file), so store row r keeps cell r's proteins.
+A second modality (obsm['protein_counts'] or obsm['atac_counts'], sscell.data.modality) held by
+every input moves with its cells through the same passes (proteins: a per-row scratch file; ATAC
+peaks: per-nonzero scratch files like the counts', with their own indptr and buckets cut by both),
+so store row r keeps cell r's proteins or peaks.
 
 Genes: a --vocabulary file fixes them (genes outside it are dropped and counted); without one
 the store's genes are the inputs' union, and `--append` grows it: genes new to the store go
@@ -53,10 +55,10 @@ import tqdm
 import zarr
 from pandas.api.types import union_categoricals
 
+from sscell.data import modality as modalities
 from sscell.data.cell_ids import all_in, as_utf8, check_unique, sorted_hashes
 from sscell.data.inputs import H5adInput, align, id_kind, open_input, read_vocabulary, union_vocabulary
-from sscell.data.modality import ModalityReader, common_panel, has_modality, open_modality
-from sscell.data.store import SPLITS, Store, StoreWriter, count_dtype, open_store
+from sscell.data.store import SPLITS, Store, StoreWriter, count_dtype, index_dtype, open_store
 from sscell.errors import SscellError, exit_on_error
 
 BUCKET_NONZEROS = 2**24  # a bucket is loaded whole in pass 3: ~2**24 x 4-8 bytes
@@ -75,8 +77,9 @@ class _StoreSource:
     ids: zarr.Array    # obs/_index
     n_genes: int
     source: str = "store"
-    modality: ModalityReader | None = None  # its obsm['protein_counts'], if it holds one
+    modality: modalities.ModalityReader | modalities.SparseModalityReader | None = None  # its obsm modality
     modality_names: tuple[str, ...] | None = None
+    modality_key: str = modalities.PROTEIN_KEY
 
     @classmethod
     def open(cls, path: Path) -> _StoreSource:
@@ -85,10 +88,11 @@ class _StoreSource:
         group = zarr.open_group(path, mode="r")["obs"]
         columns = {c: pd.Categorical(anndata.io.read_elem(group[c])) for c in group.attrs["column-order"]}
         split = columns.pop("split").codes.astype(np.int8)
-        reader = open_modality(store) if has_modality(store) else None
+        key = modalities.modality_key(store)
+        reader = modalities.open_modality(store, key) if key else None
         return cls(store, pd.DataFrame(columns, index=pd.RangeIndex(store.n_cells)), split,
                    group[group.attrs["_index"]], store.n_genes, modality=reader,
-                   modality_names=reader.names if reader else None)
+                   modality_names=reader.names if reader else None, modality_key=key or modalities.PROTEIN_KEY)
 
     @property
     def path(self) -> Path:
@@ -110,8 +114,13 @@ class _StoreSource:
     def read_ids(self, start: int, stop: int) -> np.ndarray:
         return as_utf8(self.ids[start:stop])
 
-    def read_modality(self, start: int, stop: int) -> np.ndarray:
+    def read_modality(self, start: int, stop: int) -> np.ndarray | scipy.sparse.csr_matrix:
+        if isinstance(self.modality, modalities.SparseModalityReader):
+            return self.modality.read_blocks([(start, stop)])[0]
         return self.modality.read([(start, stop)])
+
+    def modality_lengths(self) -> np.ndarray:
+        return np.diff(self.modality.indptr)
 
 
 _Source = H5adInput | _StoreSource
@@ -238,31 +247,40 @@ def _pwrite(fd: int, array: np.ndarray, offset: int) -> None:
         view, offset = view[written:], offset + written
 
 
-def _bucket_starts(indptr: np.ndarray, bucket_nonzeros: int, bucket_rows: int) -> np.ndarray:
-    """First store row of each bucket: a new bucket wherever indptr crosses a multiple of
-    `bucket_nonzeros`, and at least every `bucket_rows` rows."""
-    n = len(indptr) - 1
-    crossings = np.searchsorted(indptr[:-1], np.arange(0, int(indptr[-1]) + 1, bucket_nonzeros), "left")
-    return np.union1d(crossings[crossings < n], np.arange(0, n, bucket_rows))
+def _bucket_starts(indptrs: Sequence[np.ndarray], bucket_nonzeros: int, bucket_rows: int) -> np.ndarray:
+    """First store row of each bucket: a new bucket wherever any of the (same-length) indptrs
+    crosses a multiple of `bucket_nonzeros`, and at least every `bucket_rows` rows."""
+    n = len(indptrs[0]) - 1
+    starts = np.arange(0, n, bucket_rows)
+    for indptr in indptrs:
+        crossings = np.searchsorted(indptr[:-1], np.arange(0, int(indptr[-1]) + 1, bucket_nonzeros), "left")
+        starts = np.union1d(starts, crossings[crossings < n])
+    return starts
 
 
 def _shuffle_into(writer: StoreWriter, sources: Sequence[_Source], dest: np.ndarray, id_bytes: int, scratch: Path,
-                  block_cells: int, bucket_nonzeros: int, n_features: int = 0) -> None:
+                  block_cells: int, bucket_nonzeros: int, n_features: int = 0,
+                  peak_indptr: np.ndarray | None = None) -> None:
     """Append the cells to `writer` with their ids, concatenated-source cell i as store row dest[i].
 
     Passes 2 and 3 of the module docstring: bucket k holds store rows [starts[k], starts[k+1]) and
     nonzeros [indptr[starts[k]], indptr[starts[k+1]]), so each bucket is one region of each scratch
-    file (rows, ids, indices, data, and the modality's rows when `n_features` > 0), filled from its
-    start by a cursor.
+    file (rows, ids, indices, data, and the modality's rows when `n_features` > 0, or a sparse
+    modality's indices and data, laid out by `peak_indptr`, when given), filled from its start by a cursor.
     """
-    indptr, n = writer.indptr, len(dest)
-    starts = _bucket_starts(indptr, bucket_nonzeros, BUCKET_ROWS)
+    n = len(dest)
+    nonzeros = {"": writer.indptr}  # scratch-name prefix -> the store-order indptr of a sparse stream
+    if peak_indptr is not None:
+        nonzeros["peak_"] = peak_indptr
+    starts = _bucket_starts(list(nonzeros.values()), bucket_nonzeros, BUCKET_ROWS)
     bounds = np.append(starts, n)
-    row_cursor, nz_cursor = starts.copy(), indptr[starts].copy()
+    row_cursor, nz_cursor = starts.copy(), {prefix: indptr[starts].copy() for prefix, indptr in nonzeros.items()}
     dtypes = {"rows": dest.dtype, "ids": np.dtype(f"S{id_bytes}"), "indices": writer.indices_dtype,
               "data": writer.data_dtype}
     per_row = ("rows", "ids")
-    if n_features:
+    if peak_indptr is not None:
+        dtypes.update(peak_indices=index_dtype(n_features), peak_data=np.dtype(np.float32))
+    elif n_features:
         dtypes["modality"] = np.dtype((np.float32, (n_features,)))
         per_row += ("modality",)
     scratch.mkdir()
@@ -275,31 +293,39 @@ def _shuffle_into(writer: StoreWriter, sources: Sequence[_Source], dest: np.ndar
                     stop = min(start + block_cells, src.n_cells)
                     rows = dest[offset + start:offset + stop]
                     by_bucket = np.argsort(np.searchsorted(starts, rows, "right"), kind="stable")
-                    block, rows = src.read(start, stop)[by_bucket], rows[by_bucket]
-                    parts = {"rows": rows, "ids": np.asarray(src.read_ids(start, stop), dtypes["ids"])[by_bucket],
-                             "indices": block.indices.astype(dtypes["indices"]),
-                             "data": block.data.astype(dtypes["data"])}
-                    if n_features:
+                    blocks = {"": src.read(start, stop)[by_bucket]}
+                    rows = rows[by_bucket]
+                    parts = {"rows": rows, "ids": np.asarray(src.read_ids(start, stop), dtypes["ids"])[by_bucket]}
+                    if peak_indptr is not None:
+                        blocks["peak_"] = src.read_modality(start, stop)[by_bucket]
+                    elif n_features:
                         parts["modality"] = src.read_modality(start, stop)[by_bucket]
+                    for prefix, block in blocks.items():
+                        parts[f"{prefix}indices"] = block.indices.astype(dtypes[f"{prefix}indices"])
+                        parts[f"{prefix}data"] = block.data.astype(dtypes[f"{prefix}data"])
                     buckets = np.searchsorted(starts, rows, "right") - 1
                     cuts = np.flatnonzero(np.diff(buckets)) + 1
                     for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(rows)]):
-                        k, nz_lo, nz_hi = buckets[lo], block.indptr[lo], block.indptr[hi]
+                        k = buckets[lo]
                         for name in per_row:
                             _pwrite(fds[name], parts[name][lo:hi], row_cursor[k] * dtypes[name].itemsize)
-                        for name in ("indices", "data"):
-                            _pwrite(fds[name], parts[name][nz_lo:nz_hi], nz_cursor[k] * dtypes[name].itemsize)
+                        for prefix, block in blocks.items():
+                            nz_lo, nz_hi = block.indptr[lo], block.indptr[hi]
+                            for name in (f"{prefix}indices", f"{prefix}data"):
+                                _pwrite(fds[name], parts[name][nz_lo:nz_hi],
+                                        nz_cursor[prefix][k] * dtypes[name].itemsize)
+                            nz_cursor[prefix][k] += nz_hi - nz_lo
                         row_cursor[k] += hi - lo
-                        nz_cursor[k] += nz_hi - nz_lo
                     bar.update(stop - start)
                 offset += src.n_cells
         with _progress(n, "writing") as bar:
             for lo, hi in itertools.pairwise(bounds):
-                spans = {"indices": (indptr[lo], indptr[hi]), "data": (indptr[lo], indptr[hi])} | {
-                    name: (lo, hi) for name in per_row}
+                spans = {name: (lo, hi) for name in per_row}
+                for prefix, indptr in nonzeros.items():
+                    spans |= {f"{prefix}{name}": (indptr[lo], indptr[hi]) for name in ("indices", "data")}
                 part = {name: np.fromfile(scratch / name, dtypes[name], offset=a * dtypes[name].itemsize, count=b - a)
                         for name, (a, b) in spans.items()}
-                _append_bucket(writer, part, lo, hi)
+                _append_bucket(writer, part, lo, hi, peak_indptr, n_features)
                 bar.update(hi - lo)
     finally:
         for fd in fds.values():
@@ -307,22 +333,38 @@ def _shuffle_into(writer: StoreWriter, sources: Sequence[_Source], dest: np.ndar
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _append_bucket(writer: StoreWriter, part: dict[str, np.ndarray], lo: int, hi: int) -> None:
+def _gather_rows(indptr: np.ndarray, starts: np.ndarray, lo: int, a: int, b: int, values: dict[str, np.ndarray],
+                 n_columns: int) -> scipy.sparse.csr_matrix:
+    """Store rows [lo + a, lo + b) as csr, gathered from a bucket's scratch `values` ("indices",
+    "data") laid out by the store-order `indptr`; `starts[i]`: where store row lo + i begins in them."""
+    local = indptr[lo + a:lo + b + 1] - indptr[lo + a]
+    gather = np.repeat(starts[a:b] - local[:-1], np.diff(local)) + np.arange(local[-1])
+    return scipy.sparse.csr_matrix((values["data"][gather], values["indices"][gather], local), shape=(b - a, n_columns))
+
+
+def _append_bucket(writer: StoreWriter, part: dict[str, np.ndarray], lo: int, hi: int,
+                   peak_indptr: np.ndarray | None = None, n_peaks: int = 0) -> None:
     """Append store rows [lo, hi) to `writer` from a bucket's scratch arrays (rows in bucket
     order), gathering ~APPEND_NONZEROS nonzeros at a time so no full copy of the bucket is made."""
     indptr, rows = writer.indptr, part["rows"]
     in_order = np.argsort(rows)
-    lengths = indptr[rows + 1] - indptr[rows]
-    starts = (np.cumsum(lengths) - lengths)[in_order]  # where each store row's nonzeros are in the bucket
+
+    def starts(indptr: np.ndarray) -> np.ndarray:  # where each store row's nonzeros are in the bucket
+        lengths = indptr[rows + 1] - indptr[rows]
+        return (np.cumsum(lengths) - lengths)[in_order]
+
+    x_starts = starts(indptr)
+    peak_starts = starts(peak_indptr) if peak_indptr is not None else None
+    peaks = {"indices": part.get("peak_indices"), "data": part.get("peak_data")}
     step = max(1, APPEND_NONZEROS * (hi - lo) // max(int(indptr[hi] - indptr[lo]), 1))
     for a in range(0, hi - lo, step):
         b = min(a + step, hi - lo)
-        local = indptr[lo + a:lo + b + 1] - indptr[lo + a]
-        gather = np.repeat(starts[a:b] - local[:-1], np.diff(local)) + np.arange(local[-1])
-        block = scipy.sparse.csr_matrix((part["data"][gather], part["indices"][gather], local),
-                                        shape=(b - a, writer.n_genes))
-        writer.append(block, np.char.decode(part["ids"][in_order[a:b]], "utf-8"),
-                      part["modality"][in_order[a:b]] if "modality" in part else None)
+        block = _gather_rows(indptr, x_starts, lo, a, b, part, writer.n_genes)
+        if peak_indptr is not None:
+            modality = _gather_rows(peak_indptr, peak_starts, lo, a, b, peaks, n_peaks)
+        else:
+            modality = part["modality"][in_order[a:b]] if "modality" in part else None
+        writer.append(block, np.char.decode(part["ids"][in_order[a:b]], "utf-8"), modality)
 
 
 def _build(sources: Sequence[_Source], var: pd.DataFrame, known: np.ndarray, attrs: dict, tmp: Path, *,
@@ -332,7 +374,7 @@ def _build(sources: Sequence[_Source], var: pd.DataFrame, known: np.ndarray, att
     Memory beyond a block: at most ~40 bytes a cell (obs codes, nonzeros, order, indptr), ~25
     while the cells move (obs codes in store order, each cell's store row, indptr).
     """
-    panel = common_panel(sources)  # before the long passes: inputs with different panels fail fast
+    panel = modalities.common_panel(sources)  # before the long passes: inputs with different panels fail fast
     id_bytes = check_unique(sources, block_cells)
     obs = _merge_obs(sources)
     nnz, max_count = _count_pass(sources, block_cells)
@@ -343,13 +385,18 @@ def _build(sources: Sequence[_Source], var: pd.DataFrame, known: np.ndarray, att
                         for c in obs} | {"split": pd.Categorical.from_codes(split[order], SPLITS)})
     indptr = np.zeros(len(order) + 1, np.int64)
     np.cumsum(nnz[order], out=indptr[1:])
+    peak_indptr = None
+    if panel and panel[0] in modalities.SPARSE_KEYS:  # the peaks' indptr in store order
+        peak_indptr = np.zeros(len(order) + 1, np.int64)
+        np.cumsum(np.concatenate([src.modality_lengths() for src in sources])[order], out=peak_indptr[1:])
     del nnz, split
     dest = np.empty_like(order)
     dest[order] = np.arange(len(order), dtype=order.dtype)
     del order
-    writer = StoreWriter(tmp / "store", indptr, len(var), count_dtype(max_count), attrs, modality=panel)
+    writer = StoreWriter(tmp / "store", indptr, len(var), count_dtype(max_count), attrs,
+                         modality=panel + (peak_indptr,) if peak_indptr is not None else panel)
     _shuffle_into(writer, sources, dest, id_bytes, tmp / "buckets", block_cells, bucket_nonzeros,
-                  len(panel[1]) if panel else 0)
+                  len(panel[1]) if panel else 0, peak_indptr)
     writer.close(obs, var, {"measured": _measured(sources, var.index)})
 
 

@@ -8,8 +8,8 @@ categoricals (a small integer code per cell); cell ids stay on disk and are read
 Counts come from layers['counts'], else raw.X, else X. Genes are matched to the vocabulary by
 id (the var index, or a var column named by `gene_column`); genes outside the vocabulary are
 dropped, and a vocabulary gene an input lacks counts as not measured by that input. A second
-modality, obsm['protein_counts'] with uns['protein_counts_names'], stays on disk and is read in
-the same row blocks (sscell.data.modality).
+modality, obsm['protein_counts'] (dense) or obsm['atac_counts'] (CSR) with its names in uns, stays
+on disk and is read in the same row blocks (sscell.data.modality).
 """
 from __future__ import annotations
 
@@ -56,8 +56,9 @@ class H5adInput:
     columns: np.ndarray | None = None  # vocabulary column of each input column, -1: dropped
     n_genes: int = 0            # vocabulary size
     given_split: np.ndarray | None = None  # split codes (index into SPLITS) from --split-column
-    modality: h5py.Dataset | None = None  # obsm['protein_counts'], on disk
+    modality: h5py.Dataset | modalities.H5Csr | None = None  # obsm[modality_key], on disk
     modality_names: tuple[str, ...] | None = None  # its column names (None: no modality)
+    modality_key: str = modalities.PROTEIN_KEY
 
     @property
     def n_cells(self) -> int:
@@ -98,14 +99,21 @@ class H5adInput:
         block.eliminate_zeros()
         return block
 
-    def read_modality(self, start: int, stop: int) -> np.ndarray:
-        """Validated obsm['protein_counts'] rows [start, stop) as float32 (cells x proteins)."""
+    def read_modality(self, start: int, stop: int) -> np.ndarray | scipy.sparse.csr_matrix:
+        """Validated obsm[modality_key] rows [start, stop) with float32 values (cells x features;
+        csr for a sparse modality)."""
+        sparse = isinstance(self.modality, modalities.H5Csr)
         try:
-            values = self.modality[start:stop]
+            values = self.modality.rows(start, stop) if sparse else self.modality[start:stop]
         except (OSError, KeyError, ValueError, RuntimeError) as e:
             raise SscellError(f"{self.path}: cannot read obsm rows {start}-{stop - 1}, the file looks truncated "
                               f"or corrupt ({_one_line(e)})") from None
-        return modalities.checked(values, self.path, modalities.PROTEIN_KEY, f"{start}-{stop - 1}")
+        check = modalities.checked_csr if sparse else modalities.checked
+        return check(values, self.path, self.modality_key, f"{start}-{stop - 1}")
+
+    def modality_lengths(self) -> np.ndarray:
+        """Nonzeros per cell of a sparse modality."""
+        return self.modality.lengths()
 
     def _checked(self, data: np.ndarray, rows: str) -> np.ndarray:
         """`data` (stored values of some rows) if they are non-negative integer counts, rounded if allowed."""
@@ -194,14 +202,14 @@ def open_input(path: str | os.PathLike, stack: contextlib.ExitStack, *, gene_col
         obs, ids = _read_obs(path, f["obs"])
         given_split = _read_split(path, f["obs"], split_column) if split_column else None
         var = anndata.io.read_elem(f[var_key])
-        found = modalities.find_in_input(f, path)
+        found = modalities.find_any(f, path)
     except (OSError, KeyError, ValueError, RuntimeError) as e:
         raise SscellError(f"{path}: cannot read it as .h5ad, the file looks truncated or corrupt "
                           f"({_one_line(e)})") from None
     if len(obs) == 0 or counts.shape[0] == 0:
         raise SscellError(f"{path}: holds no cells; drop it from the inputs")
-    if found is not None and found[0].shape[0] != len(obs):
-        raise SscellError(f"{path}: obsm['{modalities.PROTEIN_KEY}'] has {found[0].shape[0]} rows for {len(obs)} "
+    if found is not None and found[1].shape[0] != len(obs):
+        raise SscellError(f"{path}: obsm['{found[0]}'] has {found[1].shape[0]} rows for {len(obs)} "
                           "cells; the file is inconsistent")
     if counts.shape != (len(obs), len(var)):
         raise SscellError(f"{path}: counts in {source} have shape {counts.shape}, obs x {var_key} is "
@@ -214,8 +222,9 @@ def open_input(path: str | os.PathLike, stack: contextlib.ExitStack, *, gene_col
     if var.index.has_duplicates:
         raise SscellError(f"{path}: gene id {var.index[var.index.duplicated()][0]!r} appears more than once "
                           f"in {var_key}{'.' + gene_column if gene_column else ''}; gene ids must be unique")
+    key, values, names = found or (modalities.PROTEIN_KEY, None, None)
     return H5adInput(path, counts, source, obs, ids, var, round_counts, given_split=given_split,
-                     modality=found[0] if found else None, modality_names=found[1] if found else None)
+                     modality=values, modality_names=names, modality_key=key)
 
 
 def read_vocabulary(path: str | os.PathLike) -> pd.Index:

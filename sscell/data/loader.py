@@ -22,7 +22,9 @@ process feeds; shard s holds its cells' nonzeros concatenated:
     indptr  (shards, cells + 1)   int32: shard s's cell i is genes/counts[s, indptr[s, i]:indptr[s, i + 1]]
     cell, cell_type, donor, dataset   (shards * cells,) int32: store row and label codes
     modality (shards * cells, features) float32: the rows' second modality (raw protein counts),
-                                  only from a loader made with `modality` (sscell.data.modality)
+                                  only from a loader made with a dense `modality` (sscell.data.modality)
+    peaks, peak_counts, peak_indptr   a sparse modality's (ATAC peaks') nonzeros in the layout of
+                                  genes / counts / indptr (float32 counts), padded to their own size
 
 `size` is the nonzeros of the epoch's fullest shard rounded up to one of 8 sizes per power of
 two (`nnz_bucket`), computed by every process from the in-RAM indptr: one shape per epoch for
@@ -41,7 +43,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from sscell.data.modality import BATCH_FIELD, open_modality
+from sscell.data.modality import BATCH_FIELD, PEAK_FIELDS, SparseModalityReader, open_modality
 from sscell.data.store import Store
 from sscell.errors import SscellError
 
@@ -144,8 +146,8 @@ class CellLoader:
     process's slice of a batch is laid out in `shards` shards (the data-parallel devices it
     feeds: `sscell.training.mesh.local_data_shards`). Cells keep their block order within a
     batch: the store is shuffled at write time, and a step does not depend on the order of
-    the cells of its batch. `modality` (an obsm key such as "protein_counts") adds the rows'
-    values of that modality to every batch, read by the same runs of rows as the counts.
+    the cells of its batch. `modality` (an obsm key such as "protein_counts" or "atac_counts")
+    adds the rows' values of that modality to every batch, read by the same runs of rows as the counts.
     """
 
     def __init__(self, store: Store, split: str, batch_size: int, seed: int, *,
@@ -177,7 +179,7 @@ class CellLoader:
         # Block b holds self.rows[bounds[b]:bounds[b + 1]], the selected rows of one window.
         self._bounds = np.r_[0, np.flatnonzero(np.diff(window)) + 1, self.n_cells]
         self._epoch_order = functools.lru_cache(maxsize=2)(self._order)
-        self._epoch_size = functools.lru_cache(maxsize=2)(self._size)
+        self._epoch_size = functools.lru_cache(maxsize=4)(self._size)
 
     def _order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """This epoch's block order, and where each block begins in the epoch's cell sequence."""
@@ -200,17 +202,18 @@ class CellLoader:
         epoch, index = divmod(step, self.steps_per_epoch)
         return self._cells(epoch, index * self.batch_size, (index + 1) * self.batch_size)
 
-    def _size(self, epoch: int, chunk_cells: int = 2**18) -> int:
+    def _size(self, epoch: int, peaks: bool = False, chunk_cells: int = 2**18) -> int:
         """The padded size of every shard of the epoch: `nnz_bucket` of its fullest shard, from the
         in-RAM indptr (so one shape per epoch for jit, and every process agrees without reading
-        another's cells), counted ~`chunk_cells` cells at a time."""
+        another's cells), counted ~`chunk_cells` cells at a time; `peaks`: of the sparse modality."""
+        indptr = self.modality.indptr if peaks else self.store.indptr
         cells = self.steps_per_epoch * self.batch_size
         shard_cells = self.local_batch_size // self.shards
         chunk = max(1, chunk_cells // self.batch_size) * self.batch_size
         fullest = 0
         for first in range(0, cells, chunk):
             rows = self.rows[self._cells(epoch, first, min(first + chunk, cells))]
-            lengths = self.store.indptr[rows + 1] - self.store.indptr[rows]
+            lengths = indptr[rows + 1] - indptr[rows]
             fullest = max(fullest, int(lengths.reshape(-1, shard_cells).sum(1).max()))
         return nnz_bucket(fullest)
 
@@ -222,8 +225,13 @@ class CellLoader:
         data, indices = self.store.read_nonzeros(runs(rows))
         lengths = self.store.indptr[rows + 1] - self.store.indptr[rows]
         labels = {name: codes[selection] for name, codes in self.labels.items()}
-        nonzeros = shard_nonzeros(data, indices, lengths, self.shards, self._epoch_size(step // self.steps_per_epoch))
-        if self.modality is not None:
+        epoch = step // self.steps_per_epoch
+        nonzeros = shard_nonzeros(data, indices, lengths, self.shards, self._epoch_size(epoch))
+        if isinstance(self.modality, SparseModalityReader):
+            peaks = shard_nonzeros(*self.modality.read_nonzeros(runs(rows)), self.modality.lengths(rows), self.shards,
+                                   self._epoch_size(epoch, True))
+            labels.update(zip(PEAK_FIELDS, (peaks["genes"], peaks["counts"], peaks["indptr"])))
+        elif self.modality is not None:
             labels[BATCH_FIELD] = self.modality.read(runs(rows))
         return {**nonzeros, "cell": rows.astype(np.int32), **labels}
 

@@ -14,6 +14,9 @@ Layout (`anndata.read_zarr(STORE)` opens it; the loader reads cells through `Sto
     STORE/obsm/protein_counts, STORE/uns/protein_counts_names   optional second modality: float32
                        cells x proteins in MODALITY_CHUNK_CELLS-row chunks, and its names
                        (sscell.data.modality)
+    STORE/obsm/atac_counts/{data,indices,indptr}, STORE/uns/atac_counts_names   or a sparse one
+                       (ATAC peaks): a csr_matrix group laid out like X (float32 counts, peak
+                       indices, its own indptr), and the peaks' names
 
 The sscell attribute is written last, after every array, so a half-written directory is never
 accepted by `open_store`.
@@ -146,82 +149,38 @@ def _open_array(kvstore: dict, ctx: ts.Context) -> ts.TensorStore:
     return ts.open({"driver": "zarr3", "kvstore": kvstore}, read=True, context=ctx).result()
 
 
-class StoreWriter:
-    """Writes a new store at `path`: X rows (and their cell ids) appended in order, then obs and var.
+class CsrWriter:
+    """Writes the CSR group `name` of `parent` (on disk at `path`): data/indices are created at
+    their final size from the known `indptr` and filled by rows appended in order, in
+    shard-aligned pieces (each shard written once; the tail by `close`). At most one piece is
+    being written while the caller prepares the next block."""
 
-    The row layout (`indptr`) is known up front, so data/indices are created at their final
-    size and written in shard-aligned pieces (each shard written once); the tail is written by
-    `close`. At most one piece is being written while the caller prepares the next block.
-    `data_dtype` must hold every count; blocks may carry any dtypes that cast exactly.
-    Cell ids given with the rows go to obs/_index in chunk-aligned pieces, so they are never all
-    in memory; without them, `close` takes them from obs.index. `modality` = (key, names) adds
-    obsm[key] (float32, one column per name), whose rows come with every `append`.
-    """
-
-    def __init__(self, path: str | os.PathLike, indptr: np.ndarray, n_genes: int,
-                 data_dtype: np.dtype, attrs: dict, shard_elements: int = SHARD_ELEMENTS,
-                 modality: tuple[str, Sequence[str]] | None = None):
-        self.path = Path(path)
-        self.shard_elements = shard_elements
+    def __init__(self, parent: zarr.Group, name: str, path: Path, indptr: np.ndarray, n_columns: int,
+                 data_dtype: np.dtype, shard_elements: int, ctx: ts.Context):
         self.indptr = np.asarray(indptr, dtype=np.int64)
+        self.shard_elements = shard_elements
         n_cells, nnz = len(self.indptr) - 1, int(self.indptr[-1])
-        root = zarr.open_group(self.path, mode="w-", zarr_format=3)
-        root.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
-        self.attrs = {"format_version": FORMAT_VERSION, **attrs}
-        root.create_group("X").attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0",
-                                             "shape": [n_cells, n_genes]})
-        ctx = _context()
+        parent.create_group(name).attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0",
+                                                "shape": [n_cells, n_columns]})
         chunks = (min(inner_chunk_elements(nnz, n_cells), shard_elements), shard_elements)
-        self._data = _create_array(self.path / "X" / "data", nnz, data_dtype, chunks, ctx)
-        self._indices = _create_array(self.path / "X" / "indices", nnz, index_dtype(n_genes), chunks, ctx)
-        indptr_store = _create_array(self.path / "X" / "indptr", n_cells + 1, np.int64, chunks, ctx)
-        indptr_store.write(self.indptr).result()
-        self.n_genes = n_genes
-        self.data_dtype, self.indices_dtype = np.dtype(data_dtype), index_dtype(n_genes)
-        self._rows = 0        # rows appended so far
+        self._data = _create_array(path / "data", nnz, data_dtype, chunks, ctx)
+        self._indices = _create_array(path / "indices", nnz, index_dtype(n_columns), chunks, ctx)
+        _create_array(path / "indptr", n_cells + 1, np.int64, chunks, ctx).write(self.indptr).result()
+        self.data_dtype, self.indices_dtype = np.dtype(data_dtype), index_dtype(n_columns)
+        self.rows = 0         # rows appended so far
         self._flushed = 0     # nonzeros written to disk so far
         self._buffer: list[tuple[np.ndarray, np.ndarray]] = []
         self._pending: list[ts.WriteFutures] = []
-        self._ids = root.create_group("obs").create_array(
-            "_index", shape=(n_cells,), dtype=str, chunks=(max(1, min(n_cells, ID_CHUNK)),),
-            compressors=zarr.codecs.ZstdCodec(), attributes={"encoding-type": "string-array",
-                                                            "encoding-version": "0.2.0"})
-        self._id_buffer: list[np.ndarray] = []
-        self._ids_written = 0
-        self._with_ids: bool | None = None  # whether append() gets the ids
-        self._modality, self._modality_names = None, modality
-        if modality is not None:
-            obsm = root.create_group("obsm", attributes={"encoding-type": "dict", "encoding-version": "0.1.0"})
-            self._modality = obsm.create_array(
-                modality[0], shape=(n_cells, len(modality[1])), dtype=np.float32,
-                chunks=(max(1, min(n_cells, MODALITY_CHUNK_CELLS)), len(modality[1])),
-                compressors=zarr.codecs.ZstdCodec(), attributes={"encoding-type": "array", "encoding-version": "0.2.0"})
 
-    def append(self, block: scipy.sparse.csr_matrix, ids: np.ndarray | None = None,
-               modality: np.ndarray | None = None) -> None:
-        """Append the next block of rows (csr, n_genes columns) after those already appended, with
-        their cell ids (str), if given; give them with every block or with none. `modality`: the
-        rows' obsm values (rows x features) when the store has a modality."""
-        stop = self._rows + block.shape[0]
-        expected = self.indptr[stop] - self.indptr[self._rows]
+    def append(self, block: scipy.sparse.csr_matrix) -> None:
+        """Append the next rows (csr) after those already appended."""
+        stop = self.rows + block.shape[0]
+        expected = self.indptr[stop] - self.indptr[self.rows]
         if block.nnz != expected:
-            raise ValueError(f"rows {self._rows}:{stop} have {block.nnz} nonzeros, indptr says {expected}")
-        if self._with_ids not in (None, ids is not None) or (ids is not None and len(ids) != block.shape[0]):
-            raise ValueError("give one cell id per row with every block, or with none")
-        if (self._modality is None) != (modality is None) or (
-                modality is not None and modality.shape != (block.shape[0], self._modality.shape[1])):
-            raise ValueError("give the modality's rows (rows x features) with every block when the store has one, "
-                             "and none otherwise")
-        if modality is not None:
-            self._modality[self._rows:stop] = modality
-        self._with_ids = ids is not None
-        if self._with_ids:
-            self._id_buffer.append(np.asarray(ids, dtype=str))
-            if stop - self._ids_written >= self._ids.chunks[0]:
-                self._write_ids((stop - self._ids_written) // self._ids.chunks[0] * self._ids.chunks[0])
+            raise ValueError(f"rows {self.rows}:{stop} have {block.nnz} nonzeros, indptr says {expected}")
         self._buffer.append((block.data.astype(self.data_dtype, copy=False),  # buffered at store width
                              block.indices.astype(self.indices_dtype, copy=False)))
-        self._rows = stop
+        self.rows = stop
         buffered = int(self.indptr[stop]) - self._flushed
         if buffered >= self.shard_elements:
             self._flush(buffered // self.shard_elements * self.shard_elements)
@@ -241,6 +200,83 @@ class StoreWriter:
         ]
         self._flushed = hi
 
+    def close(self) -> None:
+        """Write the remaining nonzeros and wait for every write."""
+        if self._flushed < self.indptr[-1]:
+            self._flush(int(self.indptr[-1]) - self._flushed)
+        for pending in self._pending:
+            pending.result()
+
+
+class StoreWriter:
+    """Writes a new store at `path`: X rows (and their cell ids) appended in order, then obs and var.
+
+    The row layout (`indptr`) is known up front, so X is written by a `CsrWriter`.
+    `data_dtype` must hold every count; blocks may carry any dtypes that cast exactly.
+    Cell ids given with the rows go to obs/_index in chunk-aligned pieces, so they are never all
+    in memory; without them, `close` takes them from obs.index. `modality` = (key, names) adds
+    obsm[key] (float32, one column per name), whose rows come with every `append`; (key, names,
+    its indptr) adds a sparse one (a CSR group like X with float32 counts), whose rows come as csr.
+    """
+
+    def __init__(self, path: str | os.PathLike, indptr: np.ndarray, n_genes: int,
+                 data_dtype: np.dtype, attrs: dict, shard_elements: int = SHARD_ELEMENTS,
+                 modality: tuple[str, Sequence[str]] | tuple[str, Sequence[str], np.ndarray] | None = None):
+        self.path = Path(path)
+        root = zarr.open_group(self.path, mode="w-", zarr_format=3)
+        root.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
+        self.attrs = {"format_version": FORMAT_VERSION, **attrs}
+        ctx = _context()
+        self._x = CsrWriter(root, "X", self.path / "X", indptr, n_genes, data_dtype, shard_elements, ctx)
+        self.indptr, n_cells = self._x.indptr, len(self._x.indptr) - 1
+        self.n_genes = n_genes
+        self.data_dtype, self.indices_dtype = self._x.data_dtype, self._x.indices_dtype
+        self._ids = root.create_group("obs").create_array(
+            "_index", shape=(n_cells,), dtype=str, chunks=(max(1, min(n_cells, ID_CHUNK)),),
+            compressors=zarr.codecs.ZstdCodec(), attributes={"encoding-type": "string-array",
+                                                            "encoding-version": "0.2.0"})
+        self._id_buffer: list[np.ndarray] = []
+        self._ids_written = 0
+        self._with_ids: bool | None = None  # whether append() gets the ids
+        self._modality, self._modality_names = None, modality
+        if modality is not None:
+            obsm = root.create_group("obsm", attributes={"encoding-type": "dict", "encoding-version": "0.1.0"})
+        if modality is not None and len(modality) == 3:
+            self._modality = CsrWriter(obsm, modality[0], self.path / "obsm" / modality[0], modality[2],
+                                       len(modality[1]), np.dtype(np.float32), shard_elements, ctx)
+        elif modality is not None:
+            self._modality = obsm.create_array(
+                modality[0], shape=(n_cells, len(modality[1])), dtype=np.float32,
+                chunks=(max(1, min(n_cells, MODALITY_CHUNK_CELLS)), len(modality[1])),
+                compressors=zarr.codecs.ZstdCodec(), attributes={"encoding-type": "array", "encoding-version": "0.2.0"})
+
+    @property
+    def _rows(self) -> int:
+        return self._x.rows
+
+    def append(self, block: scipy.sparse.csr_matrix, ids: np.ndarray | None = None,
+               modality: np.ndarray | scipy.sparse.csr_matrix | None = None) -> None:
+        """Append the next block of rows (csr, n_genes columns) after those already appended, with
+        their cell ids (str), if given; give them with every block or with none. `modality`: the
+        rows' obsm values (rows x features; csr for a sparse one) when the store has a modality."""
+        start, stop = self._rows, self._rows + block.shape[0]
+        if self._with_ids not in (None, ids is not None) or (ids is not None and len(ids) != block.shape[0]):
+            raise ValueError("give one cell id per row with every block, or with none")
+        if (self._modality is None) != (modality is None) or (
+                modality is not None and modality.shape != (block.shape[0], len(self._modality_names[1]))):
+            raise ValueError("give the modality's rows (rows x features) with every block when the store has one, "
+                             "and none otherwise")
+        self._x.append(block)
+        if isinstance(self._modality, CsrWriter):
+            self._modality.append(scipy.sparse.csr_matrix(modality))
+        elif modality is not None:
+            self._modality[start:stop] = modality
+        self._with_ids = ids is not None
+        if self._with_ids:
+            self._id_buffer.append(np.asarray(ids, dtype=str))
+            if stop - self._ids_written >= self._ids.chunks[0]:
+                self._write_ids((stop - self._ids_written) // self._ids.chunks[0] * self._ids.chunks[0])
+
     def _write_ids(self, n: int) -> None:
         ids = np.concatenate(self._id_buffer)
         self._ids[self._ids_written:self._ids_written + n] = ids[:n]
@@ -252,14 +288,13 @@ class StoreWriter:
         ignored if the ids came with the rows), then the sscell attribute."""
         if self._rows != len(self.indptr) - 1:
             raise ValueError(f"{self._rows} rows appended, indptr describes {len(self.indptr) - 1}")
-        if self._flushed < self.indptr[-1]:
-            self._flush(int(self.indptr[-1]) - self._flushed)
+        self._x.close()
+        if isinstance(self._modality, CsrWriter):
+            self._modality.close()
         if self._with_ids:
             self._write_ids(self._rows - self._ids_written)
         elif self._rows:
             self._ids[:] = obs.index.astype(str).to_numpy()
-        for pending in self._pending:
-            pending.result()
         root = zarr.open_group(self.path, mode="r+", zarr_format=3)
         with anndata.settings.override(auto_shard_zarr_v3=False):  # obs/var columns are small: unsharded
             for name in obs.columns:  # anndata's dataframe layout, around the _index written above
@@ -270,13 +305,58 @@ class StoreWriter:
             if varm:
                 anndata.io.write_elem(root, "varm", varm)
             if self._modality_names is not None:
-                key, names = self._modality_names
+                key, names = self._modality_names[:2]
                 anndata.io.write_elem(root, "uns", {names_key(key): np.asarray(names, dtype=object)})
         root.attrs["sscell"] = self.attrs
 
 
+class CsrRows:
+    """Rows of a CSR matrix on disk read with tensorstore: `indptr` in RAM, `_data` / `_indices`
+    opened arrays, `n_cells` rows of `n_columns` columns, at `path` (for messages)."""
+
+    path: str
+    n_cells: int
+    indptr: np.ndarray
+    _data: ts.TensorStore
+    _indices: ts.TensorStore
+
+    @property
+    def n_columns(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def data_dtype(self) -> np.dtype:
+        """The stored values' dtype (e.g. uint16 or uint32 counts)."""
+        return np.dtype(self._data.dtype.numpy_dtype)
+
+    def _read(self, ranges: Sequence[tuple[int, int]]) -> list[tuple[ts.Future, ts.Future]]:
+        """(values, column indices) read futures of each [start, stop) range, all issued at once."""
+        futures = []
+        for start, stop in ranges:
+            if not 0 <= start <= stop <= self.n_cells:
+                raise SscellError(f"rows [{start}, {stop}) are outside the store's {self.n_cells} cells ({self.path})")
+            lo, hi = self.indptr[start], self.indptr[stop]
+            futures.append((self._data[lo:hi].read(), self._indices[lo:hi].read()))
+        return futures
+
+    def read_blocks(self, ranges: Sequence[tuple[int, int]]) -> list[scipy.sparse.csr_matrix]:
+        """One csr per [start, stop) range; all reads are issued before any is awaited."""
+        return [
+            scipy.sparse.csr_matrix((data.result(), indices.result(), self.indptr[start:stop + 1] - self.indptr[start]),
+                                    shape=(stop - start, self.n_columns))
+            for (start, stop), (data, indices) in zip(ranges, self._read(ranges))
+        ]
+
+    def read_nonzeros(self, ranges: Sequence[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+        """(values, column indices) of the rows of every [start, stop) range, concatenated in range
+        order, in the stored dtypes (row lengths: `indptr`); all reads are issued before any is awaited."""
+        futures = self._read(ranges)
+        empty = (np.zeros(0, self.data_dtype), np.zeros(0, self._indices.dtype.numpy_dtype))
+        return tuple(np.concatenate([f[k].result() for f in futures] or [empty[k]]) for k in (0, 1))
+
+
 @dataclasses.dataclass(eq=False)
-class Store:
+class Store(CsrRows):
     """An open store: indptr, label columns and var in RAM; counts and the full obs read on demand.
 
     `labels` holds the obs columns of LABEL_OBS_COLUMNS the store has (split, cell type and its
@@ -302,9 +382,9 @@ class Store:
     _indices: ts.TensorStore = dataclasses.field(repr=False)
 
     @property
-    def data_dtype(self) -> np.dtype:
-        """The stored counts' dtype (uint16 or uint32)."""
-        return np.dtype(self._data.dtype.numpy_dtype)
+    def n_columns(self) -> int:
+        """The genes (X's columns)."""
+        return self.n_genes
 
     def read_obs(self) -> pd.DataFrame:
         """The full obs (every column, the cell ids as index), read from the store now."""
@@ -321,31 +401,6 @@ class Store:
     def read_rows(self, start: int, stop: int) -> scipy.sparse.csr_matrix:
         """Counts of rows [start, stop) as csr (data in the stored integer dtype)."""
         return self.read_blocks([(start, stop)])[0]
-
-    def _read(self, ranges: Sequence[tuple[int, int]]) -> list[tuple[ts.Future, ts.Future]]:
-        """(counts, gene indices) read futures of each [start, stop) range, all issued at once."""
-        futures = []
-        for start, stop in ranges:
-            if not 0 <= start <= stop <= self.n_cells:
-                raise SscellError(f"rows [{start}, {stop}) are outside the store's {self.n_cells} cells ({self.path})")
-            lo, hi = self.indptr[start], self.indptr[stop]
-            futures.append((self._data[lo:hi].read(), self._indices[lo:hi].read()))
-        return futures
-
-    def read_blocks(self, ranges: Sequence[tuple[int, int]]) -> list[scipy.sparse.csr_matrix]:
-        """One csr per [start, stop) range; all reads are issued before any is awaited."""
-        return [
-            scipy.sparse.csr_matrix((data.result(), indices.result(), self.indptr[start:stop + 1] - self.indptr[start]),
-                                    shape=(stop - start, self.n_genes))
-            for (start, stop), (data, indices) in zip(ranges, self._read(ranges))
-        ]
-
-    def read_nonzeros(self, ranges: Sequence[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
-        """(counts, gene indices) of the rows of every [start, stop) range, concatenated in range
-        order, in the stored dtypes (row lengths: `indptr`); all reads are issued before any is awaited."""
-        futures = self._read(ranges)
-        empty = (np.zeros(0, self.data_dtype), np.zeros(0, self._indices.dtype.numpy_dtype))
-        return tuple(np.concatenate([f[k].result() for f in futures] or [empty[k]]) for k in (0, 1))
 
 
 def _read_labels(obs: zarr.Group) -> pd.DataFrame:

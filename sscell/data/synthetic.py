@@ -25,6 +25,14 @@ obsm['protein_counts'] (raw counts, cells x N) with their names in uns['protein_
 (the layout `sscell.data.modality` reads): each protein is coded by a gene of a cell-type
 programme and follows that programme's activity in the cell (so its cell type and lineage), on
 its own scale, with its own per-dataset batch shifts, log-normal noise and Poisson counts.
+
+With --peaks=N (multiome-like) every cell gets N ATAC peaks instead, obsm['atac_counts'] (CSR
+fragment counts, cells x N, mostly 0 and 1) with their names (chrK-START-END) in
+uns['atac_counts_names']: PEAK_LINKED of the peaks are each linked to one gene programme
+(cell-type or cell-state) and open with log-odds rising with that programme's activity in the
+cell; the others are background peaks. Each peak has its own baseline, gain and per-dataset
+shifts, and each cell its own fragment depth (a log-odds shift), so accessibility is sparse and
+binary-ish, driven by the same programmes as the RNA.
 """
 from __future__ import annotations
 
@@ -44,7 +52,7 @@ import scipy.optimize
 import scipy.sparse as sp
 
 from sscell.data.gmt import write_gmt
-from sscell.data.modality import PROTEIN_KEY
+from sscell.data.modality import ATAC_KEY, PROTEIN_KEY
 from sscell.data.store import names_key
 from sscell.errors import SscellError, exit_on_error
 
@@ -106,6 +114,13 @@ PROTEIN_EFFECT = 2.0  # mean log fold change of a protein per unit of its progra
 PROTEIN_NOISE_SD = 0.3  # cell-to-cell log noise of a protein beyond its gene's programmes
 PROTEIN_BATCH_SD = 0.3  # sd of per-dataset per-protein log shifts
 PROTEIN_CAPTURE_SD = 0.3  # per-cell log sd of antibody capture (a protein library size)
+PEAK_LINKED = 0.8  # share of peaks linked to a gene programme (the rest: background peaks)
+PEAK_BASELINE = -3.5  # mean log-odds of a peak being open with its programme off (sd PEAK_BASELINE_SD)
+PEAK_BASELINE_SD = 0.7
+PEAK_EFFECT = 3.5  # mean log-odds gain of a linked peak per unit of its programme's activity
+PEAK_BATCH_SD = 0.3  # sd of per-dataset per-peak log-odds shifts
+PEAK_DEPTH_SD = 0.4  # per-cell sd of a log-odds shift of all peaks (fragment depth)
+PEAK_EXTRA = 0.2  # mean extra fragments of an open peak (Poisson), so counts are mostly 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +144,7 @@ class AtlasSpec:
     target_cell_types: tuple[str, ...] = ()
     target_batch_effect: float = 0.9
     n_proteins: int = 0  # > 0: a CITE-seq-like protein panel per cell (obsm['protein_counts'])
+    n_peaks: int = 0  # > 0: multiome-like ATAC peaks per cell (obsm['atac_counts']); not with n_proteins
 
 
 def _check(spec: AtlasSpec) -> None:
@@ -155,8 +171,11 @@ def _check(spec: AtlasSpec) -> None:
             f"{per_dataset} cells (one per leaf cell type and per donor); use at least "
             f"{spec.n_datasets * per_dataset}."
         )
-    if spec.n_proteins < 0:
-        raise SscellError(f"AtlasSpec.n_proteins={spec.n_proteins}: must be non-negative (0: no protein panel).")
+    if spec.n_proteins < 0 or spec.n_peaks < 0:
+        raise SscellError(f"AtlasSpec.n_proteins={spec.n_proteins}, n_peaks={spec.n_peaks}: must be non-negative "
+                          "(0: none).")
+    if spec.n_proteins and spec.n_peaks:
+        raise SscellError("AtlasSpec: give n_proteins or n_peaks, not both (one second modality per atlas).")
     unknown = sorted(set(spec.target_cell_types) - set(LEAF_NAMES))
     if unknown or len(set(spec.target_cell_types)) < len(spec.target_cell_types):
         raise SscellError(
@@ -279,6 +298,34 @@ def _protein_panel(spec: AtlasSpec, bio: _Biology) -> _Panel | None:
                   baseline=rng.normal(PROTEIN_BASELINE, PROTEIN_BASELINE_SD, spec.n_proteins),
                   shift={2: rng.normal(0.0, PROTEIN_BATCH_SD, (spec.n_datasets, spec.n_proteins)),
                          3: rng.normal(0.0, target_sd, (1, spec.n_proteins))})
+
+
+class _Peaks(NamedTuple):
+    """ATAC peaks: each peak's programme (-1: background), name, log-odds baseline, gain and batch shifts."""
+
+    programmes: np.ndarray
+    names: list[str]
+    baseline: np.ndarray
+    gain: np.ndarray
+    shift: dict[int, np.ndarray]  # by cohort stream, as _Panel.shift
+
+
+def _peak_panel(spec: AtlasSpec, bio: _Biology) -> _Peaks | None:
+    """The spec's ATAC peaks (random stream [seed, 5]), or None without peaks."""
+    if spec.n_peaks == 0:
+        return None
+    rng = np.random.default_rng([spec.seed, 5])
+    n = spec.n_peaks
+    linked = rng.random(n) < PEAK_LINKED
+    programmes = np.where(linked, rng.integers(0, len(bio.names), n), -1)
+    chromosome = np.sort(rng.integers(1, 23, n))
+    start = rng.integers(10_000, 200_000_000, n)
+    target_sd = PEAK_BATCH_SD * (spec.target_batch_effect / spec.batch_effect if spec.batch_effect > 0 else 1.0)
+    return _Peaks(programmes=programmes, names=[f"chr{c}-{a}-{a + 500}" for c, a in zip(chromosome, start)],
+                  baseline=rng.normal(PEAK_BASELINE, PEAK_BASELINE_SD, n),
+                  gain=np.where(linked, rng.gamma(4.0, PEAK_EFFECT / 4, n), 0.0),
+                  shift={2: rng.normal(0.0, PEAK_BATCH_SD, (spec.n_datasets, n)),
+                         3: rng.normal(0.0, target_sd, (1, n))})
 
 
 def _split(total: int, weights: np.ndarray, minimum: int) -> np.ndarray:
@@ -450,6 +497,34 @@ def _protein_chunks(spec: AtlasSpec, bio: _Biology, cohort: _Cohort, panel: _Pan
         yield rng.poisson(np.exp(log_mean)).astype(np.float32)
 
 
+def _peak_chunks(spec: AtlasSpec, bio: _Biology, cohort: _Cohort, peaks: _Peaks) -> Iterator[sp.csr_matrix]:
+    """The cohort's peak counts (CSR float32, cells x peaks) in `_count_chunks`' chunks; like
+    `_protein_chunks`, chunk c replays its RNA's programme activity and draws its own noise,
+    from [seed, stream + 8, c]."""
+    chunk_cells = max(1, CHUNK_ENTRIES // spec.n_genes)
+    state = bio.owner < 0
+    shift = peaks.shift[cohort.stream]
+    linked = peaks.programmes >= 0
+    for c, start in enumerate(range(0, len(cohort.leaf), chunk_cells)):
+        leaf = cohort.leaf[start : start + chunk_cells]
+        dataset = cohort.donor[start : start + chunk_cells] // cohort.donors_per_dataset
+        activity = _activity(np.random.default_rng([spec.seed, cohort.stream, c]), bio.lineage[leaf], state)
+        rng = np.random.default_rng([spec.seed, cohort.stream + 8, c])
+        drive = np.where(linked, activity[:, np.maximum(peaks.programmes, 0)], 0.0)
+        logit = peaks.baseline + peaks.gain * drive + shift[dataset] + rng.normal(0.0, PEAK_DEPTH_SD, (len(leaf), 1))
+        is_open = rng.random(logit.shape) < 1 / (1 + np.exp(-logit))
+        counts = is_open * (1 + rng.poisson(PEAK_EXTRA, logit.shape))
+        yield sp.csr_matrix(counts.astype(np.float32))
+
+
+def _modality_chunks(spec: AtlasSpec, bio: _Biology, cohort: _Cohort) -> Iterator | None:
+    """The cohort's second modality in `_count_chunks`' chunks (dense proteins or CSR peaks), or None."""
+    panel, peaks = _protein_panel(spec, bio), _peak_panel(spec, bio)
+    if panel is not None:
+        return _protein_chunks(spec, bio, cohort, panel)
+    return _peak_chunks(spec, bio, cohort, peaks) if peaks is not None else None
+
+
 def _symbols(n_genes: int) -> list[str]:
     """Gene symbols GENE0001, ... (var['feature_name'])."""
     width = max(4, len(str(n_genes)))
@@ -484,14 +559,21 @@ def _annotations(spec: AtlasSpec, bio: _Biology, cohort: _Cohort) -> tuple[pd.Da
     panel = _protein_panel(spec, bio)
     if panel is not None:
         uns[names_key(PROTEIN_KEY)] = np.asarray(panel.names, dtype=object)
+    peaks = _peak_panel(spec, bio)
+    if peaks is not None:
+        uns[names_key(ATAC_KEY)] = np.asarray(peaks.names, dtype=object)
     return obs, var, uns
 
 
 def _in_memory(spec: AtlasSpec, bio: _Biology, cohort: _Cohort) -> anndata.AnnData:
     obs, var, uns = _annotations(spec, bio, cohort)
     x = sp.vstack(list(_count_chunks(spec, bio, cohort)), format="csr")
-    panel = _protein_panel(spec, bio)
-    obsm = {PROTEIN_KEY: np.concatenate(list(_protein_chunks(spec, bio, cohort, panel)))} if panel else None
+    chunks = _modality_chunks(spec, bio, cohort)
+    obsm = None
+    if spec.n_proteins:
+        obsm = {PROTEIN_KEY: np.concatenate(list(chunks))}
+    elif spec.n_peaks:
+        obsm = {ATAC_KEY: sp.vstack(list(chunks), format="csr")}
     return anndata.AnnData(X=x, obs=obs, var=var, uns=uns, obsm=obsm)
 
 
@@ -538,45 +620,59 @@ def target_path(h5ad_path: str | os.PathLike) -> Path:
     return _sibling(h5ad_path, ".target.h5ad")
 
 
+class _H5CsrAppender:
+    """An AnnData CSR group (data, indices, indptr) of an open .h5ad grown chunk by chunk with
+    h5py, indptr int64 so more than 2**31 nonzeros fit."""
+
+    def __init__(self, group: h5py.Group, n_rows: int, n_columns: int):
+        group.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0",
+                            "shape": np.array([n_rows, n_columns])})
+        self.data = group.create_dataset("data", (0,), np.float32, maxshape=(None,), chunks=(H5_CHUNK,))
+        self.indices = group.create_dataset("indices", (0,), np.int32, maxshape=(None,), chunks=(H5_CHUNK,))
+        self.indptr = group.create_dataset("indptr", (n_rows + 1,), np.int64)
+        self.indptr[0] = self.row = self.nnz = 0
+
+    def append(self, chunk: sp.csr_matrix) -> None:
+        end = self.nnz + chunk.nnz
+        self.data.resize((end,))
+        self.indices.resize((end,))
+        self.data[self.nnz:end] = chunk.data
+        self.indices[self.nnz:end] = chunk.indices
+        self.indptr[self.row + 1 : self.row + 1 + chunk.shape[0]] = self.nnz + chunk.indptr[1:].astype(np.int64)
+        self.row, self.nnz = self.row + chunk.shape[0], end
+
+
 def _write_h5ad(path: Path, obs: pd.DataFrame, var: pd.DataFrame, uns: dict,
-                chunks: Iterable[sp.csr_matrix], proteins: Iterable[np.ndarray] | None = None) -> int:
+                chunks: Iterable[sp.csr_matrix], modality: Iterable[np.ndarray | sp.csr_matrix] | None = None) -> int:
     """Write an .h5ad atomically with X streamed from CSR row chunks; returns X's nonzeros.
 
-    anndata writes everything but X; X is the AnnData CSR encoding (data, indices, indptr)
-    grown chunk by chunk with h5py, indptr int64 so more than 2**31 nonzeros fit. `proteins`
-    (dense chunks of the same rows) become obsm['protein_counts'], also written chunk by chunk.
+    anndata writes everything but X; X is grown chunk by chunk (`_H5CsrAppender`). `modality`
+    (chunks of the same rows) becomes obsm['protein_counts'] (dense chunks) or
+    obsm['atac_counts'] (CSR chunks), also written chunk by chunk.
     """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same folder, so os.replace is atomic
     try:
         anndata.AnnData(obs=obs, var=var, uns=uns).write_h5ad(tmp)
         with h5py.File(tmp, "a") as f:
-            x = f.create_group("X")
-            x.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0",
-                            "shape": np.array([len(obs), len(var)])})
-            data = x.create_dataset("data", (0,), np.float32, maxshape=(None,), chunks=(H5_CHUNK,))
-            indices = x.create_dataset("indices", (0,), np.int32, maxshape=(None,), chunks=(H5_CHUNK,))
-            indptr = x.create_dataset("indptr", (len(obs) + 1,), np.int64)
-            indptr[0] = row = nnz = 0
+            x = _H5CsrAppender(f.create_group("X"), len(obs), len(var))
             panel = None
-            for chunk, protein in zip(chunks, proteins if proteins is not None else itertools.repeat(None)):
-                if protein is not None:
+            for chunk, values in zip(chunks, modality if modality is not None else itertools.repeat(None)):
+                if sp.issparse(values):
                     if panel is None:
-                        panel = f["obsm"].create_dataset(PROTEIN_KEY, (len(obs), protein.shape[1]), np.float32,
-                                                          chunks=(min(len(obs), 4096), protein.shape[1]))
+                        panel = _H5CsrAppender(f["obsm"].create_group(ATAC_KEY), len(obs), values.shape[1])
+                    panel.append(values)
+                elif values is not None:
+                    if panel is None:
+                        panel = f["obsm"].create_dataset(PROTEIN_KEY, (len(obs), values.shape[1]), np.float32,
+                                                          chunks=(min(len(obs), 4096), values.shape[1]))
                         panel.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
-                    panel[row : row + len(protein)] = protein
-                end = nnz + chunk.nnz
-                data.resize((end,))
-                indices.resize((end,))
-                data[nnz:end] = chunk.data
-                indices[nnz:end] = chunk.indices
-                indptr[row + 1 : row + 1 + chunk.shape[0]] = nnz + chunk.indptr[1:].astype(np.int64)
-                row, nnz = row + chunk.shape[0], end
+                    panel[x.row : x.row + len(values)] = values
+                x.append(chunk)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    return nnz
+    return x.nnz
 
 
 def write_atlas(spec: AtlasSpec, path: str | os.PathLike) -> dict[str, object]:
@@ -592,7 +688,6 @@ def write_atlas(spec: AtlasSpec, path: str | os.PathLike) -> dict[str, object]:
     if not path.parent.is_dir():
         raise SscellError(f"Cannot write {path}: folder {path.parent} does not exist; create it.")
     bio, atlas, target = _model(spec)
-    panel = _protein_panel(spec, bio)
     obs, var, uns = _annotations(spec, bio, atlas)
     summary: dict[str, object] = {"atlas": path, "programmes": programmes_path(path),
                                   "tf_targets": tf_targets_path(path), "target": None}
@@ -604,12 +699,11 @@ def write_atlas(spec: AtlasSpec, path: str | os.PathLike) -> dict[str, object]:
         summary["target"] = target_path(path)
         t_obs, t_var, t_uns = _annotations(spec, bio, target)
         t_nnz = _write_h5ad(summary["target"], t_obs, t_var, t_uns, _count_chunks(spec, bio, target),
-                            _protein_chunks(spec, bio, target, panel) if panel else None)
+                            _modality_chunks(spec, bio, target))
         summary.update(target_cells=len(t_obs), target_nonzeros=t_nnz,
                        target_donors=t_obs["donor_id"].nunique(),
                        target_cell_types=t_obs["cell_type"].nunique())
-    nnz = _write_h5ad(path, obs, var, uns, _count_chunks(spec, bio, atlas),
-                      _protein_chunks(spec, bio, atlas, panel) if panel else None)
+    nnz = _write_h5ad(path, obs, var, uns, _count_chunks(spec, bio, atlas), _modality_chunks(spec, bio, atlas))
     summary.update(cells=len(obs), genes=len(var), nonzeros=nnz, cell_types=obs["cell_type"].nunique(),
                    datasets=obs["dataset_id"].nunique(), donors=obs["donor_id"].nunique())
     return summary
@@ -629,15 +723,18 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help=f"a leaf type of the target (repeat; default all): {'; '.join(LEAF_NAMES)}")
     parser.add_argument("--target-batch-effect", type=float, default=AtlasSpec.target_batch_effect)
     parser.add_argument("--proteins", type=int, default=0, help="surface proteins per cell (CITE-seq-like; 0: none)")
+    parser.add_argument("--peaks", type=int, default=0, help="ATAC peaks per cell (multiome-like; 0: none)")
     args = parser.parse_args(argv)
     with exit_on_error():
         spec = AtlasSpec(n_cells=args.cells, n_genes=args.genes, n_datasets=args.datasets,
                          donors_per_dataset=args.donors_per_dataset, seed=args.seed,
                          target_cells=args.target_cells, target_cell_types=tuple(args.target_cell_type),
-                         target_batch_effect=args.target_batch_effect, n_proteins=args.proteins)
+                         target_batch_effect=args.target_batch_effect, n_proteins=args.proteins,
+                         n_peaks=args.peaks)
         s = write_atlas(spec, args.output)
     zeros = 1 - s["nonzeros"] / (s["cells"] * s["genes"])
     proteins = f", {spec.n_proteins} proteins per cell" if spec.n_proteins else ""
+    proteins += f", {spec.n_peaks} ATAC peaks per cell" if spec.n_peaks else ""
     print(f"wrote {s['atlas']}: {s['cells']} cells x {s['genes']} genes, {s['cell_types']} cell types, "
           f"{s['datasets']} datasets, {s['donors']} donors, {zeros:.1%} zeros{proteins}")
     print(f"wrote {s['programmes']}: {spec.n_programmes} gene programmes; "

@@ -1,5 +1,5 @@
-"""Cross-modality prediction: a cell's protein counts from its RNA, fine-tuned from a pretrained
-encoder vs from scratch vs ridge regression, scored in and out of distribution.
+"""Cross-modality prediction: a cell's protein counts (or ATAC peaks) from its RNA, fine-tuned
+from a pretrained encoder vs from scratch vs ridge regression, scored in and out of distribution.
 
     python -m sscell.evaluation.crossmodal --workdir=PRETRAINED_RUN [--store=STORE]
         [--config=experiments/crossmodal_cpu.py] [--fractions=0.1,1] [--steps=N] [--seed=SEED]
@@ -17,6 +17,14 @@ cell of the other datasets, batches never trained on (`ood_*`): Pearson and Spea
 (mean over cells; `*_pearson_cell` is the study's headline), per protein and over all entries,
 and MSE of log1p counts. Written to PRETRAINED_RUN/crossmodal.{md,csv} (and each protein's Pearson
 correlation across cells to crossmodal_per_protein.{md,csv}) and bars_crossmodal.png.
+
+With `loss.name = "atac_regression"` and `data.modality = "atac_counts"` (e.g.
+experiments/crossmodal_atac_cpu.py) the same runs predict a cell's peaks: the targets are the
+TF-IDF of its peak counts (`sscell.losses.crossmodal.tfidf`, IDF of the in-distribution train
+split, shared by every fraction and arm), the arms live in PRETRAINED_RUN/crossmodal_atac/ and the
+results in crossmodal_atac.{md,csv}, crossmodal_atac_per_peak.{md,csv}, bars_crossmodal_atac.png.
+Targets are scored dense (cells x peaks in memory): fine for thousands of peaks; subset a
+whole-genome peak set first (`python -m sscell.data.modality --top-features`).
 """
 from __future__ import annotations
 
@@ -33,7 +41,7 @@ from sklearn.linear_model import RidgeCV
 
 from sscell.config import load_config
 from sscell.data.loader import label_codes, row_batches, runs, select_rows
-from sscell.data.modality import PROTEIN_KEY, open_modality
+from sscell.data.modality import ATAC_KEY, PROTEIN_KEY, ModalityReader, SparseModalityReader, open_modality
 from sscell.data.prepare import store_path
 from sscell.data.store import Store, open_store
 from sscell.errors import SscellError, exit_on_error
@@ -42,7 +50,8 @@ from sscell.evaluation.figures import plot_bars
 from sscell.evaluation.finetune import ARMS, _fractions, arm_config, finetune_config, train_arm
 from sscell.evaluation.metrics import correlation_scores, pearson_rows
 from sscell.evaluation.report import write_results
-from sscell.losses.info import TaskInfo
+from sscell.losses.crossmodal import tfidf
+from sscell.losses.info import TaskInfo, inverse_document_frequency
 from sscell.training.state import check_same_genes
 from sscell.training.step import task_batch
 
@@ -51,11 +60,12 @@ RIDGE_ALPHAS = np.logspace(-1, 4, 6)
 BAR_COLUMNS = ("id_pearson_cell", "ood_pearson_cell", "id_pearson_feature", "ood_pearson_feature")
 
 
-def crossmodal_config() -> ml_collections.ConfigDict:
-    """The study's fine-tuning settings (`finetune_config`) for the protein_regression task."""
+def crossmodal_config(modality: str = PROTEIN_KEY) -> ml_collections.ConfigDict:
+    """The study's fine-tuning settings (`finetune_config`) for the protein_regression task, or
+    atac_regression with `modality` = ATAC_KEY."""
     config = finetune_config()
-    config.loss.name = "protein_regression"
-    config.data.modality = PROTEIN_KEY
+    config.loss.name = "atac_regression" if modality == ATAC_KEY else "protein_regression"
+    config.data.modality = modality
     return config
 
 
@@ -75,6 +85,16 @@ def evaluation_rows(store: Store, datasets: tuple[str, ...]) -> dict[str, np.nda
     return sets
 
 
+def modality_targets(reader: ModalityReader | SparseModalityReader, rows: np.ndarray, idf: np.ndarray | None
+                     ) -> np.ndarray:
+    """What the regression predicts for store `rows`: log1p protein counts, or the TF-IDF (with
+    `idf`) of a sparse modality's peaks; float32 cells x features."""
+    values = reader.read(runs(rows))
+    if isinstance(reader, SparseModalityReader):
+        return np.asarray(jax.jit(tfidf)(values, idf), np.float32)
+    return np.log1p(values)
+
+
 def _collect(store: Store, rows: np.ndarray, batch_size: int, fn: Callable[[dict], np.ndarray]) -> np.ndarray:
     """fn(batch)'s rows (cells x k) over `rows`, read `batch_size` cells at a time, in order."""
     parts = [np.asarray(fn(batch))[:n_valid] for batch, n_valid in row_batches(store, rows, batch_size)]
@@ -82,9 +102,10 @@ def _collect(store: Store, rows: np.ndarray, batch_size: int, fn: Callable[[dict
 
 
 def ridge_predictions(store: Store, measured: np.ndarray, train_rows: np.ndarray, sets: dict[str, np.ndarray],
-                      batch_size: int, max_cells: int, seed: int) -> dict[str, np.ndarray]:
-    """Predicted log1p protein counts of each set's rows by RidgeCV on the log1p-normalised RNA
-    (the model's input) and the batch one-hot of at most `max_cells` of `train_rows` (seeded)."""
+                      batch_size: int, max_cells: int, seed: int, reader: ModalityReader | SparseModalityReader,
+                      idf: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Predicted targets (`modality_targets`) of each set's rows by RidgeCV on the log1p-normalised
+    RNA (the model's input) and the batch one-hot of at most `max_cells` of `train_rows` (seeded)."""
     n_genes, n_batches = store.n_genes, len(measured)
     x_of = jax.jit(lambda batch: task_batch(batch, n_genes, measured)["x"])
 
@@ -93,14 +114,14 @@ def ridge_predictions(store: Store, measured: np.ndarray, train_rows: np.ndarray
 
     if len(train_rows) > max_cells:
         train_rows = np.sort(np.random.default_rng(seed).choice(train_rows, max_cells, replace=False))
-    targets = np.log1p(open_modality(store, PROTEIN_KEY).read(runs(train_rows)))
+    targets = modality_targets(reader, train_rows, idf)
     ridge = RidgeCV(alphas=RIDGE_ALPHAS).fit(_collect(store, train_rows, batch_size, features), targets)
     return {name: _collect(store, rows, batch_size, lambda b: ridge.predict(features(b))) for name, rows in sets.items()}
 
 
 def model_predictions(run: str, config: ml_collections.ConfigDict, store: Store, sets: dict[str, np.ndarray],
                       batch_size: int) -> dict[str, np.ndarray]:
-    """Predicted log1p protein counts of each set's rows by the trained run in `run`."""
+    """Predicted targets (`modality_targets`) of each set's rows by the trained run in `run`."""
     setup, params, _ = load_params(run, config, store)
     model, measured = setup.model, setup.info.measured_table()
 
@@ -133,25 +154,30 @@ def crossmodal(workdir: str, target_store: str | None = None, fractions: list[fl
     check_same_genes(store_path(pretrained, workdir), store, workdir)
     reader = open_modality(store, base.data.modality)
     datasets = tuple(base.data.train_datasets)
+    sparse = isinstance(reader, SparseModalityReader)
+    idf = inverse_document_frequency(store, reader, datasets) if sparse else None
+    results, feature = (f"{RESULTS}_{base.data.modality.removesuffix('_counts')}", "peak") if sparse else (
+        RESULTS, "protein")
     sets = evaluation_rows(store, datasets)
-    targets = {name: np.log1p(reader.read(runs(rows))) for name, rows in sets.items()}
+    targets = {name: modality_targets(reader, rows, idf) for name, rows in sets.items()}
     batch_size = base.eval.batch_size
     names = {"pretrained": f"fine-tuned from sscell {pretrained.loss.name}", "scratch": "trained from scratch",
              "ridge": "ridge regression"}
 
-    rows, per_protein = [], {"protein": list(reader.names)}
+    rows, per_feature = [], {feature: list(reader.names)}
     for fraction in fractions:
         predictions, cells = {}, select_rows(store, "train", datasets=datasets, fraction=fraction, seed=seed)
         for arm in ARMS:
             config = arm_config(base, workdir, store, arm, fraction, datasets, seed)
             config.loss.name = base.loss.name  # arm_config sets the classifier's
-            run = os.path.join(workdir, RESULTS, f"{arm}_{fraction:g}")
+            run = os.path.join(workdir, results, f"{arm}_{fraction:g}")
             if not train_arm(config, run, store):
                 print(f"{run} stopped early (preempted); rerun the same command to resume")
                 return []
             predictions[arm] = model_predictions(run, config, store, sets, batch_size)
         measured = TaskInfo(n_genes=store.n_genes, measured=np.asarray(store.measured, bool)).measured_table()
-        predictions["ridge"] = ridge_predictions(store, measured, cells, sets, batch_size, base.eval.probe_cells, seed)
+        predictions["ridge"] = ridge_predictions(store, measured, cells, sets, batch_size, base.eval.probe_cells, seed,
+                                                 reader, idf)
         for method, predicted in predictions.items():
             row = {"method": names[method], "label_fraction": fraction, "train_cells": len(cells),
                    "steps": base.train.steps if method in ARMS else None}
@@ -159,19 +185,19 @@ def crossmodal(workdir: str, target_store: str | None = None, fractions: list[fl
             row.update({f"{name}_pearson_cell": scores[name]["pearson_cell"] for name in sets})  # the headline first
             row.update({f"{name}_{k}": v for name in sets for k, v in scores[name].items() if k != "pearson_cell"})
             rows.append(row)
-            per_protein.update({f"{name}: {names[method]} ({fraction:g})": pearson_rows(targets[name].T,
+            per_feature.update({f"{name}: {names[method]} ({fraction:g})": pearson_rows(targets[name].T,
                                                                                        predicted[name].T)
                                 for name in sets})
     if jax.process_index() == 0:
-        table = write_results(rows, workdir, RESULTS)
-        write_results(pd.DataFrame(per_protein).to_dict("records"), workdir, f"{RESULTS}_per_protein")
+        table = write_results(rows, workdir, results)
+        write_results(pd.DataFrame(per_feature).to_dict("records"), workdir, f"{results}_per_{feature}")
         labelled = [{**r, "method": f"{r['method']} ({r['label_fraction']:g})"} for r in rows]
         plot_bars(labelled if len(fractions) > 1 else rows, BAR_COLUMNS, "cross-modality prediction",
-                  os.path.join(workdir, f"bars_{RESULTS}.png"))
+                  os.path.join(workdir, f"bars_{results}.png"))
         ood = f", {len(sets['ood'])} cells of held-out datasets (ood)" if "ood" in sets else ""
-        print(f"\nCross-modality prediction of {reader.n_features} proteins in {store.path}: {len(sets['id'])} test "
-              f"cells (id){ood}; {base.eval.checkpoint} checkpoints\n\n{table}\nwritten to {workdir}/{RESULTS}.md, "
-              f"{RESULTS}.csv, {RESULTS}_per_protein.csv/.md, bars_{RESULTS}.png")
+        print(f"\nCross-modality prediction of {reader.n_features} {feature}s in {store.path}: {len(sets['id'])} test "
+              f"cells (id){ood}; {base.eval.checkpoint} checkpoints\n\n{table}\nwritten to {workdir}/{results}.md, "
+              f"{results}.csv, {results}_per_{feature}.csv/.md, bars_{results}.png")
     return rows
 
 

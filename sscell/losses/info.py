@@ -8,7 +8,7 @@ import numpy as np
 
 from sscell.data.gmt import read_gmt
 from sscell.data.loader import LABEL_COLUMNS, label_codes, label_names, select_rows
-from sscell.data.modality import open_modality
+from sscell.data.modality import SparseModalityReader, document_frequency, open_modality
 from sscell.data.store import Store
 from sscell.data.synthetic import programmes_path, tf_targets_path
 from sscell.errors import SscellError
@@ -24,6 +24,9 @@ class TaskInfo:
     programmes: bool (n_programmes, n_genes) membership, from `config.loss.gmt` (empty if none).
     programme_genes: for each programme, the gene it predicts (GP -> TF: the TF), -1 if none.
     modality_features: columns of the second modality `config.data.modality` (0: none).
+    modality_idf: for a sparse modality (ATAC peaks), each feature's inverse document frequency
+    log(1 + n / n_f) over the n train cells of `data.train_datasets` (every fraction), n_f of
+    them with the feature nonzero (at least 1): the IDF of `sscell.losses.crossmodal.tfidf`.
     """
 
     n_genes: int
@@ -34,6 +37,7 @@ class TaskInfo:
     programme_names: tuple[str, ...] = ()
     programme_genes: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))
     modality_features: int = 0  # columns of `data.modality` (e.g. proteins) when the run reads one
+    modality_idf: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.float32))
 
     def measured_table(self) -> np.ndarray:
         """The measured-gene table, all True (one row) when the data names no datasets."""
@@ -73,6 +77,13 @@ def gene_programmes(path: str, gene_ids, symbols=None, tf_from_name: bool = Fals
     return np.stack(rows), tuple(names), np.asarray(targets, np.int32)
 
 
+def inverse_document_frequency(store: Store, reader: SparseModalityReader, datasets: tuple[str, ...]) -> np.ndarray:
+    """float32 log(1 + n / n_f) of each feature of a sparse modality over the n train cells of
+    `datasets` (all if empty), n_f (at least 1) of them with the feature nonzero."""
+    rows = select_rows(store, "train", datasets=datasets)
+    return np.log1p(len(rows) / np.maximum(document_frequency(reader, rows), 1)).astype(np.float32)
+
+
 def task_info(config, store: Store, programmes: str = "") -> TaskInfo:
     """The TaskInfo of a run config and its store.
 
@@ -88,9 +99,12 @@ def task_info(config, store: Store, programmes: str = "") -> TaskInfo:
                        fraction=config.data.train_fraction, seed=config.seed)  # the cells trained on
     counts = np.bincount(label_codes(store, start, stop)["cell_type"][rows - start], minlength=n_types)
     modality = config.data.get("modality", "")
+    reader = open_modality(store, modality) if modality else None
     info = TaskInfo(n_genes=store.n_genes, n_cell_types=n_types, class_counts=counts,
-                    measured=np.asarray(store.measured, bool),
-                    modality_features=open_modality(store, modality).n_features if modality else 0)
+                    measured=np.asarray(store.measured, bool), modality_features=reader.n_features if reader else 0)
+    if isinstance(reader, SparseModalityReader):
+        info = dataclasses.replace(info, modality_idf=inverse_document_frequency(store, reader,
+                                                                                 tuple(config.data.train_datasets)))
     if not programmes:
         return info
     tf = programmes == "tf"
