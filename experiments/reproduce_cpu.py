@@ -4,11 +4,12 @@
 
 Generates a 100,000-cell auxiliary atlas (2,000 genes, 6 datasets x 5 donors) and a
 10,000-cell target dataset (its own 4 donors, a 3x stronger batch effect, 6 of the 10 cell
-types), pretrains each task on the atlas, scores zero-shot kNN and fine-tuning at 1%, 10% and
-100% of the target's labels, and writes docs/reproduce_cpu.{md,csv,png}. Not yet sized: on 2
-CPU cores the data take ~3 min, masked pretraining 75 s and each fine-tuning run ~25 s, but
-BYOL / Barlow Twins step ~20x slower (their augmentations) and 1,500 steps under-train the
-encoder at this atlas size (issue 8 has the first partial figures).
+types), pretrains each task on the atlas for 3,000 steps of 256 cells, scores zero-shot kNN and
+fine-tuning at 1%, 10% and 100% of the target's labels, and writes docs/reproduce_cpu.{md,csv,png}.
+Hardware: 2 CPU cores, about 50 min (2026-12-01). Measured (macro F1, 3 seeds): masked then
+fine-tuned vs scratch at 1% labels 0.837 vs 0.506; zero-shot on the target masked 0.899 vs PCA
+0.843; BYOL matches masking here and Barlow Twins fails; docs/reproduction.md says what reproduces
+the study and what does not, and why.
 Bigger: --config.atlas.n_cells=1000000 --config.pretrain.train.steps=20000
 --config.pretrain.model.hidden='(512,512,256,256)'; fewer seeds: --config.seeds='(0,)'.
 """

@@ -1,4 +1,5 @@
 """The MLP autoencoder and the masking loss against numpy references."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -10,7 +11,7 @@ from sscell.errors import SscellError
 from sscell.losses import get_loss
 from sscell.losses.masking import mask_input, random_gene_mask
 from sscell.models.hash_random import bernoulli, normal, open_unit_interval
-from sscell.models.mlp import Autoencoder, Dropout, init_params
+from sscell.models.mlp import Autoencoder, Dense, Dropout, init_params
 
 SELU_ALPHA, SELU_SCALE = 1.6732632423543772, 1.0507009873554805
 
@@ -96,6 +97,21 @@ def test_normal_draws_are_standard_normal_and_finite_at_the_extreme_bits():
     extremes = np.asarray(open_unit_interval(jnp.asarray([0, 2**32 - 1], jnp.uint32)))
     np.testing.assert_array_equal(extremes, [-1 + 2.0**-24, 1 - 2.0**-24])
     assert np.isfinite(np.asarray(jax.scipy.special.erfinv(extremes))).all()
+
+
+def test_dense_equals_flax_dense_in_value_and_gradient():
+    x = np.random.default_rng(4).normal(size=(2, 7, 5)).astype(np.float32)  # leading axes are flattened
+    ours, flax_dense = Dense(3), nn.Dense(3)
+    params = flax_dense.init(jax.random.key(0), x)["params"]
+    assert jax.tree.map(np.shape, ours.init(jax.random.key(0), x)["params"]) == jax.tree.map(np.shape, params)
+
+    def loss(module, p):
+        return jnp.sum(jnp.sin(module.apply({"params": p}, x)))
+
+    np.testing.assert_allclose(float(loss(ours, params)), float(loss(flax_dense, params)), rtol=1e-6)
+    for got, want in zip(jax.tree.leaves(jax.grad(loss, 1)(ours, params)),
+                         jax.tree.leaves(jax.grad(loss, 1)(flax_dense, params))):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
 
 
 def test_dropout_zeroes_the_rate_and_rescales_survivors():

@@ -6,7 +6,7 @@ import pathlib
 import numpy as np
 import pandas as pd
 
-from sscell.reproduce import reproduce
+from sscell.reproduce import knn_scores, reproduce
 
 CONFIG = pathlib.Path(__file__).parent.parent / "experiments" / "reproduce_cpu.py"
 
@@ -54,3 +54,12 @@ def test_reproduce_scores_every_setting_and_summarises_over_seeds(tmp_path):
     report = (tmp_path / "docs" / "reproduce_cpu.md").read_text()
     assert "seeds [0, 1]" in report and "sscell masked" in report
     assert os.path.getsize(tmp_path / "docs" / "reproduce_cpu.png") > 0
+
+
+def test_knn_scores_keep_only_knn_rows():
+    rows = [{"method": "sscell masked (step 20)", "knn_macro_f1": 0.8, "knn_micro_f1": 0.9},
+            {"method": "PCA(64) log1p", "knn_macro_f1": 0.7, "knn_micro_f1": 0.8},
+            {"method": "fine-tuned from sscell masked", "finetune_macro_f1": 0.9}]  # a workdir's fine-tuning row
+    kept = knn_scores(rows, baselines=True, seed=3)
+    assert [r["method"] for r in kept] == ["sscell masked", "PCA(64) log1p"] and all(r["seed"] == 3 for r in kept)
+    assert [r["method"] for r in knn_scores(rows, baselines=False)] == ["sscell masked"]
