@@ -17,9 +17,9 @@ from sscell.evaluation.finetune import (
     arm_dir,
     finetune,
     finetune_config,
-    finetune_rows,
     predict_test,
 )
+from sscell.evaluation.report import read_results
 from sscell.training import checkpoint
 from sscell.training.mesh import make_mesh, replicated
 from sscell.training.state import abstract_state
@@ -144,7 +144,7 @@ def test_finetune_trains_both_arms_on_nested_fractions_and_scores_the_test_cells
         assert row["finetune_micro_f1"] == pytest.approx(np.mean(true == prediction))
 
     # The written table feeds the run's main evaluation.
-    pd.testing.assert_frame_equal(pd.DataFrame(finetune_rows(workdir)), pd.DataFrame(rows))
+    pd.testing.assert_frame_equal(pd.DataFrame(read_results(workdir, "finetune")), pd.DataFrame(rows))
     methods = [row["method"] for row in evaluate(workdir, tasks="knn")]
     assert methods[-4:] == [row["method"] for row in rows]
 

@@ -43,7 +43,6 @@ from sscell.data.store import Store, open_store
 from sscell.errors import SscellError
 from sscell.evaluation.embed import load_params
 from sscell.evaluation.figures import plot_bars, plot_maps, umap_2d
-from sscell.evaluation.finetune import finetune_rows
 from sscell.evaluation.integration import AGGREGATES, integration_scores
 from sscell.evaluation.metrics import (
     ExplainedVariance,
@@ -59,7 +58,7 @@ from sscell.evaluation.ontology import (
     is_cell_ontology_id,
 )
 from sscell.evaluation.probe import linear_probe
-from sscell.evaluation.report import plot_loss_curves, write_results
+from sscell.evaluation.report import plot_loss_curves, read_results, write_results
 from sscell.losses.masking import mask_input, random_gene_mask
 from sscell.training.state import check_same_genes
 from sscell.training.step import task_batch
@@ -68,6 +67,7 @@ from sscell.training.train import Setup
 __all__ = ["TASKS", "evaluate", "load_params"]
 
 TASKS = ("knn", "linear_probe", "reconstruction", "integration", "umap")
+DOWNSTREAM_RESULTS = ("finetune", "crossmodal", "crossmodal_atac")  # tables the finetune / crossmodal commands write
 BATCHES = {"donor": "donor", "dataset": "dataset"}  # integration batch keys -> loader label names
 BAR_COLUMNS = {
     "knn": ("knn_macro_f1", "knn_micro_f1", "knn_macro_f1_ontology"),
@@ -314,8 +314,8 @@ def evaluate(workdir: str, tasks=None, store: str | None = None, outdir: str | N
               settings.knn_method, outdir, outcome)
 
     rows = list(outcome.rows.values())
-    if store is run_store:  # fine-tuning vs from scratch, if `python -m sscell.evaluation.finetune` ran
-        rows += finetune_rows(workdir)
+    if store is run_store:  # what the fine-tuning and cross-modality commands wrote into the workdir
+        rows += [r for name in DOWNSTREAM_RESULTS for r in read_results(workdir, name)]
     if jax.process_index() != 0:  # every process computes (params are global arrays), one writes
         return rows
     table = write_results(rows, outdir)

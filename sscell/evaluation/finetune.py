@@ -21,7 +21,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import pandas as pd
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -178,12 +177,6 @@ def finetune(workdir: str, target_store: str, fractions: list[float], *, dataset
         print(f"\nFine-tuning vs from scratch: {len(true)} test cells{subset} in {store.path}, "
               f"{base.eval.checkpoint} checkpoints\n\n{table}\nwritten to {workdir}/{RESULTS}.md, {RESULTS}.csv")
     return rows
-
-
-def finetune_rows(workdir: str) -> list[dict]:
-    """The rows of `workdir`/finetune.csv ([] if the run was never fine-tuned), for the main results table."""
-    path = os.path.join(workdir, f"{RESULTS}.csv")
-    return pd.read_csv(path).to_dict("records") if os.path.exists(path) else []
 
 
 def _fractions(values: list[str]) -> list[float]:

@@ -16,6 +16,12 @@ from sscell.errors import SscellError
 LOSS_KEYS = ("train/loss", "val/loss")
 
 
+def read_results(workdir: str | os.PathLike, name: str) -> list[dict]:
+    """The rows `write_results` wrote to workdir/name.csv ([] if there is none)."""
+    path = Path(workdir) / f"{name}.csv"
+    return pd.read_csv(path).to_dict("records") if path.exists() else []
+
+
 def write_results(rows: list[dict], workdir: str | os.PathLike, name: str = "results") -> str:
     """Write `rows` to workdir/name.csv and workdir/name.md; return the markdown table.
 
