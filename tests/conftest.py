@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
+import tempfile
 
+import jax
 import pytest
 
 from sscell.config import default_config
@@ -15,6 +19,21 @@ TINY_PROTEIN_ATLAS = dataclasses.replace(TINY_ATLAS, n_proteins=8)  # the same c
 TINY_ATAC_ATLAS = dataclasses.replace(TINY_ATLAS, n_peaks=60)  # the same cells with 60 ATAC peaks
 
 
+def pytest_configure(config):
+    """One persistent XLA compilation cache for the session and the processes its tests start:
+    many tests compile the same tiny programs (the suite runs ~1.5x faster)."""
+    cache = tempfile.mkdtemp(prefix="sscell-xla-cache-")
+    os.environ.update(JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(jax.config.jax_compilation_cache_dir or "", ignore_errors=True)
+
+
 def pytest_collection_modifyitems(items):
     """A hung test (e.g. a stuck collective) fails after 5 minutes instead of stalling CI."""
     for item in items:
@@ -22,11 +41,16 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.timeout(300))
 
 
+def _atlas(spec: AtlasSpec, name: str, tmp_path_factory) -> str:
+    """`spec` written as atlas.h5ad in a fresh folder `name`."""
+    path = str(tmp_path_factory.mktemp(name) / "atlas.h5ad")
+    write_atlas(spec, path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_h5ad(tmp_path_factory) -> str:
-    path = str(tmp_path_factory.mktemp("atlas") / "atlas.h5ad")
-    write_atlas(TINY_ATLAS, path)
-    return path
+    return _atlas(TINY_ATLAS, "atlas", tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
@@ -49,33 +73,30 @@ def tiny_config(tiny_store):
     return config
 
 
+def _store_in_small_buckets(h5ad: str, name: str, tmp_path_factory):
+    """`h5ad` converted through many small blocks and shuffle buckets."""
+    path = str(tmp_path_factory.mktemp(name) / "store")
+    convert([h5ad], path, seed=0, block_cells=300, bucket_nonzeros=5000)
+    return open_store(path)
+
+
 @pytest.fixture(scope="session")
 def tiny_protein_h5ad(tmp_path_factory) -> str:
     """TINY_ATLAS with 8 proteins per cell (obsm['protein_counts'])."""
-    path = str(tmp_path_factory.mktemp("protein_atlas") / "atlas.h5ad")
-    write_atlas(TINY_PROTEIN_ATLAS, path)
-    return path
+    return _atlas(TINY_PROTEIN_ATLAS, "protein_atlas", tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
 def tiny_protein_store(tiny_protein_h5ad, tmp_path_factory):
-    """The protein atlas converted through many small blocks and shuffle buckets."""
-    path = str(tmp_path_factory.mktemp("protein_store") / "store")
-    convert([tiny_protein_h5ad], path, seed=0, block_cells=300, bucket_nonzeros=5000)
-    return open_store(path)
+    return _store_in_small_buckets(tiny_protein_h5ad, "protein_store", tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
 def tiny_atac_h5ad(tmp_path_factory) -> str:
     """TINY_ATLAS with 60 ATAC peaks per cell (obsm['atac_counts'], CSR)."""
-    path = str(tmp_path_factory.mktemp("atac_atlas") / "atlas.h5ad")
-    write_atlas(TINY_ATAC_ATLAS, path)
-    return path
+    return _atlas(TINY_ATAC_ATLAS, "atac_atlas", tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
 def tiny_atac_store(tiny_atac_h5ad, tmp_path_factory):
-    """The ATAC atlas converted through many small blocks and shuffle buckets."""
-    path = str(tmp_path_factory.mktemp("atac_store") / "store")
-    convert([tiny_atac_h5ad], path, seed=0, block_cells=300, bucket_nonzeros=5000)
-    return open_store(path)
+    return _store_in_small_buckets(tiny_atac_h5ad, "atac_store", tmp_path_factory)

@@ -39,7 +39,6 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 from sklearn.linear_model import RidgeCV
 
-from sscell.config import load_config
 from sscell.data.loader import label_codes, row_batches, runs, select_rows
 from sscell.data.modality import ATAC_KEY, PROTEIN_KEY, ModalityReader, SparseModalityReader, open_modality
 from sscell.data.prepare import store_path
@@ -47,7 +46,7 @@ from sscell.data.store import Store, open_store
 from sscell.errors import SscellError, exit_on_error
 from sscell.evaluation.embed import load_params
 from sscell.evaluation.figures import plot_bars
-from sscell.evaluation.finetune import ARMS, _fractions, arm_config, finetune_config, train_arm
+from sscell.evaluation.finetune import ARMS, _fractions, arm_config, finetune_config, run_settings, train_arm
 from sscell.evaluation.metrics import correlation_scores, pearson_rows
 from sscell.evaluation.report import write_results
 from sscell.losses.crossmodal import tfidf
@@ -143,13 +142,7 @@ def crossmodal(workdir: str, target_store: str | None = None, fractions: list[fl
     in-distribution datasets, `train.steps` (or `steps`) every run's length. `seed` (default:
     the pretrained run's) seeds the heads, the batch order and the fraction draw.
     """
-    base = (base or crossmodal_config()).copy_and_resolve_references()
-    if steps is not None:
-        base.train.steps = steps
-    if not fractions:
-        raise SscellError("no label fractions given; pass e.g. --fractions=0.1,1")
-    pretrained = load_config(workdir)
-    seed = pretrained.seed if seed is None else seed
+    base, pretrained, seed = run_settings(workdir, base or crossmodal_config(), steps, fractions, seed)
     store = open_store(target_store or store_path(pretrained, workdir))
     check_same_genes(store_path(pretrained, workdir), store, workdir)
     reader = open_modality(store, base.data.modality)

@@ -16,6 +16,7 @@ PRETRAINED_RUN/finetune.{md,csv}, which `python -m sscell.evaluation` then adds 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -130,6 +131,19 @@ def predict_test(arms: dict, store: Store, datasets: tuple[str, ...], batch_size
     return true, {name: np.concatenate(parts) for name, parts in predicted.items()}
 
 
+def run_settings(workdir: str, base: ml_collections.ConfigDict, steps: int | None, fractions: Sequence[float],
+                 seed: int | None) -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict, int]:
+    """A copy of the arms' settings `base` (with `steps` if given), the pretrained run's config
+    and the seed (default: the pretrained run's); refuses an empty list of fractions."""
+    base = base.copy_and_resolve_references()
+    if steps is not None:
+        base.train.steps = steps
+    if not fractions:
+        raise SscellError("no label fractions given; pass e.g. --fractions=0.01,0.1,1")
+    pretrained = load_config(workdir)
+    return base, pretrained, pretrained.seed if seed is None else seed
+
+
 def finetune(workdir: str, target_store: str, fractions: list[float], *, datasets: tuple[str, ...] = (),
              steps: int | None = None, seed: int | None = None, base: ml_collections.ConfigDict | None = None,
              arms: tuple[str, ...] = ARMS) -> list[dict]:
@@ -142,13 +156,7 @@ def finetune(workdir: str, target_store: str, fractions: list[float], *, dataset
     run's) seeds the heads, the batch order and the fraction draw. `arms` may leave out
     "scratch" (e.g. when several pretrained runs share one from-scratch baseline).
     """
-    base = (base or finetune_config()).copy_and_resolve_references()
-    if steps is not None:
-        base.train.steps = steps
-    if not fractions:
-        raise SscellError("no label fractions given; pass e.g. --fractions=0.01,0.1,1")
-    pretrained = load_config(workdir)
-    seed = pretrained.seed if seed is None else seed
+    base, pretrained, seed = run_settings(workdir, base or finetune_config(), steps, fractions, seed)
     store = open_store(target_store)
     check_same_genes(store_path(pretrained, workdir), store, workdir)
     datasets = tuple(datasets)

@@ -37,6 +37,13 @@ def _add_bias_backward(_, grad):
 add_bias.defvjp(_add_bias_forward, _add_bias_backward)
 
 
+def dense_parameters(module: nn.Module, x: jax.Array, features: int, dtype: str):
+    """`x`, kernel and bias (nn.Dense's names and initialisers) of a compact `module`, in `dtype`."""
+    kernel = module.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], features))
+    bias = module.param("bias", nn.initializers.zeros, (features,))
+    return (a.astype(dtype) for a in (x, kernel, bias))
+
+
 class Dense(nn.Module):
     """`nn.Dense` (same parameters, initialisers and dtype handling) with `add_bias`'s cheap gradient."""
 
@@ -45,9 +52,7 @@ class Dense(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
-        bias = self.param("bias", nn.initializers.zeros, (self.features,))
-        x, kernel, bias = (a.astype(self.dtype) for a in (x, kernel, bias))
+        x, kernel, bias = dense_parameters(self, x, self.features, self.dtype)
         return add_bias(x @ kernel, bias)
 
 
@@ -66,9 +71,7 @@ class SparseInputDense(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
-        bias = self.param("bias", nn.initializers.zeros, (self.features,))
-        x, kernel, bias = (a.astype(self.dtype) for a in (x, kernel, bias))
+        x, kernel, bias = dense_parameters(self, x, self.features, self.dtype)
         stored = x.shape[0] * min(self.nonzeros_per_cell, x.shape[-1])
 
         def sparse_product(x):
