@@ -319,10 +319,7 @@ class CsrRows:
     indptr: np.ndarray
     _data: ts.TensorStore
     _indices: ts.TensorStore
-
-    @property
-    def n_columns(self) -> int:
-        raise NotImplementedError
+    n_columns: int  # a subclass's property (a store's genes, a modality's peaks)
 
     @property
     def data_dtype(self) -> np.dtype:
