@@ -15,26 +15,10 @@ fine-tuning optimiser, fits ridge regression on the same cells, and scores all t
 test cells of datasets 0-2 (id_*) and on every cell of dataset_3 (ood_*) into
 runs/crossmodal/crossmodal.{md,csv}. See the README for the measured time and scores.
 """
-from sscell.config import default_config
-from sscell.evaluation.crossmodal import crossmodal_config
-
-IN_DISTRIBUTION = ("dataset_0", "dataset_1", "dataset_2")
+from sscell.data.modality import PROTEIN_KEY
+from sscell.evaluation.crossmodal import cpu_study_config
 
 
 def get_config(mode: str = ""):
     """The regression settings; `:pretrain` gives the pretraining run instead."""
-    if mode == "pretrain":
-        config = default_config()
-        config.data.synthetic.update(n_cells=20_000, n_proteins=50)
-        config.data.train_datasets = IN_DISTRIBUTION
-        config.model.hidden = (256, 256, 128, 128)  # the quickstart's
-        config.train.update(steps=4_000, batch_size=256, log_every=25, val_every=250, checkpoint_every=250,
-                            lr_decay_epochs=10)
-        config.eval.tasks = ("knn",)
-        return config
-    config = crossmodal_config()
-    config.data.train_datasets = IN_DISTRIBUTION
-    config.train.update(steps=1_000, batch_size=256, log_every=50, val_every=100, checkpoint_every=100,
-                        val_batches=4)
-    config.eval.batch_size = 1024
-    return config
+    return cpu_study_config(mode, PROTEIN_KEY, n_proteins=50)

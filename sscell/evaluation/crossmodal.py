@@ -39,6 +39,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 from sklearn.linear_model import RidgeCV
 
+from sscell.config import default_config
 from sscell.data.loader import label_codes, row_batches, runs, select_rows
 from sscell.data.modality import ATAC_KEY, PROTEIN_KEY, ModalityReader, SparseModalityReader, open_modality
 from sscell.data.prepare import store_path
@@ -65,6 +66,31 @@ def crossmodal_config(modality: str = PROTEIN_KEY) -> ml_collections.ConfigDict:
     config = finetune_config()
     config.loss.name = "atac_regression" if modality == ATAC_KEY else "protein_regression"
     config.data.modality = modality
+    return config
+
+
+CPU_IN_DISTRIBUTION = ("dataset_0", "dataset_1", "dataset_2")  # the CPU configs hold out dataset_3
+
+
+def cpu_study_config(mode: str, modality: str, **synthetic) -> ml_collections.ConfigDict:
+    """The CPU-scale study of experiments/crossmodal_*cpu.py: with `mode` "pretrain", masked
+    pretraining (quickstart settings) on the RNA of datasets 0-2 of a generated 20,000-cell atlas
+    carrying the second modality `synthetic` asks for (e.g. n_proteins=50); otherwise the
+    regression arms' settings for `modality` (1,000 steps of 256 cells)."""
+    if mode == "pretrain":
+        config = default_config()
+        config.data.synthetic.update(n_cells=20_000, **synthetic)
+        config.data.train_datasets = CPU_IN_DISTRIBUTION
+        config.model.hidden = (256, 256, 128, 128)  # the quickstart's
+        config.train.update(steps=4_000, batch_size=256, log_every=25, val_every=250, checkpoint_every=250,
+                            lr_decay_epochs=10)
+        config.eval.tasks = ("knn",)
+        return config
+    config = crossmodal_config(modality)
+    config.data.train_datasets = CPU_IN_DISTRIBUTION
+    config.train.update(steps=1_000, batch_size=256, log_every=50, val_every=100, checkpoint_every=100,
+                        val_batches=4)
+    config.eval.batch_size = 1024
     return config
 
 
