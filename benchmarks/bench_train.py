@@ -40,15 +40,18 @@ from benchmarks.bench_loader import dataset, train_step_rates
 from sscell.errors import SscellError, exit_on_error
 
 
+CONTENDERS = ("sscell", "sscell_bf16", "sscell_sparse", "torch_eager", "torch_compile", "torch_compile_bf16")
+
+
 def flops_per_cell(n_genes: int, hidden: tuple[int, ...], latent: int) -> int:
     """Matmul FLOPs of one cell's forward and backward pass: 3 x sum over layers of 2 * fan_in * fan_out."""
     widths = (n_genes, *hidden, latent, *reversed(hidden), n_genes)
     return 3 * sum(2 * a * b for a, b in itertools.pairwise(widths))
 
 
-def sscell_contender(store_path: Path, batch_size: int, sparse_nonzeros: int, n_batches: int) -> Callable[[int], None]:
-    """`run(steps)` of sscell's train step (config defaults; `sparse_nonzeros` for the first
-    layer) on `n_batches` loader batches held on the device."""
+def sscell_contender(store_path: Path, batch_size: int, n_batches: int, **model: object) -> Callable[[int], None]:
+    """`run(steps)` of sscell's train step (config defaults, `config.model` overridden by `model`)
+    on `n_batches` loader batches held on the device."""
     import jax
 
     from sscell.config import default_config
@@ -59,7 +62,8 @@ def sscell_contender(store_path: Path, batch_size: int, sparse_nonzeros: int, n_
     from sscell.training.train import build, make_loader, sharded_state_layout
 
     config = default_config()
-    config.train.batch_size, config.model.sparse_nonzeros = batch_size, sparse_nonzeros
+    config.train.batch_size = batch_size
+    config.model.update(model)
     store = open_store(store_path)
     setup = build(config, store)
     mesh = make_mesh(config.mesh)
@@ -81,7 +85,7 @@ def sscell_contender(store_path: Path, batch_size: int, sparse_nonzeros: int, n_
     return run
 
 
-def torch_contender(counts: list[np.ndarray], compiled: bool) -> Callable[[int], None]:
+def torch_contender(counts: list[np.ndarray], compiled: bool, bfloat16: bool) -> Callable[[int], None]:
     """`run(steps)` of the PyTorch reference step on these dense count batches (in memory)."""
     import torch
 
@@ -91,7 +95,7 @@ def torch_contender(counts: list[np.ndarray], compiled: bool) -> Callable[[int],
     config = default_config()
     model = autoencoder(counts[0].shape[1], config.model.hidden, config.model.latent, config.model.dropout)
     step = make_step(model, config.train.lr, config.train.weight_decay, config.train.grad_clip,
-                     config.loss.mask_rate, compiled)
+                     config.loss.mask_rate, compiled, bfloat16)
     batches = itertools.cycle([torch.from_numpy(c) for c in counts])
 
     def run(steps: int) -> None:
@@ -102,14 +106,17 @@ def torch_contender(counts: list[np.ndarray], compiled: bool) -> Callable[[int],
 
 
 def matmul_rates(batch_size: int, n_genes: int, width: int) -> dict[str, Callable[[], float]]:
-    """FLOP/s of one float32 (batch x genes) @ (genes x width) matmul, per framework."""
+    """FLOP/s of one (batch x genes) @ (genes x width) matmul per framework, in float32 and in
+    bfloat16 (float32 results)."""
     import jax
+    import jax.numpy as jnp
     import torch
 
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((batch_size, n_genes), np.float32), rng.standard_normal((n_genes, width), np.float32)
     ja, jb, ta, tb = jax.device_put(a), jax.device_put(b), torch.from_numpy(a), torch.from_numpy(b)
-    product = jax.jit(lambda x, y: x @ y)
+    ja16, jb16, ta16, tb16 = ja.astype(jnp.bfloat16), jb.astype(jnp.bfloat16), ta.bfloat16(), tb.bfloat16()
+    product = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
     flops = 2 * batch_size * n_genes * width
 
     def timed(fn: Callable[[], object]) -> float:
@@ -118,7 +125,9 @@ def matmul_rates(batch_size: int, n_genes: int, width: int) -> dict[str, Callabl
         fn()
         return flops / (time.perf_counter() - start)
 
-    return {"jax": lambda: timed(lambda: product(ja, jb).block_until_ready()), "torch": lambda: timed(lambda: ta @ tb)}
+    return {"jax": lambda: timed(lambda: product(ja, jb).block_until_ready()), "torch": lambda: timed(lambda: ta @ tb),
+            "jax_bf16": lambda: timed(lambda: product(ja16, jb16).block_until_ready()),
+            "torch_bf16": lambda: timed(lambda: (ta16 @ tb16).float())}
 
 
 def dense_counts(h5ad: Path, batch_size: int, n_batches: int) -> list[np.ndarray]:
@@ -150,7 +159,8 @@ def race(contenders: dict[str, Callable[[int], None]], matmul: dict[str, Callabl
     ratios = {f"{s}_over_{o}": statistics.median(a / b for a, b in zip(rate[s], rate[o]))
               for s in sscell for o in others}
     achieved = {name: statistics.median(r) * flops for name, r in rate.items()}
-    framework = {name: "jax" if name.startswith("sscell") else "torch" for name in contenders}
+    framework = {name: ("jax" if name.startswith("sscell") else "torch") + ("_bf16" if name.endswith("bf16") else "")
+                 for name in contenders}
     return {"cells_per_s": {name: statistics.median(r) for name, r in rate.items()},
             "cells_per_s_rounds": rate, "ratios": ratios,
             "flops": {"model_flops_per_cell": flops, "achieved_flop_per_s": achieved,
@@ -209,7 +219,7 @@ def main() -> None:
     parser.add_argument("--memory-batch-size", type=int, default=1024)
     parser.add_argument("--memory-steps", type=int, default=50)
     parser.add_argument("--skip", nargs="*", default=[],
-                        choices=["sscell_sparse", "torch_eager", "torch_compile", "train_step", "memory"])
+                        choices=[*CONTENDERS, "train_step", "memory"])
     parser.add_argument("--rss-probe", help=argparse.SUPPRESS)  # internal: train on one store, print JSON
     args = parser.parse_args()
     with exit_on_error():
@@ -234,13 +244,12 @@ def main() -> None:
                       "devices": str(jax.devices()), "steps_per_round": args.steps, "rounds": args.rounds,
                       "batch_sizes": {}}
             for b in args.batch_sizes:
-                contenders = {"sscell": sscell_contender(store, b, 0, args.batches)}
-                if "sscell_sparse" not in args.skip:
-                    contenders["sscell_sparse"] = sscell_contender(store, b, args.sparse_nonzeros, args.batches)
                 counts = dense_counts(h5ad, b, args.batches)
-                for name, compiled in (("torch_eager", False), ("torch_compile", True)):
-                    if name not in args.skip:
-                        contenders[name] = torch_contender(counts, compiled)
+                sscell_models = {"sscell": {}, "sscell_bf16": {"dtype": "bfloat16"},
+                                 "sscell_sparse": {"sparse_nonzeros": args.sparse_nonzeros}}
+                contenders = {name: sscell_contender(store, b, args.batches, **sscell_models[name])
+                              if name.startswith("sscell") else torch_contender(counts, "compile" in name, "bf16" in name)
+                              for name in CONTENDERS if name not in args.skip}
                 result["batch_sizes"][str(b)] = race(contenders, matmul_rates(b, args.genes, model.hidden[0]), b,
                                                      args.steps, args.rounds, flops)
             if "train_step" not in args.skip:

@@ -11,7 +11,7 @@ from sscell.errors import SscellError
 from sscell.losses import get_loss
 from sscell.losses.masking import mask_input, random_gene_mask
 from sscell.models.hash_random import bernoulli, normal, open_unit_interval
-from sscell.models.mlp import Autoencoder, Dense, Dropout, init_params
+from sscell.models.mlp import Autoencoder, Dense, Dropout, init_params, matmul, row_major_transpose
 
 SELU_ALPHA, SELU_SCALE = 1.6732632423543772, 1.0507009873554805
 
@@ -172,6 +172,43 @@ def test_bfloat16_compute_keeps_float32_parameters_and_outputs():
     assert reduced.dtype == jnp.float32
     assert not np.array_equal(np.asarray(reference), np.asarray(reduced))  # really computed in bf16
     np.testing.assert_allclose(np.asarray(reduced), np.asarray(reference), rtol=0.05, atol=0.05)
+
+
+def bfloat16_values(a: np.ndarray) -> np.ndarray:
+    """`a` rounded to bfloat16, as float64."""
+    return np.asarray(jnp.asarray(a, jnp.bfloat16), np.float64)
+
+
+def test_bfloat16_matmul_and_its_gradients_match_numpy():
+    rng = np.random.default_rng(7)
+    x, kernel, grad = (rng.standard_normal(shape).astype(np.float32) for shape in ((8, 24), (24, 16), (8, 16)))
+    y, backward = jax.vjp(matmul, jnp.asarray(x, jnp.bfloat16), jnp.asarray(kernel))
+    dx, dkernel = backward(jnp.asarray(grad))
+    assert (y.dtype, dx.dtype, dkernel.dtype) == (jnp.float32, jnp.bfloat16, jnp.float32)
+    xb, kb, gb = bfloat16_values(x), bfloat16_values(kernel), bfloat16_values(grad)
+    np.testing.assert_allclose(np.asarray(y), xb @ kb, rtol=1e-5, atol=1e-5)  # bf16 products, float32 sums
+    np.testing.assert_allclose(np.asarray(dkernel), xb.T @ gb, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dx, np.float64), bfloat16_values(gb @ kb.T), rtol=1e-2, atol=1e-2)
+
+
+def test_row_major_transpose_is_the_transpose():
+    a = np.arange(15, dtype=np.float32).reshape(3, 5)
+    np.testing.assert_array_equal(np.asarray(jax.jit(row_major_transpose)(a)), a.T)
+
+
+def test_bfloat16_gradients_follow_the_float32_gradients():
+    x = np.random.default_rng(8).random((16, 24)).astype(np.float32) * 3
+    full = Autoencoder(n_genes=24, hidden=(16, 12), latent=4, dropout=0.0)
+    half = Autoencoder(n_genes=24, hidden=(16, 12), latent=4, dropout=0.0, dtype="bfloat16")
+    params = init_params(full, jax.random.key(0))
+
+    def loss(p, model):
+        return jnp.mean((model.apply({"params": p}, x)[0] - x) ** 2)
+    reference, reduced = jax.grad(loss)(params, full), jax.grad(loss)(params, half)
+    for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(reduced), strict=True):
+        assert b.dtype == jnp.float32
+        cosine = float(jnp.vdot(a, b) / (jnp.linalg.norm(a) * jnp.linalg.norm(b)))
+        assert cosine > 0.99, cosine
 
 
 @pytest.mark.parametrize("nonzeros_per_cell", [6, 2])  # 2: too few for the batch, the dense fallback runs

@@ -44,16 +44,56 @@ def dense_parameters(module: nn.Module, x: jax.Array, features: int, dtype: str)
     return (a.astype(dtype) for a in (x, kernel, bias))
 
 
+def row_major_transpose(a: jax.Array) -> jax.Array:
+    """`a.T`, written out in row-major order.
+
+    XLA:CPU (jax 0.10) sends a bfloat16 matmul to its fast kernels (YNNPACK, AMX) only when
+    both operands are row-major and in (m, k) @ (k, n) form; a plain `a.T` is a column-major
+    view, which sends the product to a float32 fallback ~4x slower. The barrier keeps XLA from
+    folding the copy back into a view. Other backends take transposed operands as they are.
+    """
+    if jax.default_backend() != "cpu":
+        return a.T
+    return jax.lax.optimization_barrier(a.T[:, None, :])[:, 0]
+
+
+@jax.custom_vjp
+def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """`x @ kernel` in `x`'s (low-precision) dtype with a float32 result, for a float32 `kernel`
+    (its gradient is float32, accumulated at full precision). The backward products are
+    (m, k) @ (k, n) products of row-major operands, the form XLA:CPU runs on its bfloat16
+    matrix units."""
+    return jnp.dot(x, kernel.astype(x.dtype), preferred_element_type=jnp.float32)
+
+
+def _matmul_forward(x, kernel):
+    return matmul(x, kernel), (x, kernel.astype(x.dtype))
+
+
+def _matmul_backward(residuals, grad):
+    x, kernel = residuals
+    grad = grad.astype(x.dtype)
+    dx = jnp.dot(grad, row_major_transpose(kernel), preferred_element_type=jnp.float32)
+    return dx.astype(x.dtype), jnp.dot(row_major_transpose(x), grad, preferred_element_type=jnp.float32)
+
+
+matmul.defvjp(_matmul_forward, _matmul_backward)
+
+
 class Dense(nn.Module):
-    """`nn.Dense` (same parameters, initialisers and dtype handling) with `add_bias`'s cheap gradient."""
+    """`nn.Dense` (same parameters and initialisers) with `add_bias`'s cheap gradient; in a
+    low-precision `dtype`, a `matmul` with float32 results (bias and activations in float32)."""
 
     features: int
     dtype: str = "float32"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x, kernel, bias = dense_parameters(self, x, self.features, self.dtype)
-        return add_bias(x @ kernel, bias)
+        if self.dtype == "float32":
+            x, kernel, bias = dense_parameters(self, x, self.features, self.dtype)
+            return add_bias(x @ kernel, bias)
+        _, kernel, bias = dense_parameters(self, x, self.features, "float32")
+        return add_bias(matmul(x.astype(self.dtype), kernel), bias)
 
 
 class SparseInputDense(nn.Module):
