@@ -6,6 +6,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 
@@ -15,7 +16,7 @@ from sscell.losses import get_loss
 from sscell.losses.registry import register
 from sscell.training import checkpoint
 from sscell.training.mesh import make_mesh, replicated
-from sscell.training.optimizer import make_optimizer, make_schedule
+from sscell.training.optimizer import clip_by_global_norm, make_optimizer, make_schedule
 from sscell.training.state import abstract_state
 from sscell.training.train import build, make_loader, summarise_window, train
 
@@ -121,6 +122,21 @@ def test_schedules_follow_their_formulas():
     np.testing.assert_allclose([cosine(s) for s in steps], expected, rtol=1e-5, atol=1e-8)
     with pytest.raises(SscellError, match="unknown train.schedule"):
         make_schedule(train_config(schedule="linear"), 10)
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 100.0])  # clipped, untouched
+def test_clip_by_global_norm_matches_optax_and_the_formula(max_norm):
+    rng = np.random.default_rng(0)
+    grads = {"a": jnp.asarray(rng.standard_normal((4, 3)), jnp.float32),
+             "b": jnp.asarray(rng.standard_normal(5), jnp.float32)}
+    norm = np.sqrt(sum(np.sum(np.asarray(g, np.float64) ** 2) for g in grads.values()))
+    ours, reference = clip_by_global_norm(max_norm), optax.clip_by_global_norm(max_norm)
+    clipped, state = ours.update(grads, ours.init(grads))
+    expected, reference_state = reference.update(grads, reference.init(grads))
+    assert jax.tree.structure(state) == jax.tree.structure(reference_state)  # checkpoints stay compatible
+    for name, g in grads.items():
+        np.testing.assert_allclose(clipped[name], np.asarray(g) * min(1.0, max_norm / norm), rtol=1e-6)
+        np.testing.assert_allclose(clipped[name], expected[name], rtol=1e-6)
 
 
 def test_gradient_accumulation_applies_the_mean_of_its_micro_batches():

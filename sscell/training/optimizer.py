@@ -2,6 +2,8 @@
 gradient accumulation and skipping non-finite steps (all optax)."""
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import optax
 
 from sscell.errors import SscellError
@@ -28,6 +30,19 @@ def make_schedule(train_config, steps_per_epoch: int) -> optax.Schedule:
     raise SscellError(f"unknown train.schedule '{train_config.schedule}'; choose step_decay or warmup_cosine")
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """`optax.clip_by_global_norm` (same state, same result up to rounding) that scales by a
+    multiplication: XLA copies a multiply into each consumer (AdamW's two moment updates) but
+    writes out a divided copy of every gradient first, ~15% of the study model's CPU step."""
+
+    def update(updates, state, params=None):
+        norm = optax.tree.norm(updates)
+        scale = jnp.where(norm < max_norm, 1.0, max_norm / norm)
+        return jax.tree.map(lambda g: g * scale.astype(g.dtype), updates), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update)
+
+
 def _base_optimizer(train_config, schedule: optax.Schedule) -> optax.GradientTransformation:
     """`train.optimizer`: "adamw" (the study's) or "lars" (optax.lars, the study's Barlow Twins)."""
     name = train_config.get("optimizer", "adamw")
@@ -48,7 +63,7 @@ def make_optimizer(train_config, steps_per_epoch: int) -> optax.GradientTransfor
     if train_config.grad_accum < 1:
         raise SscellError(f"train.grad_accum is {train_config.grad_accum}; use 1 (no accumulation) or more")
     optimizer = optax.chain(
-        optax.clip_by_global_norm(train_config.grad_clip),
+        clip_by_global_norm(train_config.grad_clip),
         _base_optimizer(train_config, make_schedule(train_config, steps_per_epoch)),
     )
     if train_config.grad_accum > 1:
