@@ -1,5 +1,5 @@
 """Sharded training on simulated CPU devices, each case in its own process (the device count
-is fixed when JAX starts): data-parallel and FSDP steps equal the single-device step on the
+is fixed when JAX starts): data-parallel and FSDP steps, float32 and bfloat16, equal the single-device step on the
 same global batch, and a checkpoint saved on 4 devices restores onto 2.
 
 Run as a script, this file is the worker: `python test_distributed_mesh.py MODE CONFIG_JSON WORKDIR`.
@@ -8,6 +8,8 @@ import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 FSDP = [["kernel$", "fsdp"]]
 
@@ -19,7 +21,9 @@ def run_worker(mode: str, n_devices: int, config, workdir) -> None:
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
 
 
-def test_sharded_steps_equal_the_single_device_step_and_restore_onto_fewer_devices(tiny_config, tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bfloat16: matmuls with row-major transposes
+def test_sharded_steps_equal_the_single_device_step_and_restore_onto_fewer_devices(tiny_config, tmp_path, dtype):
+    tiny_config.model.dtype = dtype
     tiny_config.train.update(steps=10, checkpoint_every=10, val_every=10)
     run_worker("steps_then_train", 4, tiny_config, tmp_path)
     tiny_config.train.steps = 12
