@@ -1,6 +1,6 @@
 """Sharded training on simulated CPU devices, each case in its own process (the device count
-is fixed when JAX starts): data-parallel and FSDP steps, float32 and bfloat16, equal the single-device step on the
-same global batch, and a checkpoint saved on 4 devices restores onto 2.
+is fixed when JAX starts): data-parallel and FSDP steps, float32 and bfloat16, equal the
+single-device step on the same global batch, and a checkpoint saved on 4 devices restores onto 2.
 
 Run as a script, this file is the worker: `python test_distributed_mesh.py MODE CONFIG_JSON WORKDIR`.
 """
