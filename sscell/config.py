@@ -7,6 +7,7 @@ import os
 import ml_collections
 
 from sscell.errors import SscellError
+from sscell.models.precision import resolve_dtype
 
 # Fields that may differ between a run and its resumption (they do not change what is learned
 # up to the current step).
@@ -42,6 +43,16 @@ def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
                           "python -m sscell.main --config=... --workdir=...")
     with open(path) as f:
         return ml_collections.ConfigDict(json.load(f))
+
+
+def resolve_run_dtype(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
+    """Fix `model.dtype` "auto" for a run in `workdir`: the dtype its saved run trained with
+    (so a resumed run continues exactly), else this hardware's choice (`resolve_dtype`)."""
+    if config.model.dtype != "auto":
+        return
+    saved = load_config(workdir).model.get("dtype", "float32") if os.path.exists(
+        os.path.join(workdir, CONFIG_FILE)) else "auto"
+    config.model.dtype = resolve_dtype(saved)
 
 
 def check_compatible(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
@@ -84,7 +95,8 @@ def default_config() -> ml_collections.ConfigDict:
     config.model = ml_collections.ConfigDict(dict(
         hidden=(512, 512, 256, 256), latent=64, activation="selu", dropout=0.1,
         norm="none",            # or "layer" (LayerNorm after each hidden layer)
-        dtype="float32",        # compute dtype, e.g. "bfloat16"; parameters stay float32
+        dtype="auto",           # compute dtype: float32 | bfloat16 | auto (bfloat16 on AMX CPUs, Ampere+ GPUs,
+                                # TPUs; resolved when a run starts); parameters stay float32
         sparse_nonzeros=0))     # > 0: sparse first layer for up to this many nonzeros per cell
     # The pretext task (sscell/losses); each task reads only its own fields.
     config.loss = ml_collections.ConfigDict(dict(

@@ -1,4 +1,6 @@
 """The MLP autoencoder and the masking loss against numpy references."""
+import pathlib
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -12,6 +14,7 @@ from sscell.losses import get_loss
 from sscell.losses.masking import mask_input, random_gene_mask
 from sscell.models.hash_random import bernoulli, normal, open_unit_interval
 from sscell.models.mlp import Autoencoder, Dense, Dropout, init_params, matmul, row_major_transpose
+from sscell.models.precision import resolve_dtype
 
 SELU_ALPHA, SELU_SCALE = 1.6732632423543772, 1.0507009873554805
 
@@ -189,6 +192,23 @@ def test_bfloat16_matmul_and_its_gradients_match_numpy():
     np.testing.assert_allclose(np.asarray(y), xb @ kb, rtol=1e-5, atol=1e-5)  # bf16 products, float32 sums
     np.testing.assert_allclose(np.asarray(dkernel), xb.T @ gb, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(dx, np.float64), bfloat16_values(gb @ kb.T), rtol=1e-2, atol=1e-2)
+
+
+class FakeDevice:
+    def __init__(self, platform, compute_capability=None):
+        self.platform, self.compute_capability = platform, compute_capability
+
+
+def test_auto_dtype_is_bfloat16_only_on_hardware_with_bfloat16_matrix_units():
+    assert resolve_dtype("auto", FakeDevice("tpu")) == "bfloat16"
+    assert resolve_dtype("auto", FakeDevice("gpu", "9.0")) == "bfloat16"  # H100
+    assert resolve_dtype("auto", FakeDevice("gpu", "7.0")) == "float32"  # V100: no bfloat16 tensor cores
+    cpuinfo = pathlib.Path("/proc/cpuinfo")
+    amx = cpuinfo.exists() and "amx_bf16" in cpuinfo.read_text().split()
+    assert resolve_dtype("auto", FakeDevice("cpu")) == ("bfloat16" if amx else "float32")
+    assert resolve_dtype("float32", FakeDevice("tpu")) == "float32"
+    with pytest.raises(SscellError, match="unknown model.dtype 'fp16'; choose one of auto, float32, bfloat16"):
+        resolve_dtype("fp16")
 
 
 def test_row_major_transpose_is_the_transpose():

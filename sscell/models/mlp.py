@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from jax.experimental import sparse as jax_sparse
 
 from sscell.models.hash_random import bernoulli
+from sscell.models.precision import resolve_dtype
 
 ACTIVATIONS = {"selu": nn.selu, "relu": nn.relu, "gelu": nn.gelu, "silu": nn.silu}
 NORMS = ("none", "layer")
@@ -170,8 +171,8 @@ class MLP(nn.Module):
 
 def encoder(model_config) -> MLP:
     """The encoder a `config.model` section describes: hidden widths, then the embedding."""
-    return MLP((*model_config.hidden, model_config.latent), model_config.activation,
-               model_config.dropout, model_config.norm, model_config.dtype, model_config.sparse_nonzeros)
+    return MLP((*model_config.hidden, model_config.latent), model_config.activation, model_config.dropout,
+               model_config.norm, resolve_dtype(model_config.dtype), model_config.sparse_nonzeros)
 
 
 class Autoencoder(nn.Module):
@@ -220,8 +221,8 @@ def build_autoencoder(config, info) -> Autoencoder:
     """The autoencoder of a run config (`model` section, `loss.likelihood` head) for `info.n_genes`."""
     m = config.model
     return Autoencoder(n_genes=info.n_genes, hidden=tuple(m.hidden), latent=m.latent, activation=m.activation,
-                       dropout=m.dropout, norm=m.norm, dtype=m.dtype, head=config.loss.get("likelihood", "mse"),
-                       sparse_nonzeros=m.sparse_nonzeros)
+                       dropout=m.dropout, norm=m.norm, dtype=resolve_dtype(m.dtype),
+                       head=config.loss.get("likelihood", "mse"), sparse_nonzeros=m.sparse_nonzeros)
 
 
 def init_params(model: nn.Module, key: jax.Array) -> dict:
