@@ -11,12 +11,14 @@ figures are medians over `--rounds` rounds.
     pip install -e ".[bench]"   # torch: pip install torch --index-url https://download.pytorch.org/whl/cpu
     python -m benchmarks.bench_train --workdir=/tmp/bench   # keep (and reuse) the generated data
 
-Figures, per batch size: `cells_per_s` of sscell (the real `make_train_step`, config defaults),
-sscell with `model.sparse_nonzeros` set, torch eager and torch.compile; `ratios` of sscell to
-each torch contender (median of per-round ratios); `flops`: the model's matmul FLOPs per cell
-(2*m*n*k per layer, x3 for forward and backward), the FLOP/s each contender achieved and its
-share of a float32 (batch x genes) @ (genes x 512) matmul measured in the same round by the
-same framework (`mfu`) and by the faster of the two (`mfu_vs_best_matmul`). `train_step`: the
+Figures, per batch size: `cells_per_s` of sscell (the real `make_train_step`, config defaults)
+with `model.dtype` bfloat16 and float32, sscell float32 with `model.sparse_nonzeros` set, torch
+eager and torch.compile (float32, the reference) and torch.compile under bfloat16 autocast;
+`ratios` of each sscell to each torch contender (median of per-round ratios); `flops`: the
+model's matmul FLOPs per cell (2*m*n*k per layer, x3 for forward and backward), the FLOP/s each
+contender achieved and its share of a (batch x genes) @ (genes x 512) matmul in its precision
+(bfloat16 operands for the *_bf16 contenders) measured in the same round by the same framework
+(`mfu`) and by the faster of the two (`mfu_vs_best_matmul`). `train_step`: the
 in-memory vs real-loader steps/s of `bench_loader` (data stall). `memory`: peak RSS (ru_maxrss)
 (VmHWM) of a training process, a fresh one per store size (`--memory-cells` x `--memory-genes`).
 """
@@ -40,7 +42,7 @@ from benchmarks.bench_loader import dataset, train_step_rates
 from sscell.errors import SscellError, exit_on_error
 
 
-CONTENDERS = ("sscell", "sscell_bf16", "sscell_sparse", "torch_eager", "torch_compile", "torch_compile_bf16")
+CONTENDERS = ("sscell_bf16", "sscell_float32", "sscell_sparse", "torch_eager", "torch_compile", "torch_compile_bf16")
 
 
 def flops_per_cell(n_genes: int, hidden: tuple[int, ...], latent: int) -> int:
@@ -159,14 +161,16 @@ def race(contenders: dict[str, Callable[[int], None]], matmul: dict[str, Callabl
     ratios = {f"{s}_over_{o}": statistics.median(a / b for a, b in zip(rate[s], rate[o]))
               for s in sscell for o in others}
     achieved = {name: statistics.median(r) * flops for name, r in rate.items()}
-    framework = {name: ("jax" if name.startswith("sscell") else "torch") + ("_bf16" if name.endswith("bf16") else "")
-                 for name in contenders}
+    precision = {name: "_bf16" if name.endswith("bf16") else "" for name in contenders}
+    framework = {name: ("jax" if name.startswith("sscell") else "torch") + precision[name] for name in contenders}
     return {"cells_per_s": {name: statistics.median(r) for name, r in rate.items()},
             "cells_per_s_rounds": rate, "ratios": ratios,
             "flops": {"model_flops_per_cell": flops, "achieved_flop_per_s": achieved,
                       "matmul_flop_per_s": matmul_peak,
                       "mfu": {name: achieved[name] / matmul_peak[framework[name]] for name in contenders},
-                      "mfu_vs_best_matmul": {name: achieved[name] / max(matmul_peak.values()) for name in contenders}}}
+                      "mfu_vs_best_matmul": {name: achieved[name] / max(matmul_peak[f"jax{precision[name]}"],
+                                                                        matmul_peak[f"torch{precision[name]}"])
+                                             for name in contenders}}}
 
 
 def peak_rss_mib() -> float:
@@ -245,8 +249,8 @@ def main() -> None:
                       "batch_sizes": {}}
             for b in args.batch_sizes:
                 counts = dense_counts(h5ad, b, args.batches)
-                sscell_models = {"sscell": {}, "sscell_bf16": {"dtype": "bfloat16"},
-                                 "sscell_sparse": {"sparse_nonzeros": args.sparse_nonzeros}}
+                sscell_models = {"sscell_bf16": {"dtype": "bfloat16"}, "sscell_float32": {"dtype": "float32"},
+                                 "sscell_sparse": {"dtype": "float32", "sparse_nonzeros": args.sparse_nonzeros}}
                 contenders = {name: sscell_contender(store, b, args.batches, **sscell_models[name])
                               if name.startswith("sscell") else torch_contender(counts, "compile" in name, "bf16" in name)
                               for name in CONTENDERS if name not in args.skip}
