@@ -56,7 +56,9 @@ def resolve_run_dtype(config: ml_collections.ConfigDict, workdir: str | os.PathL
 
 
 def check_compatible(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
-    """Refuse to resume a run in `workdir` whose saved config differs in what it learns."""
+    """Settle `config`'s "auto" dtype for `workdir` (`resolve_run_dtype`), then refuse to resume
+    a run in `workdir` whose saved config differs in what it learns."""
+    resolve_run_dtype(config, workdir)
     if not os.path.exists(os.path.join(workdir, CONFIG_FILE)):
         return
     defaults = _flatten(json.loads(default_config().to_json_best_effort()))

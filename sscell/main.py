@@ -13,7 +13,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sscell.config import check_compatible, resolve_run_dtype, save_config
+from sscell.config import check_compatible, save_config
 from sscell.data.prepare import prepare_store
 from sscell.errors import exit_on_error
 from sscell.evaluation.evaluate import evaluate
@@ -45,7 +45,6 @@ def run(argv: list[str]) -> None:
 
     load_task(config.loss)  # an unknown task fails before any data is prepared
     os.makedirs(workdir, exist_ok=True)
-    resolve_run_dtype(config, workdir)
     check_compatible(config, workdir)
     store = prepare_store(config, workdir)
     if jax.process_index() == 0:

@@ -98,6 +98,5 @@ def test_auto_dtype_resolves_to_the_hardware_choice_and_resumes_with_the_saved_d
     tiny_config.model.dtype = other
     save_config(tiny_config, tmp_path)  # a run trained (elsewhere) in the other dtype
     tiny_config.model.dtype = "auto"
-    resolve_run_dtype(tiny_config, tmp_path)
+    check_compatible(tiny_config, tmp_path)  # settles "auto" as the saved run's dtype
     assert tiny_config.model.dtype == other
-    check_compatible(tiny_config, tmp_path)
