@@ -63,6 +63,7 @@ def check_compatible(config: ml_collections.ConfigDict, workdir: str | os.PathLi
         return
     defaults = _flatten(json.loads(default_config().to_json_best_effort()))
     saved = {**defaults, **_flatten(load_config(workdir).to_dict())}  # fields added since count as defaults
+    saved["model.dtype"] = resolve_dtype(saved["model.dtype"])  # saved unsettled: it ran in this hardware's choice
     new = _flatten(json.loads(config.to_json_best_effort()))
     resumable = RESUMABLE_CHANGES
     if saved.get("train.schedule") == "warmup_cosine":  # its decay is laid out over train.steps
