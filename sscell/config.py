@@ -46,13 +46,12 @@ def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
 
 
 def resolve_run_dtype(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
-    """Fix `model.dtype` "auto" for a run in `workdir`: the dtype its saved run trained with
-    (so a resumed run continues exactly), else this hardware's choice (`resolve_dtype`)."""
-    if config.model.dtype != "auto":
-        return
-    saved = load_config(workdir).model.get("dtype", "float32") if os.path.exists(
-        os.path.join(workdir, CONFIG_FILE)) else "auto"
-    config.model.dtype = resolve_dtype(saved)
+    """Check `model.dtype` and fix "auto" for a run in `workdir`: the dtype its saved run trained
+    with (so a resumed run continues exactly), else this hardware's choice (`resolve_dtype`)."""
+    dtype = config.model.dtype
+    if dtype == "auto" and os.path.exists(os.path.join(workdir, CONFIG_FILE)):
+        dtype = load_config(workdir).model.get("dtype", "float32")
+    config.model.dtype = resolve_dtype(dtype)
 
 
 def check_compatible(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:

@@ -100,3 +100,6 @@ def test_auto_dtype_resolves_to_the_hardware_choice_and_resumes_with_the_saved_d
     tiny_config.model.dtype = "auto"
     check_compatible(tiny_config, tmp_path)  # settles "auto" as the saved run's dtype
     assert tiny_config.model.dtype == other
+    tiny_config.model.dtype = "bf16"
+    with pytest.raises(SscellError, match="unknown model.dtype 'bf16'; choose one of auto, float32, bfloat16"):
+        check_compatible(tiny_config, tmp_path / "new")  # before a run writes anything
