@@ -1,5 +1,6 @@
 """The MLP autoencoder and the masking loss against numpy references."""
 import pathlib
+import re
 
 import flax.linen as nn
 import jax
@@ -209,6 +210,31 @@ def test_auto_dtype_is_bfloat16_only_on_hardware_with_bfloat16_matrix_units():
     assert resolve_dtype("float32", FakeDevice("tpu")) == "float32"
     with pytest.raises(SscellError, match="unknown model.dtype 'fp16'; choose one of auto, float32, bfloat16"):
         resolve_dtype("fp16")
+
+
+def dot_operand_dtypes(fn, *args) -> list[tuple[str, str]]:
+    """(lhs, rhs) element types of every dot in the compiled (optimised) HLO of `fn`."""
+    text = jax.jit(fn).lower(*args).compile().as_text()
+    dtypes = []
+    for computation in re.split(r"\n(?=%|ENTRY)", text):
+        for dot in re.finditer(r"= \S+ dot\(%([\w.-]+), %([\w.-]+)\)", computation):
+            dtypes.append(tuple(re.search(re.escape(name) + r"(?:: | = )(\w+)\[", computation).group(1)
+                                for name in dot.groups()))
+    return dtypes
+
+
+def test_bfloat16_backward_products_keep_bfloat16_operands():
+    """XLA:CPU upcasts a bfloat16 product it cannot run on its matrix units to float32; the
+    backward products of `matmul` stay bfloat16 where plain autodiff's do not."""
+    x, kernel = jnp.ones((64, 128), jnp.bfloat16), jnp.ones((128, 32), jnp.float32)
+
+    def plain(x, kernel):
+        return jnp.dot(x, kernel.astype(jnp.bfloat16), preferred_element_type=jnp.float32).sum()
+    if dot_operand_dtypes(plain, x, kernel) != [("bf16", "bf16")]:
+        pytest.skip("this backend runs no bfloat16 product in bfloat16")
+    assert ("f32", "f32") in dot_operand_dtypes(jax.grad(plain, argnums=(0, 1)), x, kernel)
+    gradients = jax.grad(lambda x, kernel: matmul(x, kernel).sum(), argnums=(0, 1))
+    assert dot_operand_dtypes(gradients, x, kernel) == [("bf16", "bf16")] * 2
 
 
 def test_row_major_transpose_is_the_transpose():
