@@ -45,23 +45,18 @@ def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
         return ml_collections.ConfigDict(json.load(f))
 
 
-def resolve_run_dtype(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
-    """Check `model.dtype` and fix "auto" for a run in `workdir`: the dtype its saved run trained
-    with (so a resumed run continues exactly), else this hardware's choice (`resolve_dtype`)."""
-    dtype = config.model.dtype
-    if dtype == "auto" and os.path.exists(os.path.join(workdir, CONFIG_FILE)):
-        dtype = load_config(workdir).model.get("dtype", "float32")
-    config.model.dtype = resolve_dtype(dtype)
-
-
 def check_compatible(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
-    """Settle `config`'s "auto" dtype for `workdir` (`resolve_run_dtype`), then refuse to resume
-    a run in `workdir` whose saved config differs in what it learns."""
-    resolve_run_dtype(config, workdir)
-    if not os.path.exists(os.path.join(workdir, CONFIG_FILE)):
+    """Settle `model.dtype` "auto" for a run in `workdir` (the dtype its saved run trained with,
+    so a resumed run continues exactly; else this hardware's choice, `resolve_dtype`), then
+    refuse to resume a run there whose saved config differs in what it learns."""
+    saved_config = load_config(workdir) if os.path.exists(os.path.join(workdir, CONFIG_FILE)) else None
+    if config.model.dtype == "auto" and saved_config is not None:
+        config.model.dtype = saved_config.model.get("dtype", "float32")
+    config.model.dtype = resolve_dtype(config.model.dtype)
+    if saved_config is None:
         return
     defaults = _flatten(json.loads(default_config().to_json_best_effort()))
-    saved = {**defaults, **_flatten(load_config(workdir).to_dict())}  # fields added since count as defaults
+    saved = {**defaults, **_flatten(saved_config.to_dict())}  # fields added since count as defaults
     saved["model.dtype"] = resolve_dtype(saved["model.dtype"])  # saved unsettled: it ran in this hardware's choice
     new = _flatten(json.loads(config.to_json_best_effort()))
     resumable = RESUMABLE_CHANGES

@@ -204,6 +204,7 @@ def test_auto_dtype_is_bfloat16_only_on_hardware_with_bfloat16_matrix_units():
     assert resolve_dtype("auto", FakeDevice("tpu")) == "bfloat16"
     assert resolve_dtype("auto", FakeDevice("gpu", "9.0")) == "bfloat16"  # H100
     assert resolve_dtype("auto", FakeDevice("gpu", "7.0")) == "float32"  # V100: no bfloat16 tensor cores
+    assert resolve_dtype("auto", FakeDevice("gpu", "gfx90a")) == "float32"  # ROCm: not measured
     cpuinfo = pathlib.Path("/proc/cpuinfo")
     amx = cpuinfo.exists() and "amx_bf16" in cpuinfo.read_text().split()
     assert resolve_dtype("auto", FakeDevice("cpu")) == ("bfloat16" if amx else "float32")

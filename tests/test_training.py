@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from sscell.config import check_compatible, resolve_run_dtype, save_config
+from sscell.config import check_compatible, save_config
 from sscell.errors import SscellError
 from sscell.models.precision import resolve_dtype
 from sscell.training import checkpoint
@@ -92,7 +92,7 @@ def test_a_cosine_schedule_cannot_be_stretched_on_resume(tiny_config, tmp_path):
 
 def test_auto_dtype_resolves_to_the_hardware_choice_and_resumes_with_the_saved_dtype(tiny_config, tmp_path):
     tiny_config.model.dtype = "auto"
-    resolve_run_dtype(tiny_config, tmp_path)  # a new run: this machine's choice
+    check_compatible(tiny_config, tmp_path)  # a new run: this machine's choice
     assert tiny_config.model.dtype == resolve_dtype("auto") in ("float32", "bfloat16")
     other = {"float32": "bfloat16", "bfloat16": "float32"}[tiny_config.model.dtype]
     tiny_config.model.dtype = other

@@ -29,7 +29,10 @@ def has_bfloat16_units(device: jax.Device) -> bool:
     if device.platform == "tpu":
         return True
     if device.platform == "gpu":
-        return float(getattr(device, "compute_capability", 0) or 0) >= 8.0
+        try:
+            return float(device.compute_capability) >= 8.0
+        except (AttributeError, TypeError, ValueError):  # not an NVIDIA GPU (e.g. ROCm's "gfx90a")
+            return False
     return device.platform == "cpu" and "amx_bf16" in cpu_flags()
 
 
