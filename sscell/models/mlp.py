@@ -90,11 +90,8 @@ class Dense(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        if self.dtype == "float32":
-            x, kernel, bias = dense_parameters(self, x, self.features, self.dtype)
-            return add_bias(x @ kernel, bias)
-        _, kernel, bias = dense_parameters(self, x, self.features, "float32")
-        return add_bias(matmul(x.astype(self.dtype), kernel), bias)
+        x, kernel, bias = dense_parameters(self, x, self.features, "float32")
+        return add_bias(x @ kernel if self.dtype == "float32" else matmul(x.astype(self.dtype), kernel), bias)
 
 
 class SparseInputDense(nn.Module):
