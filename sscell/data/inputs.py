@@ -143,12 +143,13 @@ def _read_categorical(elem: h5py.Group | h5py.Dataset) -> pd.Categorical:
                                for start in range(0, len(elem), _COLUMN_BLOCK)] or [pd.Categorical([])])
 
 
-def _read_obs(path: Path, group: h5py.Group) -> tuple[pd.DataFrame, h5py.Dataset]:
+def _read_obs(path: Path, group: h5py.Group, required_obs: tuple[str, ...] = REQUIRED_OBS
+              ) -> tuple[pd.DataFrame, h5py.Dataset]:
     """The kept obs columns as categoricals of strings (RangeIndex), and the cell ids' dataset."""
     ids = group[group.attrs["_index"]]
     if not isinstance(ids, h5py.Dataset):
         raise SscellError(f"{path}: obs index is not a plain string array; rewrite the file with anndata")
-    missing = [c for c in REQUIRED_OBS if c not in group]
+    missing = [c for c in required_obs if c not in group]
     if missing:
         raise SscellError(f"{path}: obs lacks required column(s) {', '.join(missing)}; "
                           "add them (CELLxGENE names) before converting")
@@ -157,7 +158,7 @@ def _read_obs(path: Path, group: h5py.Group) -> tuple[pd.DataFrame, h5py.Dataset
         if c in group:
             column = _read_categorical(group[c])
             columns[c] = column.rename_categories([str(v) for v in column.categories])
-            if c in REQUIRED_OBS and (columns[c].codes < 0).any():
+            if c in required_obs and (columns[c].codes < 0).any():
                 raise SscellError(f"{path}: obs column {c} has missing values; fill or drop those cells")
     obs = pd.DataFrame(columns, index=pd.RangeIndex(len(ids)))
     if "dataset_id" not in obs:
@@ -179,8 +180,10 @@ def _read_split(path: Path, group: h5py.Group, column: str) -> np.ndarray:
 
 
 def open_input(path: str | os.PathLike, stack: contextlib.ExitStack, *, gene_column: str | None = None,
-               round_counts: bool = False, split_column: str | None = None) -> H5adInput:
-    """Open one .h5ad (closed with `stack`); check its obs and genes, not yet its counts."""
+               round_counts: bool = False, split_column: str | None = None,
+               required_obs: tuple[str, ...] = REQUIRED_OBS) -> H5adInput:
+    """Open one .h5ad (closed with `stack`); check its obs (`required_obs` must be present) and
+    genes, not yet its counts."""
     path = Path(path)
     if not path.is_file():
         raise SscellError(f"{path}: no such input file")
@@ -199,7 +202,7 @@ def open_input(path: str | os.PathLike, stack: contextlib.ExitStack, *, gene_col
             if counts.format != "csr":
                 raise SscellError(f"{path}: counts in {source} are stored as {counts.format}; "
                                   "rewrite them as csr (e.g. adata.X = adata.X.tocsr()) and convert again")
-        obs, ids = _read_obs(path, f["obs"])
+        obs, ids = _read_obs(path, f["obs"], required_obs)
         given_split = _read_split(path, f["obs"], split_column) if split_column else None
         var = anndata.io.read_elem(f[var_key])
         found = modalities.find_any(f, path)

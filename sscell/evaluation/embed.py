@@ -1,43 +1,43 @@
-"""Embeddings of any dataset with a trained run, written into an AnnData file as obsm['X_sscell'].
+"""Embeddings of any dataset with a trained run or bundle, written into an AnnData file as obsm['X_sscell'].
 
-    python -m sscell.evaluation.embed --workdir=RUN --input=data.h5ad|STORE --output=out.h5ad
+    python -m sscell.evaluation.embed --workdir=RUN|BUNDLE --input=data.h5ad|STORE --output=out.h5ad
+        [--gene-column=COLUMN] [--round-counts] [--min-gene-overlap=0.5] [--batch-size=N] [--checkpoint=best]
 
-An .h5ad input is aligned to the run's gene vocabulary by gene id, as the converter does
-(`sscell.data.inputs`): its genes outside the vocabulary are dropped, and vocabulary genes it
-lacks are unmeasured, zeroed exactly as in training (the model input is built by the training
-step's `task_batch` with the measured mask). A store input must have the run's vocabulary.
-Cells are read `eval.batch_size` rows at a time and the embeddings are written to disk block by
-block, so memory stays bounded at any size. The output holds the input's obs (same cells, same
-order), obsm['X_sscell'] and uns['sscell'] (workdir, checkpoint, step, input); it is written to
-a temporary file beside the output and renamed into place.
+Any .h5ad works: obs is kept as it is (no column is required), counts come from layers['counts'],
+raw.X or X, and genes are matched to the model's by id or by symbol through its gene table, or by
+the var column `--gene-column` (`sscell.evaluation.align`: the overlap is reported, and an input
+measuring less than `--min-gene-overlap` of the model's genes is refused). Model genes the input
+lacks are unmeasured, zeroed exactly as in training. A store input must have the run's genes.
+Cells are read `eval.batch_size` rows at a time and the outputs are written block by block, so
+memory stays bounded at any size. The output holds the input's obs (same cells, same order),
+obsm['X_sscell'] and uns['sscell'] (model, checkpoint, step, input, genes matched); with
+`predict` (`sscell.evaluation.predict`) also the predicted cell types. It is written to a
+temporary file beside the output and renamed into place.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Sequence
 from pathlib import Path
 
 import anndata
 import h5py
-import jax
 import numpy as np
 import pandas as pd
-from absl import app, flags, logging
 
-from sscell.config import load_config
-from sscell.data.inputs import H5adInput, align, open_input
-from sscell.data.loader import sequential_batches, shard_nonzeros
-from sscell.data.prepare import store_path
+from sscell.api import CONFIDENCE, LABEL, OBSM_KEY, ONTOLOGY, Model, load
+from sscell.data.loader import sequential_batches
 from sscell.data.store import Store, open_store
 from sscell.errors import SscellError, exit_on_error
+from sscell.evaluation.align import MIN_OVERLAP, input_batches, match_genes, open_h5ad
 from sscell.training import checkpoint
 from sscell.training.mesh import make_mesh, replicated
-from sscell.training.state import abstract_state, check_same_genes
-from sscell.training.step import task_batch
-from sscell.training.train import Setup, build
+from sscell.training.state import abstract_state, check_gene_order
+from sscell.training.train import build
 
-OBSM_KEY = "X_sscell"
+__all__ = ["OBSM_KEY", "embed", "load_params", "write_outputs"]
 
 
 def load_params(workdir: str, config, store: Store, which: str | None = None):
@@ -50,28 +50,6 @@ def load_params(workdir: str, config, store: Store, which: str | None = None):
     if restored is None:
         raise SscellError(f"{workdir} has no checkpoint yet; train first with python -m sscell.main")
     return setup, restored[0]["params"], int(restored[0]["step"])
-
-
-def make_encoder(setup: Setup):
-    """`encode(params, batch, measured_table) -> embeddings` (jit): the model's embedding of a
-    loader-format batch, its input built exactly as in training."""
-    model, n_genes = setup.model, setup.info.n_genes
-
-    @jax.jit
-    def encode(params, batch, measured_table):
-        return model.apply({"params": params}, task_batch(batch, n_genes, measured_table)["x"], method="encode")
-
-    return encode
-
-
-def h5ad_batches(inp: H5adInput, batch_size: int) -> Iterator[tuple[dict[str, np.ndarray], int]]:
-    """An aligned .h5ad's cells in file order, as (loader-format batch, n_valid) of `batch_size`
-    cells (the last padded with empty cells); every cell is dataset 0 of `inp`'s measured table."""
-    for a in range(0, inp.n_cells, batch_size):
-        b = min(a + batch_size, inp.n_cells)
-        matrix = inp.read(a, b)
-        lengths = np.pad(np.diff(matrix.indptr), (0, batch_size - (b - a)))
-        yield {**shard_nonzeros(matrix.data, matrix.indices, lengths), "dataset": np.zeros(batch_size, np.int32)}, b - a
 
 
 def _is_store(path: Path) -> bool:
@@ -89,67 +67,102 @@ def _write_skeleton(path: Path, obs: pd.DataFrame, uns: dict, n_dims: int) -> No
         dataset.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
 
 
-def embed(workdir: str, input_path: str, output: str, batch_size: int = 0, which: str | None = None) -> dict:
-    """Embed the cells of `input_path` (.h5ad or store) with `workdir`'s checkpoint into `output`.
+def _write_rows(obs: h5py.Group, columns: dict, start: int) -> None:
+    """Fill rows from `start` of the obs columns (written by `_write_skeleton`) with `columns`."""
+    for name, values in columns.items():
+        if isinstance(values, pd.Categorical):
+            obs[name]["codes"][start:start + len(values)] = values.codes
+        else:
+            obs[name][start:start + len(values)] = values
 
-    Returns a summary: cells, dims, step, and for an .h5ad the genes dropped / not measured.
+
+def write_outputs(model: Model, input_path: str, output: str, *, predict: bool = False, batch_size: int = 0,
+                  gene_column: str | None = None, round_counts: bool = False,
+                  min_overlap: float = MIN_OVERLAP) -> dict:
+    """Embed (and with `predict`, classify) the cells of `input_path` (.h5ad or store) into `output`.
+
+    Returns a summary: cells, dims, step, and for an .h5ad how its genes matched the model's.
     """
-    config = load_config(workdir)
-    run_store = open_store(store_path(config, workdir))
-    setup, params, step = load_params(workdir, config, run_store, which)
-    batch_size = batch_size or config.eval.batch_size
+    if predict:
+        model.require_classifier()
+    batch_size = batch_size or model.batch_size
     source, output = Path(input_path), Path(output)
     if not output.parent.is_dir():
         raise SscellError(f"{output.parent} does not exist; create it or choose another --output")
-    summary = {"input": str(source), "step": step}
+    summary = {"input": str(source), "step": model.step}
     with contextlib.ExitStack() as stack:
         if _is_store(source):
-            store = open_store(source)
-            check_same_genes(run_store.path, store, workdir)  # or embed its .h5ad files: they are aligned
-            obs = store.read_obs()
+            store: Store = open_store(source)
+            check_gene_order(model.genes.index, store, model.source)  # or embed its .h5ad files: they are matched
+            obs, overlap = store.read_obs(), None
             table = store.measured if len(store.measured) else np.ones((1, store.n_genes), bool)
             batches = sequential_batches(store, 0, store.n_cells, batch_size)
         else:
-            inp = open_input(source, stack)
-            align(inp, run_store.var.index, "the run's gene vocabulary")
+            inp = open_h5ad(source, stack, gene_column=gene_column, round_counts=round_counts)
+            overlap = match_genes(inp, model.genes, min_overlap)
             obs = anndata.io.read_elem(stack.enter_context(h5py.File(source, "r"))["obs"])
             table = inp.measured("")[None]
-            batches = h5ad_batches(inp, batch_size)
-            summary.update(genes_dropped=inp.dropped, genes_not_measured=int((~table).sum()))
-        encode = make_encoder(setup)
+            batches = input_batches(inp, batch_size)
+            summary.update(genes_matched_by=overlap.key, genes_used=overlap.used, genes_dropped=inp.dropped,
+                           genes_measured=overlap.measured, genes_not_measured=overlap.run_genes - overlap.measured)
+        if predict:  # placeholders, filled block by block
+            obs = obs.drop(columns=[c for c in (LABEL, CONFIDENCE, ONTOLOGY) if c in obs])
+            obs = obs.assign(**model.prediction_columns(np.zeros(len(obs), int), np.zeros(len(obs))))
         tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
-        uns = {"sscell": {"workdir": os.path.abspath(workdir), "checkpoint": which or config.eval.checkpoint,
-                          "step": step, "input": os.path.abspath(source), "loss": config.loss.name}}
+        uns = {"sscell": model.provenance(overlap, input=os.path.abspath(source))}
         try:
-            _write_skeleton(tmp, obs, uns, config.model.latent)
+            _write_skeleton(tmp, obs, uns, int(model.config.model.latent))
             with h5py.File(tmp, "a") as f:
-                dataset, row = f["obsm"][OBSM_KEY], 0
-                for batch, n_valid in batches:
-                    dataset[row:row + n_valid] = np.asarray(jax.device_get(encode(params, batch, table)))[:n_valid]
-                    row += n_valid
+                row = 0
+                for embedding, *predicted in model.outputs(batches, table):
+                    f["obsm"][OBSM_KEY][row:row + len(embedding)] = embedding
+                    if predict:
+                        _write_rows(f["obs"], model.prediction_columns(*predicted), row)
+                    row += len(embedding)
             os.replace(tmp, output)
         finally:
             tmp.unlink(missing_ok=True)
-    return {**summary, "cells": len(obs), "dims": int(config.model.latent), "output": str(output)}
+    return {**summary, "cells": len(obs), "dims": int(model.config.model.latent), "output": str(output)}
 
 
-def main(argv: list[str]) -> None:
-    del argv
-    logging.set_verbosity(logging.WARNING)
-    values = flags.FLAGS
+def embed(workdir: str, input_path: str, output: str, batch_size: int = 0, which: str | None = None, *,
+          gene_column: str | None = None, round_counts: bool = False, min_overlap: float = MIN_OVERLAP) -> dict:
+    """Embed the cells of `input_path` (.h5ad or store) with the run or bundle `workdir` into `output`."""
+    return write_outputs(load(workdir, which), input_path, output, batch_size=batch_size, gene_column=gene_column,
+                         round_counts=round_counts, min_overlap=min_overlap)
+
+
+def parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """The flags `embed` and `predict` share."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--workdir", required=True, help="a trained run's work directory, or a bundle")
+    p.add_argument("--input", required=True, help="an .h5ad file (any obs) or an sscell store with the run's genes")
+    p.add_argument("--output", required=True, help="the .h5ad file to write")
+    p.add_argument("--gene-column", help="input var column holding the gene ids or symbols (default: the var index)")
+    p.add_argument("--round-counts", action="store_true", help="round non-integer counts instead of refusing them")
+    p.add_argument("--min-gene-overlap", type=float, default=MIN_OVERLAP,
+                   help="refuse inputs measuring less than this share of the model's genes (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=0, help="cells per forward pass (default: eval.batch_size)")
+    p.add_argument("--checkpoint", choices=("latest", "best"), help="of a run (default: its eval.checkpoint)")
+    return p
+
+
+def describe(summary: dict) -> str:
+    """The commands' one-line report of a written output."""
+    genes = (f"; {summary['genes_used']} input genes matched by {summary['genes_matched_by']}, "
+             f"{summary['genes_dropped']} dropped, {summary['genes_not_measured']} model genes not measured"
+             if "genes_used" in summary else "")
+    return (f"wrote {summary['output']}: {summary['cells']} cells x {summary['dims']} dims (obsm['{OBSM_KEY}'], "
+            f"step {summary['step']}){genes}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parser("python -m sscell.evaluation.embed", __doc__.splitlines()[0]).parse_args(argv)
     with exit_on_error():
-        s = embed(values.workdir, values.input, values.output, values.batch_size, values.checkpoint)
-        extra = (f", {s['genes_dropped']} input genes outside the vocabulary, {s['genes_not_measured']} vocabulary "
-                 "genes not measured" if "genes_dropped" in s else "")
-        print(f"wrote {s['output']}: {s['cells']} cells x {s['dims']} dims (obsm['{OBSM_KEY}'], step {s['step']})"
-              f"{extra}")
+        print(describe(embed(args.workdir, args.input, args.output, args.batch_size, args.checkpoint,
+                             gene_column=args.gene_column, round_counts=args.round_counts,
+                             min_overlap=args.min_gene_overlap)))
 
 
-if __name__ == "__main__":  # flags defined here only: `sscell.evaluation` defines its own --workdir
-    flags.DEFINE_string("workdir", None, "Work directory of a trained run.")
-    flags.DEFINE_string("input", None, "An .h5ad file or an sscell store to embed.")
-    flags.DEFINE_string("output", None, "The .h5ad file to write (obs + obsm['X_sscell']).")
-    flags.DEFINE_integer("batch_size", 0, "Cells per forward pass (default: the run's eval.batch_size).")
-    flags.DEFINE_enum("checkpoint", None, ["latest", "best"], "Checkpoint (default: the run's eval.checkpoint).")
-    flags.mark_flags_as_required(["workdir", "input", "output"])
-    app.run(main)
+if __name__ == "__main__":
+    main()

@@ -8,7 +8,10 @@ The run's randomness needs no saving: it is `fold_in(key(config.seed), step)`.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from sscell.errors import SscellError
@@ -60,3 +63,35 @@ def restore(manager: ocp.CheckpointManager, abstract_state: dict,
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                                              data=ocp.args.JsonRestore()))
     return restored["state"], restored["data"]
+
+
+def saved_state(workdir: str | os.PathLike, train_config, which: str) -> tuple[Path, int] | None:
+    """(directory of the saved train state, step) of `workdir`'s "latest" or "best" checkpoint
+    (`train_config`: the run's config.train); None if it has none."""
+    if which not in ("latest", "best"):
+        raise SscellError(f"unknown checkpoint '{which}'; choose latest or best")
+    manager = checkpoint_manager(workdir, train_config.checkpoint_every, train_config.keep_checkpoints)
+    step = manager.best_step() if which == "best" else manager.latest_step()
+    manager.close()
+    return None if step is None else (Path(manager.directory) / str(step) / "state", step)
+
+
+def params_metadata(path: str | os.PathLike) -> dict:
+    """Shapes and dtypes (orbax metadata) of the parameters of the train state saved at `path`."""
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+        return dict(handler.metadata(path))["params"]
+    finally:
+        handler.close()
+
+
+def restore_params(path: str | os.PathLike, layout: dict) -> dict:
+    """The parameters of the train state saved at `path` that `layout` names (`params_metadata`
+    or a part of it, e.g. {"encoder": ...}), as numpy arrays; nothing else is read."""
+    item = {"params": jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), layout)}
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+        return handler.restore(path, args=ocp.args.PyTreeRestore(item, restore_args, partial_restore=True))["params"]
+    finally:
+        handler.close()

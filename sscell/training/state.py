@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
+import pandas as pd
 from jax.sharding import NamedSharding
 
 from sscell.config import load_config
@@ -84,10 +84,15 @@ def check_same_genes(pretrained_store: str, store: Store, run: str) -> None:
     if resolved_location(pretrained_store) == resolved_location(store.path):
         return
     try:
-        reference = open_store(pretrained_store).var.index.astype(str)
+        reference = open_store(pretrained_store).var.index
     except SscellError as error:
         raise SscellError(f"cannot check that {store.path} has the genes of the pretrained run {run}: {error}") from None
-    genes = store.var.index.astype(str)
+    check_gene_order(reference, store, run)
+
+
+def check_gene_order(reference: pd.Index, store: Store, run: str) -> None:
+    """Refuse `store` unless its var index is `reference` (the genes run `run` trained on), in order."""
+    reference, genes = reference.astype(str), store.var.index.astype(str)
     fix = "convert it with --vocabulary=FILE listing the pretrained store's var index, in order"
     if len(genes) != len(reference):
         raise SscellError(f"{store.path} has {len(genes)} genes, the pretrained run {run}'s store "
@@ -103,12 +108,10 @@ def _checkpoint_path(init_from: str, train_config, which: str):
     """(path of the train state, step) of run `init_from`'s "latest" or "best" checkpoint."""
     if which not in ("latest", "best"):
         raise SscellError(f"unknown train.init_checkpoint '{which}'; choose latest or best")
-    manager = checkpoint.checkpoint_manager(init_from, train_config.checkpoint_every, train_config.keep_checkpoints)
-    step = manager.best_step() if which == "best" else manager.latest_step()
-    manager.close()
-    if step is None:
+    saved = checkpoint.saved_state(init_from, train_config, which)
+    if saved is None:
         raise SscellError(f"train.init_from {init_from} has no {which} checkpoint; train it first")
-    return manager.directory / str(step) / "state", step
+    return saved
 
 
 def pretrained_encoder(init_from: str, which: str, store: Store, params_layout: dict) -> dict:
@@ -124,22 +127,16 @@ def pretrained_encoder(init_from: str, which: str, store: Store, params_layout: 
     pretrained = load_config(init_from)
     check_same_genes(store_path(pretrained, init_from), store, init_from)
     path, step = _checkpoint_path(init_from, pretrained.train, which)
-    handler = ocp.PyTreeCheckpointHandler()
-    try:
-        saved = dict(handler.metadata(path))["params"].get("encoder")
-        if saved is None:
-            raise SscellError(f"train.init_from {init_from}: its model ({pretrained.loss.name}) has no encoder")
-        problems = _fit_problems(_shapes(saved), _shapes(params_layout["encoder"]))
-        if problems:
-            raise SscellError(
-                f"train.init_from {init_from}: its encoder does not fit this run's ({'; '.join(problems[:3])}"
-                f"{'; ...' if len(problems) > 3 else ''}); use its model settings (hidden="
-                f"{tuple(pretrained.model.hidden)}, latent={pretrained.model.latent}) and its genes")
-        item = {"params": {"encoder": jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved)}}
-        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-        restored = handler.restore(path, args=ocp.args.PyTreeRestore(item, restore_args, partial_restore=True))
-    finally:
-        handler.close()
+    saved = checkpoint.params_metadata(path).get("encoder")
+    if saved is None:
+        raise SscellError(f"train.init_from {init_from}: its model ({pretrained.loss.name}) has no encoder")
+    problems = _fit_problems(_shapes(saved), _shapes(params_layout["encoder"]))
+    if problems:
+        raise SscellError(
+            f"train.init_from {init_from}: its encoder does not fit this run's ({'; '.join(problems[:3])}"
+            f"{'; ...' if len(problems) > 3 else ''}); use its model settings (hidden="
+            f"{tuple(pretrained.model.hidden)}, latent={pretrained.model.latent}) and its genes")
+    encoder = checkpoint.restore_params(path, {"encoder": saved})["encoder"]
     if jax.process_index() == 0:
         print(f"encoder initialised from {init_from} (step {step}, {which} checkpoint)")
-    return restored["params"]["encoder"]
+    return encoder

@@ -1,0 +1,137 @@
+"""A portable model bundle: a trained sscell model in plain files, read without its run or store.
+
+    BUNDLE/README.md           model card: task, training data, steps, headline results, usage
+    BUNDLE/bundle.json         format and version, source run, checkpoint and step, loss, class names
+                               (and their Cell Ontology ids) of a classifier, training data, results
+    BUNDLE/config.json         the run's config (model.dtype settled)
+    BUNDLE/genes.csv           the gene table, in model input order (index: gene ids; e.g. feature_name)
+    BUNDLE/params.safetensors  the parameters, keys '/'-joined paths ("encoder/dense_0/kernel")
+
+Reading one runs no code from it: JSON, CSV and safetensors only (no pickle, no import of the
+config's loss.module). A bundle is written into a temporary folder beside its path and renamed
+into place, so an interrupted export leaves no half-written bundle.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+import pandas as pd
+import safetensors.numpy
+
+from sscell.config import CONFIG_FILE, load_config, save_config
+from sscell.errors import SscellError
+
+FORMAT, VERSION = "sscell-bundle", 1
+META_FILE, PARAMS_FILE, GENES_FILE, CARD_FILE = "bundle.json", "params.safetensors", "genes.csv", "README.md"
+HEADLINE = ("knn_macro_f1", "knn_micro_f1", "probe_macro_f1", "recon_ev_weighted", "scib_donor_total",
+            "finetune_macro_f1")
+
+
+def flatten(params: dict, prefix: str = "") -> dict[str, np.ndarray]:
+    """{"encoder/dense_0/kernel": array, ...} of a nested parameter dict."""
+    flat = {}
+    for key, value in params.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}/"))
+        else:
+            flat[f"{prefix}{key}"] = np.asarray(value)
+    return flat
+
+
+def unflatten(flat: dict[str, np.ndarray]) -> dict:
+    """The nested parameter dict of `flatten`'s output."""
+    params: dict = {}
+    for key, value in flat.items():
+        *parents, name = key.split("/")
+        node = params
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[name] = value
+    return params
+
+
+def is_bundle(path: str | os.PathLike) -> bool:
+    return (Path(path) / META_FILE).is_file()
+
+
+def model_card(meta: dict, config: ml_collections.ConfigDict) -> str:
+    """The bundle's README.md: what the model does, what it learnt from, how to use it."""
+    training, classes = meta["training"], meta.get("classes")
+    task = (f"cell-type classifier over {len(classes)} classes (loss `supervised`)" if classes else
+            f"self-supervised encoder (loss `{meta['loss']}`)")
+    init = f", fine-tuned from the encoder of `{config.train.init_from}`" if config.train.get("init_from") else ""
+    lines = [f"# sscell model: {task}", "",
+             f"Exported from the run `{meta['source']}`, {meta['checkpoint']} checkpoint (step {meta['step']}).", "",
+             f"- Task: {task}{init}; embedding of {config.model.latent} dims from an MLP encoder "
+             f"(hidden {list(config.model.hidden)}, {config.model.activation}, compute dtype {config.model.dtype}).",
+             f"- Training data: store `{training['store']}` converted from {', '.join(training['inputs']) or 'unknown'}: "
+             f"{training['cells']:,} cells ({training['train_cells']:,} trained on), {training['genes']:,} genes, "
+             f"datasets {', '.join(training['datasets']) or '-'}.",
+             f"- Training: {meta['step']:,} of {config.train.steps:,} steps of {config.train.batch_size:,} cells, "
+             f"{config.train.optimizer} lr {config.train.lr:g}, seed {config.seed}."]
+    if meta.get("results"):
+        scores = ", ".join(f"{k} {v:.3f}" for k, v in meta["results"].items() if k != "method")
+        lines.append(f"- Results (the run's results.csv, {meta['results']['method']}): {scores}.")
+    if classes:
+        lines.append(f"- Classes (code order): {'; '.join(classes)}.")
+    lines += ["", "## Use", "", "```python", "import sscell", "", 'model = sscell.load("BUNDLE")',
+              "embedding = model.embed(adata)  # also sets adata.obsm['X_sscell']"]
+    if classes:
+        lines.append("labels = model.predict(adata)  # obs['sscell_cell_type'], obs['sscell_confidence']")
+    command = "predict" if classes else "embed"
+    lines += ["```", "", f"or `python -m sscell.evaluation.{command} --workdir=BUNDLE --input=data.h5ad "
+              "--output=out.h5ad`. Genes are matched by id or by a text column of genes.csv (e.g. symbols); "
+              "genes an input lacks are treated as unmeasured.", "",
+              "## Files", "",
+              f"`{PARAMS_FILE}` (parameters, '/'-joined names), `{GENES_FILE}` (model input genes, in order), "
+              f"`{CONFIG_FILE}` (the run's config), `{META_FILE}` (this card's facts, class names)."]
+    return "\n".join(lines) + "\n"
+
+
+def write_bundle(path: str | os.PathLike, *, params: dict, genes: pd.DataFrame, config: ml_collections.ConfigDict,
+                 meta: dict) -> Path:
+    """Write a bundle at `path` (replacing a bundle there; refusing anything else)."""
+    path = Path(path)
+    if path.exists() and not is_bundle(path):
+        raise SscellError(f"{path} exists and is not an sscell bundle; choose another path")
+    if not path.parent.is_dir():
+        raise SscellError(f"{path.parent} does not exist; create it or choose another path")
+    tmp, old = (path.with_name(f".{path.name}.{what}-{os.getpid()}") for what in ("tmp", "old"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        safetensors.numpy.save_file(flatten(params), tmp / PARAMS_FILE, metadata={"format": FORMAT})
+        genes.to_csv(tmp / GENES_FILE, index_label=genes.index.name or "gene_id")
+        save_config(config, tmp)
+        (tmp / META_FILE).write_text(json.dumps({"format": FORMAT, "version": VERSION, **meta}, indent=2) + "\n")
+        (tmp / CARD_FILE).write_text(model_card(meta, config))
+        if path.exists():
+            path.rename(old)
+        tmp.rename(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def read_bundle(path: str | os.PathLike) -> tuple[dict, pd.DataFrame, ml_collections.ConfigDict, dict]:
+    """(params, gene table, config, meta) of the bundle at `path`."""
+    path = Path(path)
+    missing = [name for name in (META_FILE, PARAMS_FILE, GENES_FILE, CONFIG_FILE) if not (path / name).is_file()]
+    if missing:
+        raise SscellError(f"{path} is not a complete sscell bundle (no {', '.join(missing)}); export it again")
+    meta = json.loads((path / META_FILE).read_text())
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise SscellError(f"{path}: bundle format {meta.get('format')} version {meta.get('version')}, this sscell "
+                          f"reads {FORMAT} version {VERSION}; export it again with this sscell")
+    params = unflatten(safetensors.numpy.load_file(path / PARAMS_FILE))
+    with open(path / GENES_FILE) as f:
+        index_name = f.readline().split(",", 1)[0].strip()
+    genes = pd.read_csv(path / GENES_FILE, index_col=0, dtype={index_name: str}, keep_default_na=False,
+                        na_values=[""])
+    return params, genes, load_config(path), meta
