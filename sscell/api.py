@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pandas as pd
+import zarr
 
 from sscell import bundle
 from sscell.config import load_config
@@ -210,8 +211,6 @@ def class_table(store: Store) -> pd.DataFrame:
 
 def _about(config: ml_collections.ConfigDict, workdir: str, store: Store) -> dict:
     """Training data and headline results of a run, for the model card."""
-    import zarr  # the store's provenance attributes
-
     inputs = zarr.open_group(store.path, mode="r", zarr_format=3).attrs["sscell"].get("inputs", [])
     trained = select_rows(store, "train", datasets=tuple(config.data.train_datasets),
                           fraction=config.data.train_fraction, seed=config.seed)

@@ -69,7 +69,8 @@ def model_card(meta: dict, config: ml_collections.ConfigDict) -> str:
              f"Exported from the run `{meta['source']}`, {meta['checkpoint']} checkpoint (step {meta['step']}).", "",
              f"- Task: {task}{init}; embedding of {config.model.latent} dims from an MLP encoder "
              f"(hidden {list(config.model.hidden)}, {config.model.activation}, compute dtype {config.model.dtype}).",
-             f"- Training data: store `{training['store']}` converted from {', '.join(training['inputs']) or 'unknown'}: "
+             f"- Training data: store `{training['store']}` converted from "
+             f"{', '.join(training['inputs']) or 'unknown inputs'}: "
              f"{training['cells']:,} cells ({training['train_cells']:,} trained on), {training['genes']:,} genes, "
              f"datasets {', '.join(training['datasets']) or '-'}.",
              f"- Training: {meta['step']:,} of {config.train.steps:,} steps of {config.train.batch_size:,} cells, "
@@ -114,6 +115,8 @@ def write_bundle(path: str | os.PathLike, *, params: dict, genes: pd.DataFrame, 
             path.rename(old)
         tmp.rename(path)
     finally:
+        if old.exists() and not path.exists():  # the new one failed to land: keep the old bundle
+            old.rename(path)
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
     return path

@@ -56,7 +56,7 @@ def _gene_keys(genes: pd.DataFrame) -> dict[str, pd.Series]:
     keys = {"gene id": _lookup(genes.index)}
     for column in genes.columns:
         values = genes[column]
-        if isinstance(values.dtype, pd.CategoricalDtype) or values.dtype == object or pd.api.types.is_string_dtype(values):
+        if not (pd.api.types.is_numeric_dtype(values) or pd.api.types.is_bool_dtype(values)):
             keys[f"var['{column}']"] = _lookup(values)
     return keys
 
