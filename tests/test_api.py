@@ -112,7 +112,8 @@ def test_gene_column_names_the_input_var_column_with_the_ids(masked_run, atlas, 
     probes.write_h5ad(tmp_path / "probes.h5ad")
     run_cli("--workdir", workdir, "--input", tmp_path / "probes.h5ad", "--output", tmp_path / "out.h5ad",
             "--gene-column", "ensembl")
-    assert "96 input genes matched by gene id, 0 dropped, 0 model genes not measured" in capsys.readouterr().out
+    assert ("96 of the input's 96 genes matched by gene id; 96 of the run's 96 genes measured (100%)"
+            in capsys.readouterr().out)
     np.testing.assert_array_equal(anndata.read_h5ad(tmp_path / "out.h5ad").obsm[OBSM_KEY], by_id)
     np.testing.assert_array_equal(model.embed(probes, gene_column="ensembl"), by_id)
     with pytest.raises(SscellError, match=r"only 0 of the input's 96 genes matched"):  # the probe names alone
@@ -136,7 +137,7 @@ def test_an_input_measuring_too_few_of_the_runs_genes_is_refused(masked_run, atl
 
     run_cli("--workdir", workdir, "--input", tmp_path / "few.h5ad", "--output", tmp_path / "out.h5ad",
             "--min-gene-overlap", "0.4")
-    assert "56 model genes not measured" in capsys.readouterr().out
+    assert "40 of the run's 96 genes measured (42%)" in capsys.readouterr().out
     np.testing.assert_array_equal(anndata.read_h5ad(tmp_path / "out.h5ad").obsm[OBSM_KEY],
                                   sscell.load(workdir).embed(few, min_overlap=0.4))
 

@@ -76,7 +76,7 @@ def test_the_command_the_run_and_its_bundle_agree_bit_for_bit_after_the_run_is_d
     result = predict_cli(f"--workdir={workdir}", f"--input={tmp_path / 'symbols.h5ad'}",
                          f"--output={tmp_path / 'by_cli.h5ad'}")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "96 input genes matched by var['feature_name']" in result.stdout
+    assert "96 of the input's 96 genes matched by var['feature_name']" in result.stdout
     by_cli = anndata.read_h5ad(tmp_path / "by_cli.h5ad")
 
     model = sscell.load(workdir)

@@ -103,8 +103,9 @@ def write_outputs(model: Model, input_path: str, output: str, *, predict: bool =
             obs = anndata.io.read_elem(stack.enter_context(h5py.File(source, "r"))["obs"])
             table = inp.measured("")[None]
             batches = input_batches(inp, batch_size)
-            summary.update(genes_matched_by=overlap.key, genes_used=overlap.used, genes_dropped=inp.dropped,
-                           genes_measured=overlap.measured, genes_not_measured=overlap.run_genes - overlap.measured)
+            summary.update(genes=overlap.describe(), genes_matched_by=overlap.key, genes_used=overlap.used,
+                           genes_dropped=inp.dropped, genes_measured=overlap.measured,
+                           genes_not_measured=overlap.run_genes - overlap.measured)
         if predict:  # placeholders, filled block by block
             obs = obs.drop(columns=[c for c in (LABEL, CONFIDENCE, ONTOLOGY) if c in obs])
             obs = obs.assign(**model.prediction_columns(np.zeros(len(obs), int), np.zeros(len(obs))))
@@ -149,9 +150,7 @@ def parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 def describe(summary: dict) -> str:
     """The commands' one-line report of a written output."""
-    genes = (f"; {summary['genes_used']} input genes matched by {summary['genes_matched_by']}, "
-             f"{summary['genes_dropped']} dropped, {summary['genes_not_measured']} model genes not measured"
-             if "genes_used" in summary else "")
+    genes = f"; {summary['genes']}" if "genes" in summary else ""
     return (f"wrote {summary['output']}: {summary['cells']} cells x {summary['dims']} dims (obsm['{OBSM_KEY}'], "
             f"step {summary['step']}){genes}")
 
