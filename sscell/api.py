@@ -78,8 +78,9 @@ class Model:
         if n_inputs != len(self.genes):
             raise SscellError(f"{self.source}: the model reads {n_inputs} genes, its gene table lists "
                               f"{len(self.genes)}; the run or bundle is inconsistent")
-        if self.classes is not None and self.params["head"]["kernel"].shape[-1] != len(self.classes):
-            raise SscellError(f"{self.source}: the classifier has {self.params['head']['kernel'].shape[-1]} outputs "
+        head = self.params.get("head", {}).get("kernel")
+        if self.classes is not None and (head is None or head.shape[-1] != len(self.classes)):
+            raise SscellError(f"{self.source}: the classifier has {0 if head is None else head.shape[-1]} outputs "
                               f"for {len(self.classes)} classes; the run or bundle is inconsistent")
 
     @property
@@ -106,24 +107,24 @@ class Model:
         if self.is_classifier:
             classifier = Classifier(n_genes=n_genes, n_classes=len(self.classes), encoder=body)
 
-            def outputs(params, x):
+            def compute(params, x):
                 z, logits = classifier.apply({"params": params}, x, method=_embed_and_classify)
                 return z, jnp.argmax(logits, -1).astype(jnp.int32), jax.nn.softmax(logits).max(-1)
         else:
-            def outputs(params, x):
+            def compute(params, x):
                 return (body.apply({"params": params["encoder"]}, x, False),)
 
         @jax.jit
         def forward(params, batch, table):
-            return outputs(params, task_batch(batch, n_genes, table)["x"])
+            return compute(params, task_batch(batch, n_genes, table)["x"])
 
         return forward
 
     def outputs(self, batches: Iterable[tuple[dict, int]], table: np.ndarray) -> Iterator[tuple[np.ndarray, ...]]:
         """(embedding, [class code, confidence]) of each (batch, n_valid), valid cells only."""
         for batch, n_valid in batches:
-            yield tuple(np.asarray(a)[:n_valid] for a in jax.device_get(self._forward(self._device_params, batch,
-                                                                                          table)))
+            computed = jax.device_get(self._forward(self._device_params, batch, table))
+            yield tuple(np.asarray(a)[:n_valid] for a in computed)
 
     @property
     def batch_size(self) -> int:
