@@ -60,6 +60,7 @@ from pandas.api.types import union_categoricals
 
 from sscell.data import modality as modalities
 from sscell.data.cell_ids import all_in, as_utf8, check_unique, sorted_hashes
+from sscell.data.h5columns import categorical_of_strings
 from sscell.data.inputs import (REQUIRED_OBS, H5adInput, align, id_kind, open_input, read_vocabulary,
                                 union_vocabulary)
 from sscell.data.store import SPLITS, Store, StoreWriter, count_dtype, index_dtype, open_store
@@ -239,8 +240,8 @@ def _merge_obs(sources: Sequence[_Source]) -> pd.DataFrame:
     """The sources' kept obs columns concatenated, as categoricals with sorted categories (RangeIndex)."""
     names = dict.fromkeys(c for src in sources for c in src.obs.columns)
     return pd.DataFrame({
-        c: union_categoricals([src.obs[c].array if c in src.obs  # else all missing
-                               else pd.Categorical.from_codes(np.full(src.n_cells, -1, np.int8), categories=[])
+        c: union_categoricals([categorical_of_strings(src.obs[c].array if c in src.obs  # else all missing
+                               else pd.Categorical.from_codes(np.full(src.n_cells, -1, np.int8), categories=[]))
                                for src in sources], sort_categories=True)
         for c in names})
 

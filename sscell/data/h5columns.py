@@ -78,12 +78,12 @@ class Column:
         """The whole column as a categorical of strings (missing values: code -1), built from blocks
         of `block_rows` rows so no array of every row's value is ever held."""
         if self.encoding == "categorical":
-            return _of_strings(pd.Categorical(anndata.io.read_elem(self.elem)))
+            return categorical_of_strings(pd.Categorical(anndata.io.read_elem(self.elem)))
         n = len(self)
-        return union_categoricals([_of_strings(pd.Categorical(self.block(start, min(start + block_rows, n))))
-                                   for start in range(0, n, block_rows)] or [_of_strings(pd.Categorical([]))])
+        return union_categoricals([categorical_of_strings(pd.Categorical(self.block(start, min(start + block_rows, n))))
+                                   for start in range(0, n, block_rows)] or [categorical_of_strings(pd.Categorical([]))])
 
 
-def _of_strings(column: pd.Categorical) -> pd.Categorical:
+def categorical_of_strings(column: pd.Categorical) -> pd.Categorical:
     """`column` with its categories as str (an object index, the same dtype whatever they were)."""
     return pd.Categorical.from_codes(column.codes, pd.Index([str(c) for c in column.categories], dtype=object))
