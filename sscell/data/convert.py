@@ -187,8 +187,9 @@ def _assign_splits(unit: np.ndarray, known: np.ndarray, fractions: Sequence[floa
 
 
 def _split_cells(obs: pd.DataFrame, known: np.ndarray, policy: str, fractions: Sequence[float],
-                 rng: np.random.Generator, split_column: str | None) -> np.ndarray:
-    """Split code per cell: `known` where >= 0, the others split by `policy`; refuse a split left empty."""
+                 rng: np.random.Generator, given_by: str) -> np.ndarray:
+    """Split code per cell: `known` (given by `given_by`, for errors) where >= 0, the others split by
+    `policy`; refuse a split left empty."""
     if policy == "cells":
         split, n_units = known.copy(), None
         split[split < 0] = split_by_cell(int((split < 0).sum()), fractions, rng)
@@ -204,9 +205,10 @@ def _split_cells(obs: pd.DataFrame, known: np.ndarray, policy: str, fractions: S
                           "(dataset_id + donor_id), too few to split by donor; pass --split=cells "
                           "(config: data.split=cells) for a seeded per-cell split, or --split-column=COLUMN "
                           "(config: data.split_column) naming an obs column of train/val/test values")
-    given = f"{len(known) - assigned} given by " + (f"obs column {split_column!r}" if split_column else "the store")
-    raise SscellError(f"the {which} split would be empty: of {len(known)} cells, {given} and {assigned} split by "
-                      f"{policy}; give that split cells (e.g. in the split column) or convert more cells")
+    given = len(known) - assigned
+    raise SscellError(f"the {which} split would be empty: of {len(known)} cells, {assigned} split by {policy}"
+                      + (f" and {given} given by {given_by}" if given else "")
+                      + "; give that split cells (e.g. in the split column) or convert more cells")
 
 
 def _donor_units(obs: pd.DataFrame, block: int = 2**20) -> np.ndarray:
@@ -423,9 +425,9 @@ def _record_rounding(sources: Sequence[_Source], attrs: dict) -> None:
 
 def _build(sources: Sequence[_Source], var: pd.DataFrame, known: np.ndarray, attrs: dict, tmp: Path, *,
            seed: int, split_fractions: Sequence[float], block_cells: int, bucket_nonzeros: int,
-           split_column: str | None = None) -> None:
+           given_by: str = "") -> None:
     """Write the store of `sources` (gene order: var) at tmp/store; `known`: fixed splits (-1:
-    assign by attrs["split"]).
+    assign by attrs["split"]; given_by: where the fixed ones come from, for errors).
 
     Memory beyond a block: at most ~40 bytes a cell (obs codes, nonzeros, order, indptr), ~25
     while the cells move (obs codes in store order, each cell's store row, indptr).
@@ -433,7 +435,7 @@ def _build(sources: Sequence[_Source], var: pd.DataFrame, known: np.ndarray, att
     panel = modalities.common_panel(sources)  # before the long passes: inputs with different panels fail fast
     obs = _merge_obs(sources)
     rng = np.random.default_rng(seed)
-    split = _split_cells(obs, known, attrs["split"], split_fractions, rng, split_column)  # fails fast too
+    split = _split_cells(obs, known, attrs["split"], split_fractions, rng, given_by)  # fails fast too
     id_bytes = check_unique(sources, block_cells)
     nnz, max_count = _count_pass(sources, block_cells)
     _record_rounding(sources, attrs)
@@ -610,7 +612,8 @@ def convert(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, *, v
         tmp.mkdir()
         try:
             _build(sources, var, known, attrs, tmp, seed=seed, split_fractions=split_fractions,
-                   block_cells=block_cells, bucket_nonzeros=bucket_nonzeros, split_column=split_column)
+                   block_cells=block_cells, bucket_nonzeros=bucket_nonzeros,
+                   given_by=" and ".join([f"obs column {split_column!r}"] * bool(split_column) + ["the store"] * append))
             if append:
                 os.rename(output, tmp / "old")
             elif output.exists():
