@@ -57,7 +57,7 @@ class H5adInput:
     columns: np.ndarray | None = None  # vocabulary column of each input column, -1: dropped
     n_genes: int = 0            # vocabulary size
     given_split: np.ndarray | None = None  # split codes (index into SPLITS) from --split-column
-    modality: h5py.Dataset | modalities.H5Csr | None = None  # obsm[modality_key], on disk
+    modality: h5py.Dataset | anndata.abc.CSRDataset | None = None  # obsm[modality_key], on disk
     modality_names: tuple[str, ...] | None = None  # its column names (None: no modality)
     modality_key: str = modalities.PROTEIN_KEY
     # (non-integer, stored) values of each block of counts read, by its first row (a block read
@@ -116,9 +116,9 @@ class H5adInput:
     def read_modality(self, start: int, stop: int) -> np.ndarray | scipy.sparse.csr_matrix:
         """Validated obsm[modality_key] rows [start, stop) with float32 values (cells x features;
         csr for a sparse modality)."""
-        sparse = isinstance(self.modality, modalities.H5Csr)
+        sparse = isinstance(self.modality, anndata.abc.CSRDataset)
         try:
-            values = self.modality.rows(start, stop) if sparse else self.modality[start:stop]
+            values = self.modality[start:stop]
         except (OSError, KeyError, ValueError, RuntimeError) as e:
             raise SscellError(f"{self.path}: cannot read obsm rows {start}-{stop - 1}, the file looks truncated "
                               f"or corrupt ({_one_line(e)})") from None
@@ -127,7 +127,7 @@ class H5adInput:
 
     def modality_lengths(self) -> np.ndarray:
         """Nonzeros per cell of a sparse modality."""
-        return self.modality.lengths()
+        return np.diff(self.modality.group["indptr"][:]).astype(np.int64)
 
     def _checked(self, data: np.ndarray, start: int, stop: int) -> np.ndarray:
         """`data` (stored values of rows [start, stop)) if they are non-negative integer counts,
