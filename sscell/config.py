@@ -78,7 +78,8 @@ def default_config() -> ml_collections.ConfigDict:
         store="",               # a store made by `python -m sscell.data.convert`, or
         h5ad="",                # comma-separated .h5ad paths/globs, converted into WORKDIR/store, or
         vocabulary="",          # with h5ad: gene-id list file (one per line); empty: the inputs' genes
-        split_column="",        # with h5ad: obs column of train/val/test overriding the donor split
+        split="donor",          # with h5ad: split cells by donor unit (needs >= 3) or "cells" (seeded, per cell)
+        split_column="",        # with h5ad: obs column of train/val/test overriding the split
         # a generated atlas (sscell.data.synthetic.AtlasSpec fields), used when n_cells > 0
         synthetic=ml_collections.ConfigDict(dict(n_cells=0, n_genes=2000, n_datasets=4, donors_per_dataset=4,
                                                  n_proteins=0,  # > 0: a CITE-seq-like protein panel too

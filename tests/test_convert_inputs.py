@@ -1,15 +1,19 @@
 """Converter inputs: gene vocabulary, measured-gene masks, and every kind of bad input."""
 from __future__ import annotations
 
+import contextlib
+
 import anndata as ad
 import h5py
 import numpy as np
 import pandas as pd
 import pytest
+import zarr
 from test_store import dense, input_rows, leftovers, make_adata
 
 import sscell.data.inputs
 from sscell.data.convert import convert
+from sscell.data.inputs import open_input
 from sscell.data.store import open_store
 from sscell.errors import SscellError
 
@@ -143,19 +147,47 @@ def test_gene_column_and_mixed_id_types(tmp_path):
     np.testing.assert_array_equal(dense(store.read_rows(0, 80)), dense(adata.X[input_rows(store, adata)]))
 
 
-def test_round_counts_accepts_non_integer_counts(tmp_path):
+def test_round_counts_accepts_non_integer_counts(tmp_path, capsys):
     adata = make_adata(n_cells=60)
     adata.X.data[:50] += 0.4
     adata.X.data[50:60] = 0.3  # rounds to zero: dropped from the sparse rows
     adata.write_h5ad(tmp_path / "soup.h5ad")
+    make_adata(n_cells=40, seed=1, prefix="whole").write_h5ad(tmp_path / "whole.h5ad")
     with pytest.raises(SscellError, match="non-integer values.*--round-counts"):
         convert([tmp_path / "soup.h5ad"], tmp_path / "store")
-    convert([tmp_path / "soup.h5ad"], tmp_path / "store", round_counts=True)
+    report = convert([tmp_path / "soup.h5ad", tmp_path / "whole.h5ad"], tmp_path / "store", round_counts=True,
+                     block_cells=16)
     store = open_store(tmp_path / "store")
-    expected = np.rint(dense(adata.X))[input_rows(store, adata)]
-    got = store.read_rows(0, store.n_cells)
+    soup = store.read_obs()["dataset_id"].to_numpy() == "soup"
+    rows = adata.obs_names.get_indexer(store.read_obs().index[soup])
+    expected = np.rint(dense(adata.X))[rows]
+    got = store.read_rows(0, store.n_cells)[np.flatnonzero(soup)]
     np.testing.assert_array_equal(dense(got), expected)
     assert got.nnz == np.count_nonzero(expected)
+
+    share = 60 / adata.X.nnz  # non-integer stored values of soup.h5ad
+    shares = {str(tmp_path / "soup.h5ad"): share, str(tmp_path / "whole.h5ad"): 0.0}
+    assert report["rounded_counts"] == shares
+    assert zarr.open_group(tmp_path / "store", mode="r").attrs["sscell"]["rounded_counts"] == shares
+    warnings = capsys.readouterr().err.strip().splitlines()
+    assert len(warnings) == 1 and "soup.h5ad" in warnings[0] and f"{share:.2%}" in warnings[0]
+
+    make_adata(n_cells=30, seed=2, prefix="more").write_h5ad(tmp_path / "more.h5ad")
+    convert([tmp_path / "more.h5ad"], tmp_path / "store", append=True)  # the record stays
+    assert zarr.open_group(tmp_path / "store", mode="r").attrs["sscell"]["rounded_counts"] == shares
+
+
+def test_open_input_without_required_obs(tmp_path):
+    adata = make_adata(n_cells=30)
+    del adata.obs["cell_type"], adata.obs["donor_id"]
+    adata.write_h5ad(tmp_path / "bare.h5ad")
+    with contextlib.ExitStack() as stack:
+        with pytest.raises(SscellError, match=r"bare\.h5ad: obs lacks required column\(s\) cell_type, donor_id"):
+            open_input(tmp_path / "bare.h5ad", stack)
+        inp = open_input(tmp_path / "bare.h5ad", stack, required_obs=())
+        assert sorted(inp.obs.columns) == ["assay", "dataset_id"]  # what is there is read
+        assert list(inp.obs["assay"]) == list(adata.obs["assay"])
+        assert list(inp.read_ids(0, 30)) == [c.encode() for c in adata.obs_names]
 
 
 def write_bad(tmp_path, problem: str):

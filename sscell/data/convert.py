@@ -3,8 +3,11 @@
     python -m sscell.data.convert --output=STORE IN1.h5ad [IN2.h5ad | DIR ...] [--vocabulary=GENES.txt]
     python -m sscell.data.convert --output=STORE --append NEW.h5ad
 
-Cells are split by donor unit (dataset_id + donor_id) into train/val/test and stored grouped by
-split, shuffled within each (inputs: sscell.data.inputs). Memory stays bounded by a block of rows
+Cells are split by donor unit (dataset_id + donor_id) into train/val/test, which needs at least 3
+donor units, or with `--split=cells` cell by cell (seeded; obs donor_id then optional), or by an
+obs column of train/val/test values (`--split-column`); the store's attrs record the policy and
+`--append` follows it. No split may end up empty. Cells are stored grouped by split, shuffled
+within each (inputs: sscell.data.inputs). Memory stays bounded by a block of rows
 plus ~25-40 bytes a cell (obs columns as categorical codes, nonzeros and store row per cell,
 indptr; never the cell-id strings), whatever the input size, in streaming passes:
 0. ids: hash every cell id (8 bytes a cell) to find repeated ids (sscell.data.cell_ids);
@@ -57,13 +60,17 @@ from pandas.api.types import union_categoricals
 
 from sscell.data import modality as modalities
 from sscell.data.cell_ids import all_in, as_utf8, check_unique, sorted_hashes
-from sscell.data.inputs import H5adInput, align, id_kind, open_input, read_vocabulary, union_vocabulary
+from sscell.data.h5columns import categorical_of_strings
+from sscell.data.inputs import (REQUIRED_OBS, H5adInput, align, id_kind, open_input, read_vocabulary,
+                                union_vocabulary)
 from sscell.data.store import SPLITS, Store, StoreWriter, count_dtype, index_dtype, open_store
 from sscell.errors import SscellError, exit_on_error
 
 BUCKET_NONZEROS = 2**24  # a bucket is loaded whole in pass 3: ~2**24 x 4-8 bytes
 BUCKET_ROWS = 2**18      # ... and holds at most this many cells (their ids and rows)
 APPEND_NONZEROS = 2**21  # nonzeros gathered from a loaded bucket at a time
+SPLIT_POLICIES = ("donor", "cells")  # how cells without a given split are split
+NO_DONOR = "unknown"  # obs donor_id of cells from inputs without one (--split=cells)
 
 
 @dataclasses.dataclass
@@ -151,6 +158,18 @@ def split_by_unit(unit: np.ndarray, fractions: Sequence[float], rng: np.random.G
     return split_of_unit[unit]
 
 
+def split_by_cell(n_cells: int, fractions: Sequence[float], rng: np.random.Generator) -> np.ndarray:
+    """Split code per cell (0 train, 1 val, 2 test): round(fractions * n_cells) of each, in a seeded
+    random order; with >= 3 cells every split gets at least one. One byte a cell."""
+    cuts = np.round(np.cumsum(fractions[:2]) * n_cells).astype(np.int64)
+    if n_cells >= 3:
+        cuts[0] = np.clip(cuts[0], 1, n_cells - 2)
+        cuts[1] = np.clip(cuts[1], cuts[0] + 1, n_cells - 1)
+    split = np.repeat(np.arange(len(SPLITS), dtype=np.int8), np.diff(np.r_[0, cuts, n_cells]))
+    rng.shuffle(split)
+    return split
+
+
 def _assign_splits(unit: np.ndarray, known: np.ndarray, fractions: Sequence[float],
                    rng: np.random.Generator) -> np.ndarray:
     """Split per cell: `known` where >= 0, else the split of the cell's unit if the unit has known
@@ -165,6 +184,31 @@ def _assign_splits(unit: np.ndarray, known: np.ndarray, fractions: Sequence[floa
         unseen[unit[new]] = True
         split[new] = split_by_unit((np.cumsum(unseen) - 1)[unit[new]], fractions, rng)
     return split
+
+
+def _split_cells(obs: pd.DataFrame, known: np.ndarray, policy: str, fractions: Sequence[float],
+                 rng: np.random.Generator, given_by: str) -> np.ndarray:
+    """Split code per cell: `known` (given by `given_by`, for errors) where >= 0, the others split by
+    `policy`; refuse a split left empty."""
+    if policy == "cells":
+        split, n_units = known.copy(), None
+        split[split < 0] = split_by_cell(int((split < 0).sum()), fractions, rng)
+    else:
+        unit = _donor_units(obs)
+        split, n_units = _assign_splits(unit, known, fractions, rng), int(unit.max()) + 1
+    empty = [name for name, n in zip(SPLITS, np.bincount(split, minlength=len(SPLITS))) if n == 0]
+    if not empty:
+        return split
+    which, assigned = " and ".join(empty), int((known < 0).sum())
+    if n_units is not None and n_units < len(SPLITS) and assigned:
+        raise SscellError(f"the {which} split would be empty: the cells come from {n_units} donor unit(s) "
+                          "(dataset_id + donor_id), too few to split by donor; pass --split=cells "
+                          "(config: data.split=cells) for a seeded per-cell split, or --split-column=COLUMN "
+                          "(config: data.split_column) naming an obs column of train/val/test values")
+    given = len(known) - assigned
+    raise SscellError(f"the {which} split would be empty: of {len(known)} cells, {assigned} split by {policy}"
+                      + (f" and {given} given by {given_by}" if given else "")
+                      + "; give that split cells (e.g. in the split column) or convert more cells")
 
 
 def _donor_units(obs: pd.DataFrame, block: int = 2**20) -> np.ndarray:
@@ -198,8 +242,8 @@ def _merge_obs(sources: Sequence[_Source]) -> pd.DataFrame:
     """The sources' kept obs columns concatenated, as categoricals with sorted categories (RangeIndex)."""
     names = dict.fromkeys(c for src in sources for c in src.obs.columns)
     return pd.DataFrame({
-        c: union_categoricals([src.obs[c].array if c in src.obs  # else all missing
-                               else pd.Categorical.from_codes(np.full(src.n_cells, -1, np.int8), categories=[])
+        c: union_categoricals([categorical_of_strings(src.obs[c].array if c in src.obs  # else all missing
+                               else pd.Categorical.from_codes(np.full(src.n_cells, -1, np.int8), categories=[]))
                                for src in sources], sort_categories=True)
         for c in names})
 
@@ -367,19 +411,34 @@ def _append_bucket(writer: StoreWriter, part: dict[str, np.ndarray], lo: int, hi
         writer.append(block, np.char.decode(part["ids"][in_order[a:b]], "utf-8"), modality)
 
 
+def _record_rounding(sources: Sequence[_Source], attrs: dict) -> None:
+    """After the count pass: record in `attrs` the share of non-integer counts each input read
+    with round_counts had (and so rounded), and warn on stderr about those with any."""
+    for src in sources:
+        if isinstance(src, H5adInput) and src.round_counts:
+            share = src.non_integer_share
+            attrs["rounded_counts"][str(src.path)] = share
+            if share > 0:
+                print(f"warning: {src.path}: rounded {share:.2%} of the stored counts in {src.source} to integers "
+                      "(--round-counts); they were not raw counts", file=sys.stderr)
+
+
 def _build(sources: Sequence[_Source], var: pd.DataFrame, known: np.ndarray, attrs: dict, tmp: Path, *,
-           seed: int, split_fractions: Sequence[float], block_cells: int, bucket_nonzeros: int) -> None:
-    """Write the store of `sources` (gene order: var) at tmp/store; `known`: fixed splits (-1: assign).
+           seed: int, split_fractions: Sequence[float], block_cells: int, bucket_nonzeros: int,
+           given_by: str = "") -> None:
+    """Write the store of `sources` (gene order: var) at tmp/store; `known`: fixed splits (-1:
+    assign by attrs["split"]; given_by: where the fixed ones come from, for errors).
 
     Memory beyond a block: at most ~40 bytes a cell (obs codes, nonzeros, order, indptr), ~25
     while the cells move (obs codes in store order, each cell's store row, indptr).
     """
     panel = modalities.common_panel(sources)  # before the long passes: inputs with different panels fail fast
-    id_bytes = check_unique(sources, block_cells)
     obs = _merge_obs(sources)
-    nnz, max_count = _count_pass(sources, block_cells)
     rng = np.random.default_rng(seed)
-    split = _assign_splits(_donor_units(obs), known, split_fractions, rng)
+    split = _split_cells(obs, known, attrs["split"], split_fractions, rng, given_by)  # fails fast too
+    id_bytes = check_unique(sources, block_cells)
+    nnz, max_count = _count_pass(sources, block_cells)
+    _record_rounding(sources, attrs)
     order = _shuffled_order(split, rng)
     obs = pd.DataFrame({c: pd.Categorical.from_codes(obs[c].cat.codes.to_numpy()[order], dtype=obs[c].dtype)
                         for c in obs} | {"split": pd.Categorical.from_codes(split[order], SPLITS)})
@@ -463,7 +522,7 @@ def _given_splits(h5ads: Sequence[H5adInput]) -> np.ndarray:
 
 def convert(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, *, vocabulary: str | None = None,
             append: bool = False, gene_column: str | None = None, round_counts: bool = False,
-            split_column: str | None = None, seed: int = 0,
+            split_column: str | None = None, split: str | None = None, seed: int = 0,
             split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15), block_cells: int = 8192,
             bucket_nonzeros: int = BUCKET_NONZEROS) -> dict:
     """Write the cells of `inputs` (.h5ad files or directories of them) into a store at `output`.
@@ -473,8 +532,11 @@ def convert(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, *, v
     existing store at `output` (cells of donor units already in it keep their split; its genes
     stay, followed by the inputs' new genes unless it was made with a vocabulary file).
     gene_column: a var column holding the gene ids (default: the var index).
-    round_counts: round non-integer counts instead of refusing them. split_column: an obs column of
-    train/val/test values that overrides the donor split for the inputs' cells. Returns the report.
+    round_counts: round non-integer counts instead of refusing them (warned on stderr, and the
+    share rounded per input recorded in the store's attrs). split: "donor" (the default for a new
+    store; needs >= 3 donor units) or "cells" (obs donor_id optional); an append follows the
+    store's. split_column: an obs column of train/val/test values that overrides the split policy
+    for the inputs' cells. Returns the report.
     """
     t0 = time.perf_counter()
     output = Path(output)
@@ -483,6 +545,8 @@ def convert(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, *, v
         raise SscellError("no input files given")
     if len(split_fractions) != 3 or min(split_fractions) < 0 or abs(sum(split_fractions) - 1) > 1e-6:
         raise SscellError(f"split_fractions {split_fractions} must be three non-negative numbers summing to 1")
+    if split is not None and split not in SPLIT_POLICIES:
+        raise SscellError(f"unknown split policy {split!r}; use one of {', '.join(SPLIT_POLICIES)}")
     if block_cells < 1 or bucket_nonzeros < 1:
         raise SscellError(f"block_cells ({block_cells}) and bucket_nonzeros ({bucket_nonzeros}) must be at least 1")
     if append and vocabulary:
@@ -496,21 +560,30 @@ def convert(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, *, v
         raise SscellError(f"{output} exists; remove it, choose another --output or pass --append")
 
     with contextlib.ExitStack() as stack:
-        h5ads = [open_input(p, stack, gene_column=gene_column, round_counts=round_counts, split_column=split_column)
-                 for p in paths]
+        old = _StoreSource.open(output) if append else None
+        previous = dict(zarr.open_group(output, mode="r").attrs["sscell"]) if append else {}
+        policy = previous.get("split", "donor") if append else split or "donor"
+        if split is not None and split != policy:
+            raise SscellError(f"{output} was split by {policy} (its attrs record it) and appended cells follow it; "
+                              f"drop --split or pass --split={policy}")
+        required = tuple(c for c in REQUIRED_OBS if c != "donor_id") if policy == "cells" else REQUIRED_OBS
+        h5ads = [open_input(p, stack, gene_column=gene_column, round_counts=round_counts, split_column=split_column,
+                            required_obs=required) for p in paths]
+        for inp in h5ads:
+            if "donor_id" not in inp.obs:  # --split=cells: keep the store layout
+                inp.obs["donor_id"] = pd.Categorical.from_codes(np.zeros(inp.n_cells, np.int8), [NO_DONOR])
         sources: list[_Source] = []
         attrs = {"inputs": [], "counts_source": [], "seed": seed, "split_fractions": list(split_fractions),
-                 "vocabulary_file": str(vocabulary) if vocabulary else None}
+                 "vocabulary_file": str(vocabulary) if vocabulary else None, "split": policy,
+                 "rounded_counts": dict(previous.get("rounded_counts", {}))}
         added = 0
         if append:
-            old = _StoreSource.open(output)
             hashes, _ = sorted_hashes([old], block_cells)
             skipped = [str(inp.path) for inp in h5ads if all_in(inp, hashes, block_cells)]
             del hashes
             h5ads = [inp for inp in h5ads if str(inp.path) not in skipped]
             if not h5ads:
-                return _report(output, t0, 0, appended_cells=0, skipped=skipped)
-            previous = zarr.open_group(output, mode="r").attrs["sscell"]
+                return _report(output, t0, 0, split=policy, appended_cells=0, skipped=skipped)
             genes, var, kind = old.store.var.index, old.store.var, id_kind(old.store.var.index)
             what = f"the store's genes ({output})"
             if "vocabulary_file" in previous and previous["vocabulary_file"] is None:  # derived: grows
@@ -539,7 +612,8 @@ def convert(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, *, v
         tmp.mkdir()
         try:
             _build(sources, var, known, attrs, tmp, seed=seed, split_fractions=split_fractions,
-                   block_cells=block_cells, bucket_nonzeros=bucket_nonzeros)
+                   block_cells=block_cells, bucket_nonzeros=bucket_nonzeros,
+                   given_by=" and ".join([f"obs column {split_column!r}"] * bool(split_column) + ["the store"] * append))
             if append:
                 os.rename(output, tmp / "old")
             elif output.exists():
@@ -551,7 +625,9 @@ def convert(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, *, v
             raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    return _report(output, t0, sum(src.n_cells for src in sources),
+    return _report(output, t0, sum(src.n_cells for src in sources), split=policy,
+                   rounded_counts={str(inp.path): attrs["rounded_counts"][str(inp.path)]
+                                   for inp in h5ads if round_counts},
                    appended_cells=sum(inp.n_cells for inp in h5ads) if append else 0, skipped=skipped,
                    counts_source={str(inp.path): inp.source for inp in h5ads}, genes_added=added,
                    genes_dropped={str(inp.path): inp.dropped for inp in h5ads})
@@ -569,7 +645,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--gene-column", help="var column holding gene ids (default: the var index)")
     parser.add_argument("--round-counts", action="store_true",
                         help="round non-integer counts (e.g. ambient-corrected) to integers instead of refusing them")
-    parser.add_argument("--split-column", help="obs column of train/val/test values overriding the donor split")
+    parser.add_argument("--split", choices=SPLIT_POLICIES,
+                        help="split cells by donor unit (dataset_id + donor_id, needs >= 3; the default) or cell "
+                             "by cell (obs donor_id then optional); --append follows the store's policy")
+    parser.add_argument("--split-column", help="obs column of train/val/test values overriding the split policy")
     parser.add_argument("--seed", type=int, default=0, help="seed for the split and the cell order")
     parser.add_argument("--split-fractions", type=float, nargs=3, default=(0.7, 0.15, 0.15),
                         metavar=("TRAIN", "VAL", "TEST"))
@@ -580,7 +659,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     with exit_on_error():
         report = convert(args.inputs, args.output, vocabulary=args.vocabulary, append=args.append,
                          gene_column=args.gene_column, round_counts=args.round_counts,
-                         split_column=args.split_column, seed=args.seed,
+                         split_column=args.split_column, split=args.split, seed=args.seed,
                          split_fractions=tuple(args.split_fractions), block_cells=args.block_cells,
                          bucket_nonzeros=args.bucket_nonzeros)
     print(json.dumps(report, indent=2))

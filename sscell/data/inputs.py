@@ -1,9 +1,10 @@
 """The converter's inputs: CELLxGENE-style .h5ad files opened lazily, validated, aligned to a gene vocabulary.
 
-Files are opened with h5py and anndata's element readers (`anndata.io.read_elem` for single
-obs/var columns, `anndata.io.sparse_dataset` for the counts), because `read_h5ad(backed='r')`
-loads layers, obsm and uns into memory. Only the obs columns the store keeps are read, as
-categoricals (a small integer code per cell); cell ids stay on disk and are read in row blocks.
+Files are opened with h5py and anndata's element readers (`anndata.io.read_elem` for var,
+`anndata.io.sparse_dataset` for the counts), because `read_h5ad(backed='r')` loads layers, obsm
+and uns into memory. Only the obs columns the store keeps are read, as categoricals (a small
+integer code per cell); cell ids stay on disk and are read in row blocks (sscell.data.h5columns,
+which follows every encoding anndata writes, e.g. 0.13's nullable-string-array index).
 
 Counts come from layers['counts'], else raw.X, else X. Genes are matched to the vocabulary by
 id (the var index, or a var column named by `gene_column`); genes outside the vocabulary are
@@ -25,10 +26,10 @@ import h5py
 import numpy as np
 import pandas as pd
 import scipy.sparse
-from pandas.api.types import union_categoricals
 
 from sscell.data import modality as modalities
 from sscell.data.cell_ids import as_utf8
+from sscell.data.h5columns import Column
 from sscell.data.store import SPLITS
 from sscell.errors import SscellError
 
@@ -50,15 +51,18 @@ class H5adInput:
     counts: anndata.abc.CSRDataset | h5py.Dataset
     source: str                 # where the counts came from, for the report
     obs: pd.DataFrame           # kept columns only, categoricals of strings; a RangeIndex (ids: read_ids)
-    ids: h5py.Dataset           # the obs index (cell ids), on disk
+    ids: Column                 # the obs index (cell ids), on disk
     var: pd.DataFrame           # index: gene ids of the counts' columns
     round_counts: bool = False  # round non-integer counts instead of refusing them
     columns: np.ndarray | None = None  # vocabulary column of each input column, -1: dropped
     n_genes: int = 0            # vocabulary size
     given_split: np.ndarray | None = None  # split codes (index into SPLITS) from --split-column
-    modality: h5py.Dataset | modalities.H5Csr | None = None  # obsm[modality_key], on disk
+    modality: h5py.Dataset | anndata.abc.CSRDataset | None = None  # obsm[modality_key], on disk
     modality_names: tuple[str, ...] | None = None  # its column names (None: no modality)
     modality_key: str = modalities.PROTEIN_KEY
+    # (non-integer, stored) values of each block of counts read, by its first row (a block read
+    # again counts once); only non-zero with round_counts
+    non_integer: dict[int, tuple[int, int]] = dataclasses.field(default_factory=dict)
 
     @property
     def n_cells(self) -> int:
@@ -69,6 +73,12 @@ class H5adInput:
         """How many of the input's genes are outside the vocabulary."""
         return int((self.columns < 0).sum())
 
+    @property
+    def non_integer_share(self) -> float:
+        """Share of the stored counts read so far that were not integers (rounded with round_counts)."""
+        non_integer, stored = np.sum(list(self.non_integer.values()) or [(0, 0)], axis=0)
+        return float(non_integer / max(stored, 1))
+
     def measured(self, dataset: str) -> np.ndarray:
         """Vocabulary genes the input measured (the same for each of its datasets)."""
         mask = np.zeros(self.n_genes, bool)
@@ -78,10 +88,14 @@ class H5adInput:
     def read_ids(self, start: int, stop: int) -> np.ndarray:
         """Cell ids of rows [start, stop) as an object array of UTF-8 bytes."""
         try:
-            return as_utf8(self.ids[start:stop])
+            ids = self.ids.block(start, stop, decode=False)
         except (OSError, KeyError, ValueError, RuntimeError) as e:
             raise SscellError(f"{self.path}: cannot read cell ids {start}-{stop - 1}, the file looks truncated "
                               f"or corrupt ({_one_line(e)})") from None
+        if ids.dtype == object and any(i is None for i in ids):
+            raise SscellError(f"{self.path}: the obs index (cell ids) has missing values in rows {start}-{stop - 1}; "
+                              "give every cell an id")
+        return as_utf8(ids)
 
     def read(self, start: int, stop: int) -> scipy.sparse.csr_matrix:
         """Validated counts of rows [start, stop) as csr over the vocabulary, explicit zeros dropped."""
@@ -90,7 +104,7 @@ class H5adInput:
         except (OSError, KeyError, ValueError, RuntimeError) as e:
             raise SscellError(f"{self.path}: cannot read rows {start}-{stop - 1} of {self.source}, "
                               f"the file looks truncated or corrupt ({_one_line(e)})") from None
-        block.data = self._checked(block.data, f"{start}-{stop - 1}")
+        block.data = self._checked(block.data, start, stop)
         kept = self.columns[block.indices]
         keep = kept >= 0
         indptr = np.concatenate([[0], np.cumsum(keep)])[block.indptr] if not keep.all() else block.indptr
@@ -102,9 +116,9 @@ class H5adInput:
     def read_modality(self, start: int, stop: int) -> np.ndarray | scipy.sparse.csr_matrix:
         """Validated obsm[modality_key] rows [start, stop) with float32 values (cells x features;
         csr for a sparse modality)."""
-        sparse = isinstance(self.modality, modalities.H5Csr)
+        sparse = isinstance(self.modality, anndata.abc.CSRDataset)
         try:
-            values = self.modality.rows(start, stop) if sparse else self.modality[start:stop]
+            values = self.modality[start:stop]
         except (OSError, KeyError, ValueError, RuntimeError) as e:
             raise SscellError(f"{self.path}: cannot read obsm rows {start}-{stop - 1}, the file looks truncated "
                               f"or corrupt ({_one_line(e)})") from None
@@ -113,52 +127,47 @@ class H5adInput:
 
     def modality_lengths(self) -> np.ndarray:
         """Nonzeros per cell of a sparse modality."""
-        return self.modality.lengths()
+        return np.diff(self.modality.group["indptr"][:]).astype(np.int64)
 
-    def _checked(self, data: np.ndarray, rows: str) -> np.ndarray:
-        """`data` (stored values of some rows) if they are non-negative integer counts, rounded if allowed."""
-        problem = None
+    def _checked(self, data: np.ndarray, start: int, stop: int) -> np.ndarray:
+        """`data` (stored values of rows [start, stop)) if they are non-negative integer counts,
+        rounded if allowed."""
+        problem, rounded = None, data
         if data.dtype.kind not in "fiu":
             problem = f"values of dtype {data.dtype}"
         elif data.dtype.kind == "f" and not np.isfinite(data).all():
             problem = "NaN or infinite values"
         elif data.dtype.kind in "fi" and (data < 0).any():
             problem = "negative values"
-        elif data.dtype.kind == "f" and (data != np.round(data)).any():
-            if self.round_counts:
-                return np.rint(data)
-            problem = "non-integer values (normalised data? pass --round-counts to round them to integers)"
+        elif data.dtype.kind == "f":
+            rounded = np.rint(data)
+            if not self.round_counts and (rounded != data).any():
+                problem = "non-integer values (normalised data? pass --round-counts to round them to integers)"
         if problem:
-            raise SscellError(f"{self.path}: counts in {self.source} have {problem} in rows {rows}; "
-                              "convert needs raw integer counts")
-        return data
+            raise SscellError(f"{self.path}: counts in {self.source} have {problem} in rows {start}-{stop - 1}; "
+                              "sscell needs raw integer counts")
+        self.non_integer[start] = (int(np.count_nonzero(rounded != data)), len(data))
+        return rounded
 
 
 def _read_categorical(elem: h5py.Group | h5py.Dataset) -> pd.Categorical:
-    """An obs column as a categorical; a plain array is read in blocks, never as one array of objects."""
-    if isinstance(elem, h5py.Group):  # categorical or nullable: codes/values plus a mask, small
-        return pd.Categorical(anndata.io.read_elem(elem))
-    read = elem.asstr() if h5py.check_string_dtype(elem.dtype) else elem
-    return union_categoricals([pd.Categorical(read[start:start + _COLUMN_BLOCK])
-                               for start in range(0, len(elem), _COLUMN_BLOCK)] or [pd.Categorical([])])
+    """An obs column as a categorical of strings, read in blocks (never as one array of objects)."""
+    return Column(elem).categorical(_COLUMN_BLOCK)
 
 
-def _read_obs(path: Path, group: h5py.Group, required_obs: tuple[str, ...] = REQUIRED_OBS
-              ) -> tuple[pd.DataFrame, h5py.Dataset]:
-    """The kept obs columns as categoricals of strings (RangeIndex), and the cell ids' dataset."""
-    ids = group[group.attrs["_index"]]
-    if not isinstance(ids, h5py.Dataset):
-        raise SscellError(f"{path}: obs index is not a plain string array; rewrite the file with anndata")
-    missing = [c for c in required_obs if c not in group]
+def _read_obs(path: Path, group: h5py.Group, required: tuple[str, ...]) -> tuple[pd.DataFrame, Column]:
+    """The kept obs columns as categoricals of strings (RangeIndex), and the cell ids' column."""
+    ids = Column(group[group.attrs["_index"]])
+    missing = [c for c in required if c not in group]
     if missing:
+        without_donors = " or pass --split=cells to split cells without donors" if "donor_id" in missing else ""
         raise SscellError(f"{path}: obs lacks required column(s) {', '.join(missing)}; "
-                          "add them (CELLxGENE names) before converting")
+                          f"add them (CELLxGENE names) before converting{without_donors}")
     columns = {}
-    for c in REQUIRED_OBS + OPTIONAL_OBS:
+    for c in dict.fromkeys(REQUIRED_OBS + OPTIONAL_OBS + required):
         if c in group:
-            column = _read_categorical(group[c])
-            columns[c] = column.rename_categories([str(v) for v in column.categories])
-            if c in required_obs and (columns[c].codes < 0).any():
+            columns[c] = _read_categorical(group[c])
+            if c in required and (columns[c].codes < 0).any():
                 raise SscellError(f"{path}: obs column {c} has missing values; fill or drop those cells")
     obs = pd.DataFrame(columns, index=pd.RangeIndex(len(ids)))
     if "dataset_id" not in obs:
@@ -182,8 +191,10 @@ def _read_split(path: Path, group: h5py.Group, column: str) -> np.ndarray:
 def open_input(path: str | os.PathLike, stack: contextlib.ExitStack, *, gene_column: str | None = None,
                round_counts: bool = False, split_column: str | None = None,
                required_obs: tuple[str, ...] = REQUIRED_OBS) -> H5adInput:
-    """Open one .h5ad (closed with `stack`); check its obs (`required_obs` must be present) and
-    genes, not yet its counts."""
+    """Open one .h5ad (closed with `stack`); check its obs and genes, not yet its counts.
+
+    required_obs: obs columns it must hold, without missing values (the other kept columns are
+    read when present, absent otherwise)."""
     path = Path(path)
     if not path.is_file():
         raise SscellError(f"{path}: no such input file")

@@ -61,29 +61,7 @@ BATCH_FIELD = "modality"  # the loader batch field holding the rows' (dense) mod
 PEAK_FIELDS = ("peaks", "peak_counts", "peak_indptr")  # a sparse modality's flat fields in a loader batch
 
 
-@dataclasses.dataclass(eq=False)
-class H5Csr:
-    """A CSR obsm element of an open .h5ad (anndata's csr_matrix group), rows read on demand."""
-
-    group: h5py.Group
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(int(n) for n in self.group.attrs["shape"])
-
-    def lengths(self) -> np.ndarray:
-        """Nonzeros of every row."""
-        return np.diff(self.group["indptr"][:]).astype(np.int64)
-
-    def rows(self, start: int, stop: int) -> sp.csr_matrix:
-        """Rows [start, stop) as csr (values as stored)."""
-        indptr = self.group["indptr"][start:stop + 1].astype(np.int64)
-        lo, hi = int(indptr[0]), int(indptr[-1])
-        return sp.csr_matrix((self.group["data"][lo:hi], self.group["indices"][lo:hi], indptr - lo),
-                             shape=(stop - start, self.shape[1]))
-
-
-def find_any(f: h5py.File, path: Path) -> tuple[str, h5py.Dataset | H5Csr, tuple[str, ...]] | None:
+def find_any(f: h5py.File, path: Path) -> tuple[str, h5py.Dataset | anndata.abc.CSRDataset, tuple[str, ...]] | None:
     """(key, obsm[key] on disk, its column names) of the one modality of MODALITY_KEYS an open
     .h5ad holds, or None if it holds none."""
     keys = [key for key in MODALITY_KEYS if f"obsm/{key}" in f]
@@ -95,7 +73,7 @@ def find_any(f: h5py.File, path: Path) -> tuple[str, h5py.Dataset | H5Csr, tuple
 
 
 def find_in_input(f: h5py.File, path: Path, key: str = PROTEIN_KEY
-                  ) -> tuple[h5py.Dataset | H5Csr, tuple[str, ...]] | None:
+                  ) -> tuple[h5py.Dataset | anndata.abc.CSRDataset, tuple[str, ...]] | None:
     """(obsm[key] on disk, its column names) of an open .h5ad, or None if it has no obsm[key]."""
     if f"obsm/{key}" not in f:
         return None
@@ -104,7 +82,7 @@ def find_in_input(f: h5py.File, path: Path, key: str = PROTEIN_KEY
         if not isinstance(values, h5py.Group) or values.attrs.get("encoding-type") != "csr_matrix":
             raise SscellError(f"{path}: obsm['{key}'] must be a CSR cells x features matrix; write it as "
                               "scipy.sparse.csr_matrix (names in uns)")
-        values = H5Csr(values)
+        values = anndata.io.sparse_dataset(values)  # rows read on demand
     elif not isinstance(values, h5py.Dataset) or values.ndim != 2:
         raise SscellError(f"{path}: obsm['{key}'] must be a dense cells x features array; write it as a numpy "
                           "array (e.g. adata.obsm[key] = df.to_numpy(), names in uns)")

@@ -47,7 +47,7 @@ def prepare_store(config: ml_collections.ConfigDict, workdir: str) -> Store:
         else:
             raise SscellError("the config names no data: set data.store, data.h5ad or data.synthetic")
         report = convert(inputs, path, seed=config.seed, vocabulary=data.vocabulary or None,
-                         split_column=data.split_column or None)
+                         split_column=data.split_column or None, split=data.split)
         print(f"converted {report['cells']} cells into {path} ({report['bytes_per_cell']:.0f} bytes/cell, "
               f"{report['cells_per_s']:.0f} cells/s)")
     return open_store(path)

@@ -296,7 +296,9 @@ class StoreWriter:
         elif self._rows:
             self._ids[:] = obs.index.astype(str).to_numpy()
         root = zarr.open_group(self.path, mode="r+", zarr_format=3)
-        with anndata.settings.override(auto_shard_zarr_v3=False):  # obs/var columns are small: unsharded
+        # obs/var columns are small: unsharded; var may hold pandas string columns read from a file
+        # anndata 0.13 wrote, which 0.12 writes only when allowed
+        with anndata.settings.override(auto_shard_zarr_v3=False, allow_write_nullable_strings=True):
             for name in obs.columns:  # anndata's dataframe layout, around the _index written above
                 anndata.io.write_elem(root["obs"], name, obs[name].values)
             root["obs"].attrs.update({"_index": "_index", "column-order": list(obs.columns),
