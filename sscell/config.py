@@ -135,6 +135,8 @@ def default_config() -> ml_collections.ConfigDict:
         checkpoint="latest",    # or "best" (lowest validation loss)
         # knn | linear_probe | reconstruction | integration | umap (sscell/evaluation/evaluate.py)
         tasks=("knn", "linear_probe", "reconstruction", "integration", "umap"),
+        knn_reference="val",    # kNN reference cells: val (the study's) | train | train+val; queries: test cells
+        knn_reference_cells=20_000,  # training cells in a train / train+val reference (0: all)
         knn_method="auto",      # exact (blocked, JAX) | approximate (faiss HNSW) | auto (by size and device)
         hvg_genes=2000,         # the PCA-on-highly-variable-genes baseline's genes
         baseline_cells=20_000,  # validation cells the PCA baselines are fitted on

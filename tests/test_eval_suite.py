@@ -4,11 +4,14 @@ import csv
 import anndata
 import numpy as np
 import pytest
+from sklearn.metrics import f1_score
+from sklearn.neighbors import KNeighborsClassifier
 
 from sscell.config import default_config, save_config
 from sscell.data.store import open_store
 from sscell.evaluation.embed import OBSM_KEY, embed, load_params
-from sscell.evaluation.evaluate import TASKS, evaluate
+from sscell.errors import SscellError
+from sscell.evaluation.evaluate import TASKS, Evaluator, eval_settings, evaluate
 from sscell.training.train import train
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -71,6 +74,59 @@ def test_selected_tasks_only(trained_run):
     workdir, _ = trained_run
     rows = evaluate(str(workdir), tasks="knn")
     assert all("knn_macro_f1" in r and not any(k.startswith(("probe", "recon", "scib")) for k in r) for r in rows)
+
+
+def sklearn_knn(ref, ref_labels, query, k=5):
+    """scikit-learn's 5-NN predictions, with distance ties at the k-th neighbour (duplicated cells:
+    scikit-learn's order among them is arbitrary) settled by reference order."""
+    predicted = KNeighborsClassifier(k, algorithm="brute").fit(ref, ref_labels).predict(query)
+    dist = ((query[:, None].astype(np.float64) - ref[None].astype(np.float64)) ** 2).sum(-1)
+    order = np.argsort(dist, axis=1, kind="stable")
+    nearest = np.take_along_axis(dist, order[:, k - 1:k + 1], axis=1)
+    tied = np.flatnonzero(nearest[:, 0] == nearest[:, 1])
+    votes = np.stack([np.bincount(row, minlength=ref_labels.max() + 1) for row in ref_labels[order[tied, :k]]])
+    predicted[tied] = votes.argmax(axis=1)  # scikit-learn's rule: the smallest of the most-voted labels
+    return predicted
+
+
+@pytest.mark.parametrize("reference", ["val", "train", "train+val"])
+def test_knn_reference_is_scikit_learns_classifier_on_the_embedded_cells(trained_run, capsys, reference):
+    """Each kNN reference gives scikit-learn's 5-NN predictions for every method, fitted on that
+    reference's cells as the evaluator embeds them (training cells: the first knn_reference_cells)."""
+    workdir, config = trained_run
+    n_train = 300  # fewer than the store's training cells: the cap takes effect
+    config.eval.knn_reference_cells = n_train
+    save_config(config, workdir)
+    try:
+        rows = evaluate(str(workdir), tasks="knn", knn_reference=reference)
+    finally:
+        config.eval.knn_reference_cells = 20_000
+        save_config(config, workdir)
+
+    store = open_store(config.data.store)
+    assert store.split_range("train")[1] - store.split_range("train")[0] > n_train
+    setup, params, step = load_params(str(workdir), config, store)
+    evaluator = Evaluator(setup, params, store, eval_settings(config), config.seed, rows[0]["method"], False)
+    evaluator.fit_baselines(config.seed)
+    cells = {"train": evaluator.cells("train", n_train), "val": evaluator.cells("val", 0),
+             "test": evaluator.cells("test", 0)}
+    parts = [cells[s] for s in reference.split("+")]
+    truth = cells["test"].labels["cell_type"]
+    for row in rows[:3]:
+        m = row["method"]
+        expected = sklearn_knn(np.concatenate([c.embeddings[m] for c in parts]),
+                               np.concatenate([c.labels["cell_type"] for c in parts]), cells["test"].embeddings[m])
+        assert row["knn_macro_f1"] == pytest.approx(f1_score(truth, expected, average="macro"), abs=1e-12), m
+        assert row["knn_micro_f1"] == pytest.approx(f1_score(truth, expected, average="micro"), abs=1e-12), m
+        assert row["knn_reference"] == reference and row["knn_reference_cells"] == sum(map(len, parts))
+    written = read_csv(workdir / "results.csv")
+    assert {(r["knn_reference"], int(r["knn_reference_cells"])) for r in written} == {(reference, sum(map(len, parts)))}
+    assert f"(eval.knn_reference={reference})" in capsys.readouterr().out
+
+
+def test_unknown_knn_reference_is_refused(trained_run):
+    with pytest.raises(SscellError, match="unknown kNN reference 'test'; choose from val, train, train\\+val"):
+        evaluate(str(trained_run[0]), tasks="knn", knn_reference="test")
 
 
 def test_embeddings_of_an_h5ad_and_of_the_store(trained_run, tiny_h5ad, tmp_path):

@@ -5,10 +5,13 @@ for the linear probe, a sample of training cells); two baselines embed the same 
 log1p-normalised counts and PCA of the highly variable genes' (both fitted on validation
 cells). Each selected task (`eval.tasks`) then scores every method on the same cells:
 
-- knn: zero-shot cell typing, k nearest validation cells vote for each test cell (no self
-  neighbour: the sets are disjoint); macro F1 (headline), micro F1, per-class F1, and, when the
-  store holds Cell Ontology ids, ontology-aware F1 (predicting a descendant of the true type
-  counts as correct);
+- knn: zero-shot cell typing, k nearest reference cells vote for each test cell (no self
+  neighbour: the sets are disjoint). The reference (`eval.knn_reference`) is the validation
+  cells (the study's protocol), the first `eval.knn_reference_cells` training cells (a random
+  sample: the store keeps each split in a seeded random order), or both; it is printed and
+  recorded in the results (`knn_reference`, `knn_reference_cells`). Macro F1 (headline), micro
+  F1, per-class F1, and, when the store holds Cell Ontology ids, ontology-aware F1 (predicting a
+  descendant of the true type counts as correct);
 - linear_probe: logistic regression on frozen embeddings (`sscell.evaluation.probe`);
 - reconstruction: explained variance and MSE of the test cells' log1p expression, on every
   measured gene and on a seeded random `eval.mask_rate` of them hidden from the input (scored
@@ -67,7 +70,9 @@ from sscell.training.train import Setup
 __all__ = ["TASKS", "evaluate", "load_params"]
 
 TASKS = ("knn", "linear_probe", "reconstruction", "integration", "umap")
+KNN_REFERENCES = ("val", "train", "train+val")  # eval.knn_reference: the splits whose cells vote
 DOWNSTREAM_RESULTS = ("finetune", "crossmodal", "crossmodal_atac")  # tables the finetune / crossmodal commands write
+SPLIT_NAMES = {"train": "training", "val": "validation"}
 BATCHES = {"donor": "donor", "dataset": "dataset"}  # integration batch keys -> loader label names
 BAR_COLUMNS = {
     "knn": ("knn_macro_f1", "knn_micro_f1", "knn_macro_f1_ontology"),
@@ -92,6 +97,26 @@ def selected_tasks(tasks) -> tuple[str, ...]:
         raise SscellError(f"unknown evaluation task(s) {', '.join(unknown) or '(none given)'}; choose from "
                           f"{', '.join(TASKS)} (eval.tasks or --tasks)")
     return names
+
+
+def knn_reference_splits(reference: str) -> tuple[str, ...]:
+    """The splits `reference` (one of KNN_REFERENCES) takes its cells from, training first."""
+    if reference not in KNN_REFERENCES:
+        raise SscellError(f"unknown kNN reference {reference!r}; choose from {', '.join(KNN_REFERENCES)} "
+                          "(eval.knn_reference or --knn_reference)")
+    return tuple(reference.split("+"))
+
+
+def _train_cells_needed(tasks: tuple[str, ...], settings) -> int | None:
+    """How many training cells to embed (0: all; None: none): enough for the probe and the kNN reference."""
+    limits = []
+    if "linear_probe" in tasks:
+        limits.append(settings.probe_cells)
+    if "knn" in tasks and "train" in knn_reference_splits(settings.knn_reference):
+        limits.append(settings.knn_reference_cells)
+    if not limits:
+        return None
+    return 0 if 0 in limits else max(limits)
 
 
 class Baselines:
@@ -122,14 +147,22 @@ class Cells:
     def __len__(self) -> int:
         return len(self.labels["cell_type"])
 
-    def subset(self, rows: np.ndarray) -> Cells:
+    def subset(self, rows) -> Cells:
         return Cells({k: v[rows] for k, v in self.embeddings.items()}, {k: v[rows] for k, v in self.labels.items()})
+
+    def first(self, n: int) -> Cells:
+        """The first `n` cells (0: all)."""
+        return self.subset(slice(0, n or None))
+
+    @staticmethod
+    def concat(parts: list[Cells]) -> Cells:
+        return Cells({k: np.concatenate([p.embeddings[k] for p in parts]) for k in parts[0].embeddings},
+                     {k: np.concatenate([p.labels[k] for p in parts]) for k in parts[0].labels})
 
     @staticmethod
     def held_out(val: Cells, test: Cells, n: int, seed: int) -> Cells:
         """A seeded random sample of `n` (all if fewer) validation and test cells, in that order."""
-        both = Cells({k: np.concatenate([v, test.embeddings[k]]) for k, v in val.embeddings.items()},
-                     {k: np.concatenate([v, test.labels[k]]) for k, v in val.labels.items()})
+        both = Cells.concat([val, test])
         if len(both) <= n:
             return both
         return both.subset(np.sort(np.random.default_rng(seed).choice(len(both), n, replace=False)))
@@ -256,9 +289,10 @@ class Outcome:
         self.per_class[f"{task}: {method}"] = table["f1"]
 
 
-def evaluate(workdir: str, tasks=None, store: str | None = None, outdir: str | None = None) -> list[dict]:
+def evaluate(workdir: str, tasks=None, store: str | None = None, outdir: str | None = None,
+             knn_reference: str | None = None) -> list[dict]:
     """Run the evaluation tasks (default `eval.tasks`) on `workdir`'s `eval.checkpoint` checkpoint;
-    returns the result rows (the model's first).
+    returns the result rows (the model's first). `knn_reference` overrides `eval.knn_reference`.
 
     `store` evaluates the cells of another store with the run's gene vocabulary (e.g. a
     transfer target) instead of the run's own; outputs go to `outdir` (default: the workdir).
@@ -267,6 +301,9 @@ def evaluate(workdir: str, tasks=None, store: str | None = None, outdir: str | N
     config = load_config(workdir)
     settings = eval_settings(config)
     tasks = selected_tasks(settings.tasks if tasks is None else tasks)
+    if knn_reference is not None:
+        settings.knn_reference = knn_reference
+    reference_splits = knn_reference_splits(settings.knn_reference)
     run_store = open_store(store_path(config, workdir))
     setup, params, step = load_params(workdir, config, run_store)
     if store is None:
@@ -284,20 +321,29 @@ def evaluate(workdir: str, tasks=None, store: str | None = None, outdir: str | N
     reconstructions = Reconstructions() if reconstruct else None
     val = evaluator.cells("val", settings.max_cells)
     test = evaluator.cells("test", settings.max_cells, reconstructions)
-    train = evaluator.cells("train", settings.probe_cells) if "linear_probe" in tasks else None
+    train_cells = _train_cells_needed(tasks, settings)
+    train = evaluator.cells("train", train_cells) if train_cells is not None else None
     type_names = label_names(store, "cell_type")
     descendants = _ontology_descendants(store) if {"knn", "linear_probe"} & set(tasks) else None
     methods = list(test.embeddings)
     outcome = Outcome({m: {"method": m} for m in methods})
 
+    knn_described = ""
     if "knn" in tasks:
+        parts = {s: train.first(settings.knn_reference_cells) if s == "train" else val for s in reference_splits}
+        reference = Cells.concat(list(parts.values()))
         for m in methods:
-            predicted = knn_predict(val.embeddings[m], val.labels["cell_type"], test.embeddings[m], settings.knn_k,
-                                    settings.knn_method)
+            predicted = knn_predict(reference.embeddings[m], reference.labels["cell_type"], test.embeddings[m],
+                                    settings.knn_k, settings.knn_method)
             outcome.score("knn", m, test.labels["cell_type"], predicted, type_names, descendants)
+            outcome.rows[m].update(knn_reference=settings.knn_reference, knn_reference_cells=len(reference))
+        knn_described = (f"Zero-shot kNN (k={settings.knn_k}): reference = "
+                         + " + ".join(f"{len(c)} {SPLIT_NAMES[s]} cells" for s, c in parts.items())
+                         + f" (eval.knn_reference={settings.knn_reference}), query = {len(test)} test cells, ")
     if "linear_probe" in tasks:
+        probe_train = train.first(settings.probe_cells)
         for m in methods:
-            predicted, c = linear_probe(train.embeddings[m], train.labels["cell_type"], val.embeddings[m],
+            predicted, c = linear_probe(probe_train.embeddings[m], probe_train.labels["cell_type"], val.embeddings[m],
                                         val.labels["cell_type"], test.embeddings[m], seed=config.seed)
             outcome.score("probe", m, test.labels["cell_type"], predicted, type_names, descendants)
             outcome.rows[m]["probe_C"] = c
@@ -320,13 +366,12 @@ def evaluate(workdir: str, tasks=None, store: str | None = None, outdir: str | N
         return rows
     table = write_results(rows, outdir)
     _write(outdir, workdir, tasks, outcome)
-    probe = f"; linear probe fit on {len(train)} training cells" if train is not None else ""
+    probe = f"; linear probe fit on {len(probe_train)} training cells" if "linear_probe" in tasks else ""
     ontology = "; ontology-aware F1 with the Cell Ontology" if descendants is not None else ""
     recon = (f"; reconstruction on test cells (masked: {settings.mask_rate:.0%} of measured genes hidden)"
              if reconstruct else "")
     print(f"\nEvaluated {', '.join(tasks)} in {time.perf_counter() - started:.0f} s. "
-          f"Zero-shot kNN (k={settings.knn_k}): reference = {len(val)} validation cells, query = {len(test)} test "
-          f"cells, {len(type_names)} cell types"
+          f"{knn_described}{len(type_names)} cell types"
           f"{probe}{ontology}{recon}\n\n{table}" + "".join(f"\n{note}" for note in outcome.notes)
           + f"\nwritten to {outdir}: results.md, results.csv, {', '.join(outcome.files)}")
     return rows
