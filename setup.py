@@ -18,7 +18,8 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["sscell", "sscell.*"]),
     install_requires=requirements,
-    extras_require={"test": ["pytest>=8", "pytest-timeout>=2.3", "moto[server]>=5.0", "s3fs>=2024.6"],
+    extras_require={"test": ["pytest>=8", "pytest-timeout>=2.3", "moto[server]>=5.0", "s3fs>=2024.6",
+                             "scanpy>=1.10"],  # scanpy: its wheel ships the real cells tests/test_real_data.py uses
                     "remote": ["gcsfs>=2024.6", "s3fs>=2024.6"],  # stores on gs:// and s3://
                     # torch: the CPU build, pip install torch --index-url https://download.pytorch.org/whl/cpu;
                     # annbatch (Python >= 3.12) runs in its own venv

@@ -1,0 +1,94 @@
+"""Real cells end to end: scanpy's 700 PBMCs (shipped in its wheel) as a single-donor, symbols-only
+CELLxGENE-like file -> store split by cell -> tiny pretraining -> embeddings -> kNN vs PCA."""
+import csv
+import os
+import subprocess
+import sys
+import warnings
+
+import anndata
+import numpy as np
+import pytest
+import scanpy
+import scipy.sparse as sp
+
+from sscell.data.examples import pbmc68k, recovered_counts, write_example
+from sscell.errors import SscellError
+from sscell.evaluation.embed import OBSM_KEY
+
+SOURCE = os.path.join(os.path.dirname(scanpy.__file__), "datasets", "10x_pbmc68k_reduced.h5ad")
+REPO = os.path.dirname(os.path.dirname(__file__))
+
+
+def sscell(*args, module):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=env, cwd=REPO,
+                            timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def source():
+    with warnings.catch_warnings():  # an old file: anndata warns of its layout
+        warnings.simplefilter("ignore")
+        return anndata.read_h5ad(SOURCE)
+
+
+def test_pbmc68k_holds_the_counts_behind_scanpys_normalised_values(source):
+    built = pbmc68k()
+    normalised = source.raw.X.toarray().astype(np.float64)
+    n_counts = source.obs["n_counts"].to_numpy(np.float64)[:, None]
+    exact = np.expm1(normalised) * n_counts / 1e4
+    assert np.abs(exact - np.rint(exact)).max() < 0.1
+    assert sp.isspmatrix_csr(built.X) and built.X.dtype == np.float32
+    np.testing.assert_array_equal(built.X.toarray(), np.rint(exact))
+    # and the counts normalise back to scanpy's values
+    np.testing.assert_allclose(np.log1p(built.X.toarray() / n_counts * 1e4), normalised, atol=2e-3)
+    assert built.var_names.tolist() == source.raw.var_names.tolist() and "CD3D" in built.var_names
+    assert built.obs_names.tolist() == source.obs_names.tolist()
+    assert built.obs.columns.tolist() == ["cell_type"]  # one donor: no donor_id
+    assert built.obs["cell_type"].astype(str).tolist() == source.obs["bulk_labels"].astype(str).tolist()
+    assert built.obs["cell_type"].nunique() == 10
+
+
+def test_counts_are_recovered_and_non_integers_refused():
+    counts = np.array([[2.0, 0.0, 5.0], [1.0, 1.0, 0.0]])
+    library = counts.sum(axis=1)
+    normalised = sp.csr_matrix(np.log1p(counts / library[:, None] * 1e4))
+    np.testing.assert_array_equal(recovered_counts(normalised, library).toarray(), counts)
+    with pytest.raises(SscellError, match=r"up to 0\.250 from an integer .* not log1p of library-size"):
+        recovered_counts(normalised, library * [1, 1.25])
+
+
+def test_write_example_refuses_unknown_names_and_missing_folders(tmp_path):
+    with pytest.raises(SscellError, match="unknown example 'pbmc3k'; choose from pbmc68k"):
+        write_example("pbmc3k", tmp_path / "x.h5ad")
+    with pytest.raises(SscellError, match="does not exist; create it or choose another --output"):
+        write_example("pbmc68k", tmp_path / "missing" / "x.h5ad")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_pbmc68k_converts_pretrains_and_embeds(tmp_path):
+    """The user's commands in docs/real_data.md, at a tiny scale."""
+    h5ad, store, workdir = tmp_path / "pbmc68k.h5ad", tmp_path / "store", tmp_path / "run"
+    sscell("pbmc68k", f"--output={h5ad}", module="sscell.data.examples")
+    sscell(f"--output={store}", "--split=cells", str(h5ad), module="sscell.data.convert")
+    run = sscell("--config=experiments/pbmc68k.py", f"--workdir={workdir}", f"--config.data.store={store}",
+                 "--config.train.steps=200", "--config.train.val_every=100", "--config.train.checkpoint_every=100",
+                 "--config.model.hidden=(64,)", "--config.model.latent=16", "--config.eval.pca_components=16",
+                 "--config.eval.tasks=('knn',)", module="sscell.main")
+    assert "reference = " in run.stdout and "(eval.knn_reference=train+val)" in run.stdout
+    with open(workdir / "results.csv") as f:
+        rows = {r["method"].split()[0]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"sscell", "PCA(16)"}
+    n_types = pbmc68k().obs["cell_type"].nunique()
+    for name, row in rows.items():  # well above chance (1 / 10 types) for the model and for PCA
+        assert 2 / n_types < float(row["knn_macro_f1"]) <= 1, name
+        assert int(row["knn_reference_cells"]) > 500  # ~85% of 700 cells: the train and val splits
+
+    embedded = tmp_path / "embedded.h5ad"
+    sscell(f"--workdir={workdir}", f"--input={h5ad}", f"--output={embedded}", module="sscell.evaluation.embed")
+    cells = anndata.read_h5ad(embedded)
+    assert cells.obsm[OBSM_KEY].shape == (700, 16) and np.isfinite(cells.obsm[OBSM_KEY]).all()
+    assert cells.obs["cell_type"].astype(str).tolist() == pbmc68k().obs["cell_type"].astype(str).tolist()
