@@ -23,5 +23,5 @@ def get_config():
     config.train.val_batches = 2
     config.train.checkpoint_every = 250
     config.train.lr_decay_epochs = 1_000  # no decay over this short run
-    config.eval.update(knn_reference="train+val", pca_components=32, hvg_genes=765)
+    config.eval.update(knn_reference="train+val", pca_components=32)  # PCA as wide as the embedding
     return config

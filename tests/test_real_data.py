@@ -61,34 +61,32 @@ def test_counts_are_recovered_and_non_integers_refused():
         recovered_counts(normalised, library * [1, 1.25])
 
 
-def test_write_example_refuses_unknown_names_and_missing_folders(tmp_path):
+def test_write_example_refuses_unknown_names(tmp_path):
     with pytest.raises(SscellError, match="unknown example 'pbmc3k'; choose from pbmc68k"):
         write_example("pbmc3k", tmp_path / "x.h5ad")
-    with pytest.raises(SscellError, match="does not exist; create it or choose another --output"):
-        write_example("pbmc68k", tmp_path / "missing" / "x.h5ad")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_pbmc68k_converts_pretrains_and_embeds(tmp_path):
     """The user's commands in docs/real_data.md, at a tiny scale."""
-    h5ad, store, workdir = tmp_path / "pbmc68k.h5ad", tmp_path / "store", tmp_path / "run"
+    h5ad, store, workdir = tmp_path / "new" / "pbmc68k.h5ad", tmp_path / "store", tmp_path / "run"
     sscell("pbmc68k", f"--output={h5ad}", module="sscell.data.examples")
+    assert [p.name for p in h5ad.parent.iterdir()] == ["pbmc68k.h5ad"]  # its folder made, no temporary left
     sscell(f"--output={store}", "--split=cells", str(h5ad), module="sscell.data.convert")
     run = sscell("--config=experiments/pbmc68k.py", f"--workdir={workdir}", f"--config.data.store={store}",
-                 "--config.train.steps=200", "--config.train.val_every=100", "--config.train.checkpoint_every=100",
-                 "--config.model.hidden=(64,)", "--config.model.latent=16", "--config.eval.pca_components=16",
+                 "--config.train.steps=400", "--config.train.val_every=200", "--config.train.checkpoint_every=200",
                  "--config.eval.tasks=('knn',)", module="sscell.main")
     assert "reference = " in run.stdout and "(eval.knn_reference=train+val)" in run.stdout
     with open(workdir / "results.csv") as f:
         rows = {r["method"].split()[0]: r for r in csv.DictReader(f)}
-    assert set(rows) == {"sscell", "PCA(16)"}
+    assert set(rows) == {"sscell", "PCA(32)"}
     n_types = pbmc68k().obs["cell_type"].nunique()
-    for name, row in rows.items():  # well above chance (1 / 10 types) for the model and for PCA
-        assert 2 / n_types < float(row["knn_macro_f1"]) <= 1, name
+    for name, row in rows.items():  # well above chance (1 / 10 types) for the model and for PCA (~0.6 measured)
+        assert 3 / n_types < float(row["knn_macro_f1"]) <= 1, name
         assert int(row["knn_reference_cells"]) > 500  # ~85% of 700 cells: the train and val splits
 
     embedded = tmp_path / "embedded.h5ad"
     sscell(f"--workdir={workdir}", f"--input={h5ad}", f"--output={embedded}", module="sscell.evaluation.embed")
     cells = anndata.read_h5ad(embedded)
-    assert cells.obsm[OBSM_KEY].shape == (700, 16) and np.isfinite(cells.obsm[OBSM_KEY]).all()
+    assert cells.obsm[OBSM_KEY].shape == (700, 32) and np.isfinite(cells.obsm[OBSM_KEY]).all()
     assert cells.obs["cell_type"].astype(str).tolist() == pbmc68k().obs["cell_type"].astype(str).tolist()

@@ -74,12 +74,11 @@ EXAMPLES: dict[str, Callable[[], anndata.AnnData]] = {"pbmc68k": pbmc68k}
 
 
 def write_example(name: str, output: str | os.PathLike) -> anndata.AnnData:
-    """Write example `name` to `output` (atomically) and return it."""
+    """Write example `name` to `output` (atomically, creating its folder) and return it."""
     if name not in EXAMPLES:
         raise SscellError(f"unknown example {name!r}; choose from {', '.join(EXAMPLES)}")
     output = Path(output)
-    if not output.parent.is_dir():
-        raise SscellError(f"{output.parent} does not exist; create it or choose another --output")
+    output.parent.mkdir(parents=True, exist_ok=True)
     adata = EXAMPLES[name]()
     tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
     try:
