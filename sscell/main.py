@@ -54,7 +54,8 @@ def run(argv: list[str]) -> None:
     with workdir_lock(workdir):
         check_compatible(config, workdir)
         store = prepare_store(config, workdir)
-        check_run(config, store)
+        if not config.data.store:  # converted into the workdir: checked once it is there
+            check_run(config, store)
         if jax.process_index() == 0:
             save_config(config, workdir)
         state = train(config, workdir, store)
