@@ -3,15 +3,12 @@ import json
 import os
 import shutil
 
-import anndata
 import jax
 import numpy as np
 import pytest
 
 from sscell.config import check_compatible, default_config, save_config
-from sscell.data.convert import convert
 from sscell.data.loader import select_rows
-from sscell.data.store import open_store
 from sscell.errors import SscellError
 from sscell.models.precision import resolve_dtype
 from sscell.training import checkpoint
@@ -166,20 +163,14 @@ def test_auto_dtype_resolves_to_the_hardware_choice_and_resumes_with_the_saved_d
         check_compatible(tiny_config, tmp_path / "new")  # before a run writes anything
 
 
-def test_check_run_refuses_what_training_would_fail_on(tiny_config, tiny_store, tiny_h5ad, tmp_path):
+def test_check_run_refuses_what_training_would_fail_on(tiny_config, tiny_store, tmp_path):
     check_run(tiny_config, tiny_store)
     tiny_config.train.batch_size = 4096
     n_train = len(select_rows(tiny_store, "train"))
     with pytest.raises(SscellError, match=f"split 'train' has {n_train} selected cells, fewer than one batch of 4096"):
         check_run(tiny_config, tiny_store)
     tiny_config.train.batch_size = 64
-    atlas = anndata.read_h5ad(tiny_h5ad)
-    atlas.obs["all_train"] = "train"
-    atlas.write_h5ad(tmp_path / "all_train.h5ad")
-    convert([tmp_path / "all_train.h5ad"], tmp_path / "no_val", split_column="all_train")
-    with pytest.raises(SscellError, match="has no val cells; the run needs some"):
-        check_run(tiny_config, open_store(tmp_path / "no_val"))
     tiny_config.train.init_from = str(tmp_path)
     with pytest.raises(SscellError, match="holds no sscell run"):
         check_run(tiny_config, tiny_store)
-    assert sorted(os.listdir(tmp_path)) == ["all_train.h5ad", "no_val"]  # nothing written
+    assert os.listdir(tmp_path) == []  # nothing written

@@ -48,9 +48,6 @@ def make_loader(config: ml_collections.ConfigDict, store: Store, split: str, sha
         present = set(store.labels["dataset_id"].iloc[start:stop].astype(str)) if datasets else set()
         subset = dict(datasets=tuple(d for d in datasets if d in present))
         n_cells, unit = len(select_rows(store, split, **subset)), shards * jax.process_count()
-        if n_cells == 0:
-            raise SscellError(f"the store {store.path} has no {split} cells; the run needs some: convert it "
-                              "with a donor split that leaves cells to validation (--split-fractions)")
         batch_size = min(batch_size, n_cells // unit * unit) or batch_size  # fewer than unit: the loader refuses
     return CellLoader(store, split, batch_size, config.seed, **subset,
                       block_cells=config.data.block_cells, prefetch=config.data.prefetch, shards=shards,
