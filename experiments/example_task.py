@@ -11,7 +11,7 @@ def get_config():
     config = default_config()
     config.data.synthetic.n_cells = 20_000
     config.model.hidden = (256, 256, 128, 128)
-    config.train.update(steps=1_000, batch_size=256, lr_decay_epochs=10)
+    config.train.update(steps=1_000, batch_size=256, lr_decay_steps=580)  # the quickstart's schedule
     config.loss.name = "denoise"
     config.loss.module = "sscell.losses.example"  # imported before the run (and its evaluation)
     config.loss.noise_std = 0.5  # a new task may add its own fields

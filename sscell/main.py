@@ -1,8 +1,10 @@
 """Entry point: `python -m sscell.main --config=experiments/quickstart.py [--workdir=DIR] [--config.x=y]`.
 
-Prepares the data, trains (or resumes) and, unless `--noeval`, evaluates the run. On SIGTERM
-(preemption) training saves a checkpoint and the command exits 0 without evaluating; rerun it
-to resume.
+Prepares the data, trains (or resumes) and, unless `--noeval`, evaluates the run. Every check
+of the config against the data runs before anything is written into the workdir; one run at a
+time trains in a workdir (WORKDIR/lock). On SIGTERM (preemption) training finishes its step,
+saves a checkpoint and the command exits 0 without evaluating; on Ctrl-C the same, exit code
+130. Rerun the command to resume.
 """
 from __future__ import annotations
 
@@ -15,11 +17,13 @@ from ml_collections import config_flags
 
 from sscell.config import check_compatible, save_config
 from sscell.data.prepare import prepare_store
+from sscell.data.store import open_store
 from sscell.errors import exit_on_error
 from sscell.evaluation.evaluate import evaluate
 from sscell.losses import load_task
 from sscell.training import distributed
-from sscell.training.train import train
+from sscell.training.train import check_run, check_settings, train
+from sscell.training.workdir_lock import workdir_lock
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. experiments/quickstart.py.",
                                           lock_config=True)
@@ -44,12 +48,17 @@ def run(argv: list[str]) -> None:
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
 
     load_task(config.loss)  # an unknown task fails before any data is prepared
-    os.makedirs(workdir, exist_ok=True)
-    check_compatible(config, workdir)
-    store = prepare_store(config, workdir)
-    if jax.process_index() == 0:
-        save_config(config, workdir)
-    state = train(config, workdir, store)
+    check_settings(config)
+    if config.data.store:  # every check before the workdir is created
+        check_run(config, open_store(config.data.store))
+    with workdir_lock(workdir):
+        check_compatible(config, workdir)
+        store = prepare_store(config, workdir)
+        if not config.data.store:  # converted into the workdir: checked once it is there
+            check_run(config, store)
+        if jax.process_index() == 0:
+            save_config(config, workdir)
+        state = train(config, workdir, store)
     if _EVAL.value and int(state["step"]) >= config.train.steps:  # not after a preemption
         evaluate(workdir)
 

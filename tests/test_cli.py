@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+from sscell.errors import exit_on_error
+
 TINY = ["--config.data.synthetic.n_cells=1600", "--config.data.synthetic.n_genes=96",
         "--config.data.synthetic.n_datasets=2", "--config.model.hidden=(32,32)", "--config.model.latent=8",
         "--config.train.steps=20", "--config.train.batch_size=64", "--config.train.log_every=5",
@@ -88,3 +90,34 @@ def test_missing_config_file(tmp_path):
 
 def test_evaluating_an_empty_workdir(tmp_path):
     one_line_error(sscell(f"--workdir={tmp_path}", module="sscell.evaluation"), "holds no sscell run")
+
+
+def test_a_failed_check_writes_nothing_and_the_corrected_rerun_trains(quickstart_run, tmp_path):
+    store = quickstart_run[0] / "store"
+    run = tmp_path / "run"
+    result = sscell("--config=experiments/quickstart.py", f"--workdir={run}", *TINY, f"--config.data.store={store}",
+                    "--config.train.batch_size=4096")
+    one_line_error(result, "fewer than one batch of 4096")
+    assert not run.exists()  # a store given: every check runs before the workdir is created
+    # A converted store: the store lands in the workdir, the config only once every check passed.
+    result = sscell("--config=experiments/quickstart.py", f"--workdir={run}", *TINY, "--config.train.batch_size=4096")
+    one_line_error(result, "fewer than one batch of 4096")
+    assert (run / "store").exists() and not (run / "config.json").exists()
+    result = sscell("--config=experiments/quickstart.py", f"--workdir={run}", *TINY, "--noeval")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "converted" not in result.stdout and "starting step 0 of 20" in result.stdout
+
+
+def test_ctrl_c_ends_a_command_with_one_line_and_code_130(capsys):
+    with pytest.raises(SystemExit) as ended, exit_on_error():
+        raise KeyboardInterrupt
+    assert ended.value.code == 130 and capsys.readouterr().err == "interrupted\n"
+
+
+def test_finetune_takes_config_overrides_without_a_config_file(tmp_path):
+    result = sscell("--help", module="sscell.evaluation.finetune")
+    assert "override any field with --config.FIELD=VALUE, e.g. --config.train.batch_size=64" in " ".join(
+        result.stdout.split())
+    result = sscell(f"--workdir={tmp_path}", f"--store={tmp_path}", "--config.train.batch_size=64",
+                    module="sscell.evaluation.finetune")
+    one_line_error(result, "holds no sscell run")  # the override was taken; the empty workdir is the problem

@@ -1,5 +1,7 @@
 """Fine-tuning from a pretrained encoder (train.init_from) and the transfer evaluation."""
 import json
+import os
+import shutil
 
 import jax
 import numpy as np
@@ -177,3 +179,31 @@ def test_a_dataset_selection_narrows_validation_and_the_class_weights(tiny_store
     expected = np.bincount(types, minlength=len(labels["cell_type"].cat.categories))
     np.testing.assert_array_equal(info.class_counts, expected)
     assert info.class_counts.sum() == len(rows)
+
+
+def pretrained_copy(pretrained, tmp_path):
+    """A copy of the pretrained run, without the fine-tuning runs other tests added to it."""
+    workdir = str(tmp_path / "pretrained")
+    shutil.copytree(pretrained[0], workdir, ignore=shutil.ignore_patterns("finetune*"))
+    return workdir
+
+
+def test_every_arm_is_checked_before_the_first_trains(pretrained, tiny_store, tmp_path):
+    """A fraction too small to hold a batch is refused before the valid fraction's arms train."""
+    workdir = pretrained_copy(pretrained, tmp_path)
+    with pytest.raises(SscellError, match="label fraction 0.0001 selects 0 train cells"):
+        finetune(workdir, tiny_store.path, [1.0, 0.0001], base=classifier_config(tiny_store, steps=2))
+    assert not os.path.exists(os.path.join(workdir, "finetune"))
+
+
+def test_a_batch_larger_than_the_validation_split_validates_on_all_its_cells(pretrained, tiny_store, tmp_path):
+    """experiments/finetune_cpu.py's batch of 256 on a small target: dataset_1 has fewer validation
+    cells than the batch at fraction 1 (the run failed there, after training the smaller fractions)."""
+    workdir = pretrained_copy(pretrained, tmp_path)
+    base = classifier_config(tiny_store, steps=2)
+    base.train.update(batch_size=256, val_every=2)
+    rows = finetune(workdir, tiny_store.path, [1.0], datasets=("dataset_1",), base=base)
+    assert [r["label_fraction"] for r in rows] == [1.0, 1.0]
+    saved = load_config(arm_dir(workdir, "scratch", 1.0))
+    val = make_loader(saved, tiny_store, "val")
+    assert saved.train.batch_size == 256 > len(val.rows) == val.batch_size

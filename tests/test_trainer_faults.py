@@ -1,7 +1,7 @@
 """Faults and processes, with the real command in subprocesses: a run killed with SIGKILL or
-stopped with SIGTERM at an arbitrary step and rerun ends with the same parameters as an
-uninterrupted run, and two processes joined by jax.distributed see the same global steps and
-losses as one process."""
+stopped with SIGTERM or Ctrl-C at an arbitrary step and rerun ends with the same parameters as
+an uninterrupted run; a second run in a busy workdir is refused; two processes joined by
+jax.distributed see the same global steps and losses as one process."""
 import json
 import os
 import signal
@@ -25,7 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 60
 
 
-def start(workdir, store, *extra):
+def start(workdir, store, *extra, env=None):
     args = ["--config=experiments/quickstart.py", f"--workdir={workdir}", "--noeval", f"--config.data.store={store}",
             "--config.model.hidden=(32,32)", "--config.model.latent=8", f"--config.train.steps={STEPS}",
             "--config.train.batch_size=64", "--config.train.log_every=2", "--config.train.val_every=20",
@@ -34,13 +34,20 @@ def start(workdir, store, *extra):
             # which differs between one process and two (each shuffles its own slice)
             "--config.loss.name=supervised", "--config.model.dropout=0.0", *extra]
     return subprocess.Popen([sys.executable, "-m", "sscell.main", *args], cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})})
 
 
-def finish(process, expect=0):
+def finish(process, expect=0, stderr=False):
     out, err = process.communicate(timeout=240)
     assert process.returncode == expect, err[-3000:]
-    return out
+    return (out, err) if stderr else out
+
+
+def last_line(err):
+    """The last line on stderr, checking that no traceback came before it."""
+    assert "Traceback" not in err, err[-3000:]
+    return err.strip().splitlines()[-1]
 
 
 def logged_steps(workdir):
@@ -51,12 +58,17 @@ def logged_steps(workdir):
         return [json.loads(line) for line in f if line.endswith("\n")]
 
 
-def signal_after(process, workdir, step, signum):
-    """Send `signum` once the run has logged `step` (it keeps running meanwhile)."""
+def wait_until_logged(process, workdir, step):
+    """Return once the run has logged `step` (it keeps running meanwhile)."""
     deadline = time.monotonic() + 180
     while not any(r["step"] >= step for r in logged_steps(workdir)):
         assert process.poll() is None and time.monotonic() < deadline, "the run ended before the signal"
         time.sleep(0.02)
+
+
+def signal_after(process, workdir, step, signum):
+    """Send `signum` once the run has logged `step`."""
+    wait_until_logged(process, workdir, step)
     process.send_signal(signum)
 
 
@@ -83,26 +95,59 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.timeout(400)
-def test_sigkill_and_sigterm_then_rerun_equal_an_uninterrupted_run(straight, tiny_store, tmp_path):
-    killed, stopped = tmp_path / "killed", tmp_path / "stopped"
-    runs = {killed: start(killed, tiny_store.path), stopped: start(stopped, tiny_store.path)}
+@pytest.mark.timeout(500)
+def test_sigkill_sigterm_and_ctrl_c_then_rerun_equal_an_uninterrupted_run(straight, tiny_store, tmp_path):
+    killed, stopped, interrupted = tmp_path / "killed", tmp_path / "stopped", tmp_path / "interrupted"
+    runs = {workdir: start(workdir, tiny_store.path) for workdir in (killed, stopped, interrupted)}
     signal_after(runs[killed], killed, 14, signal.SIGKILL)
     signal_after(runs[stopped], stopped, 20, signal.SIGTERM)
+    signal_after(runs[interrupted], interrupted, 16, signal.SIGINT)
     finish(runs[killed], expect=-signal.SIGKILL)
     out = finish(runs[stopped])
     preempted = int(out.split("preempted at step ")[1].split(":")[0])
     manager = checkpoint.checkpoint_manager(stopped, 2, 3)
     assert 20 <= preempted < STEPS and manager.latest_step() == preempted
     manager.close()
+    _, err = finish(runs[interrupted], expect=130, stderr=True)
+    line = last_line(err)
+    stopped_at = int(line.split("interrupted: training stopped at step ")[1].split(",")[0])
+    assert line.endswith(", checkpoint saved; rerun the same command to resume")
+    manager = checkpoint.checkpoint_manager(interrupted, 2, 3)
+    assert 16 <= stopped_at < STEPS and manager.latest_step() == stopped_at
+    manager.close()
 
-    reruns = [start(workdir, tiny_store.path) for workdir in (killed, stopped)]
+    reruns = [start(workdir, tiny_store.path) for workdir in (killed, stopped, interrupted)]
     for process in reruns:
         assert "resuming at step" in finish(process)
     expected = final_params(straight)
-    for workdir in (killed, stopped):
+    for workdir in (killed, stopped, interrupted):
         for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(final_params(workdir)), strict=True):
             np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.timeout(300)
+def test_a_second_run_in_a_busy_workdir_is_refused_until_the_first_dies(tiny_store, tmp_path):
+    first = start(tmp_path, tiny_store.path, "--config.train.steps=100000")
+    wait_until_logged(first, tmp_path, 4)
+    _, err = finish(start(tmp_path, tiny_store.path), expect=2, stderr=True)
+    assert last_line(err).startswith(f"error: workdir {tmp_path} is in use by another run (pid {first.pid} on "
+                           f"{socket.gethostname()} since ")
+    first.send_signal(signal.SIGKILL)  # its lock dies with it
+    finish(first, expect=-signal.SIGKILL)
+    assert "training already complete" in finish(start(tmp_path, tiny_store.path, "--config.train.steps=2"))
+
+
+@pytest.mark.timeout(120)
+def test_ctrl_c_while_converting_ends_with_one_line_and_code_130(tmp_path):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sscell.main", "--config=experiments/quickstart.py", f"--workdir={tmp_path}",
+         "--config.data.synthetic.n_cells=3000000"], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"})
+    assert process.stdout.readline().startswith("generating a synthetic atlas")
+    process.send_signal(signal.SIGINT)
+    _, err = finish(process, expect=130, stderr=True)
+    assert err == "interrupted\n"
+    assert sorted(os.listdir(tmp_path)) == ["lock"]  # no half-written atlas
 
 
 @pytest.mark.timeout(300)

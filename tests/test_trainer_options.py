@@ -16,7 +16,7 @@ from sscell.losses import get_loss
 from sscell.losses.registry import register
 from sscell.training import checkpoint
 from sscell.training.mesh import make_mesh, replicated
-from sscell.training.optimizer import clip_by_global_norm, make_optimizer, make_schedule
+from sscell.training.optimizer import clip_by_global_norm, make_optimizer, make_schedule, schedule_warning
 from sscell.training.state import abstract_state
 from sscell.training.train import build, make_loader, summarise_window, train
 
@@ -122,6 +122,38 @@ def test_schedules_follow_their_formulas():
     np.testing.assert_allclose([cosine(s) for s in steps], expected, rtol=1e-5, atol=1e-8)
     with pytest.raises(SscellError, match="unknown train.schedule"):
         make_schedule(train_config(schedule="linear"), 10)
+
+
+@pytest.mark.parametrize("steps_per_epoch", [1, 10, 10_000])  # a 64-cell dataset to millions of cells
+def test_lr_decay_steps_decays_every_that_many_steps_whatever_the_dataset_size(steps_per_epoch):
+    steps = np.arange(0, 100)
+    decay = make_schedule(train_config(lr_decay_steps=30), steps_per_epoch)
+    np.testing.assert_allclose([decay(s) for s in steps], 0.1 * 0.5 ** (steps // 30), rtol=1e-6)
+    accumulated = make_schedule(train_config(lr_decay_steps=30, grad_accum=3), steps_per_epoch)  # 10 updates
+    np.testing.assert_allclose([accumulated(u) for u in steps], 0.1 * 0.5 ** (steps // 10), rtol=1e-6)
+
+
+def test_a_schedule_that_ends_learning_early_is_warned_about():
+    # x0.5 every 2 epochs of 2 steps: step 33 of 100 runs after 32 updates, 8 halvings
+    message = schedule_warning(train_config(), steps_per_epoch=2)
+    assert message == (f"warning: the learning rate falls to {0.5 ** 8:.1%} of train.lr by step 33 (a third of "
+                       "train.steps=100); decay more slowly, e.g. --config.train.lr_decay_steps=12")
+    assert schedule_warning(train_config(lr_decay_steps=12), steps_per_epoch=2) is None  # 0.5**2 at step 33
+    assert schedule_warning(train_config(), steps_per_epoch=5) is None  # 0.5**3 at step 33: 12.5%
+    assert schedule_warning(train_config(schedule="warmup_cosine"), steps_per_epoch=2) is None
+
+
+def test_the_learning_rate_is_logged_and_a_fast_decay_warned(tiny_config, tiny_store, tmp_path, capsys):
+    tiny_config.train.update(lr=0.01, lr_decay=0.5, lr_decay_steps=4, steps=20, log_every=3)
+    train(tiny_config, str(tmp_path), tiny_store)
+    records = [r for r in read_metrics(tmp_path) if "train/lr" in r]
+    assert [r["step"] for r in records] == [3, 6, 9, 10, 12, 15, 18, 20]
+    for record in records:  # the rate of the record's last step: updates before it, halved every 4
+        assert record["train/lr"] == pytest.approx(0.01 * 0.5 ** ((record["step"] - 1) // 4), rel=1e-6)
+    assert "warning:" not in capsys.readouterr().err  # 50% of lr at step 6, a third of the run
+    tiny_config.train.update(lr_decay_steps=1)
+    train(tiny_config, str(tmp_path / "fast"), tiny_store)
+    assert f"warning: the learning rate falls to {0.5 ** 5:.1%} of train.lr by step 6" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("max_norm", [0.5, 100.0])  # clipped, untouched

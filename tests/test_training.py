@@ -1,17 +1,20 @@
 """Training on the tiny store: the loss falls, checkpoints restore, resume is exact."""
 import json
+import os
+import shutil
 
 import jax
 import numpy as np
 import pytest
 
-from sscell.config import check_compatible, save_config
+from sscell.config import check_compatible, default_config, save_config
+from sscell.data.loader import select_rows
 from sscell.errors import SscellError
 from sscell.models.precision import resolve_dtype
 from sscell.training import checkpoint
 from sscell.training.mesh import make_mesh, replicated
 from sscell.training.state import abstract_state
-from sscell.training.train import build, train
+from sscell.training.train import build, check_run, train
 
 
 def read_metrics(workdir):
@@ -73,8 +76,26 @@ def test_resume_after_a_crash_drops_metrics_past_the_checkpoint(tiny_config, tin
     assert steps == list(range(5, 41, 5))
 
 
-def test_incompatible_workdir_is_refused(tiny_config, tmp_path):
-    save_config(tiny_config, tmp_path)
+@pytest.fixture(scope="module")
+def checkpoints(tiny_store, tmp_path_factory):
+    """The checkpoints folder of a 10-step run: what makes a workdir hold something learned."""
+    config = default_config()
+    config.data.store = tiny_store.path
+    config.model.update(hidden=(16,), latent=4)
+    config.train.update(steps=10, batch_size=64, checkpoint_every=10, val_every=10, val_batches=1)
+    workdir = tmp_path_factory.mktemp("checkpointed")
+    train(config, str(workdir), tiny_store)
+    return workdir / "checkpoints"
+
+
+def run_with_checkpoint(config, workdir, checkpoints):
+    """`workdir` as left by a run of `config` that saved a checkpoint."""
+    save_config(config, workdir)
+    shutil.copytree(checkpoints, workdir / "checkpoints")
+
+
+def test_incompatible_workdir_is_refused(tiny_config, tmp_path, checkpoints):
+    run_with_checkpoint(tiny_config, tmp_path, checkpoints)
     tiny_config.train.steps += 100  # allowed: extends the run
     check_compatible(tiny_config, tmp_path)
     tiny_config.model.latent = 16
@@ -82,24 +103,74 @@ def test_incompatible_workdir_is_refused(tiny_config, tmp_path):
         check_compatible(tiny_config, tmp_path)
 
 
-def test_a_cosine_schedule_cannot_be_stretched_on_resume(tiny_config, tmp_path):
-    tiny_config.train.schedule = "warmup_cosine"
+def test_a_workdir_without_a_checkpoint_takes_any_config(tiny_config, tmp_path, checkpoints):
+    """A run that stopped before its first checkpoint learned nothing: its saved config is replaced."""
     save_config(tiny_config, tmp_path)
+    (tmp_path / "checkpoints" / "10.orbax-checkpoint-tmp-1").mkdir(parents=True)  # a save cut short
+    tiny_config.model.latent = 16
+    tiny_config.train.batch_size = 32
+    check_compatible(tiny_config, tmp_path)
+    shutil.rmtree(tmp_path / "checkpoints")
+    shutil.copytree(checkpoints, tmp_path / "checkpoints")
+    with pytest.raises(SscellError, match="incompatible config.*train.batch_size: 64 -> 32"):
+        check_compatible(tiny_config, tmp_path)
+
+
+def test_a_store_converted_into_the_workdir_is_not_reused_for_other_data(tiny_config, tmp_path):
+    tiny_config.data.store = ""
+    tiny_config.data.synthetic.n_cells = 1600
+    save_config(tiny_config, tmp_path)
+    (tmp_path / "store").mkdir()  # converted from the saved config's data, no checkpoint yet
+    tiny_config.train.batch_size = 32
+    check_compatible(tiny_config, tmp_path)  # not what the store was made from
+    tiny_config.data.synthetic.n_cells = 5000
+    with pytest.raises(SscellError, match="store was converted from other data.*n_cells: 1600 -> 5000.*delete"):
+        check_compatible(tiny_config, tmp_path)
+
+
+def test_a_config_saved_before_lr_decay_steps_existed_still_resumes(tiny_config, tmp_path, checkpoints):
+    run_with_checkpoint(tiny_config, tmp_path, checkpoints)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["train"]["lr_decay_steps"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    check_compatible(tiny_config, tmp_path)  # the missing field counts as its default, 0
+    tiny_config.train.lr_decay_steps = 100
+    with pytest.raises(SscellError, match="incompatible config.*lr_decay_steps: 0 -> 100"):
+        check_compatible(tiny_config, tmp_path)
+
+
+def test_a_cosine_schedule_cannot_be_stretched_on_resume(tiny_config, tmp_path, checkpoints):
+    tiny_config.train.schedule = "warmup_cosine"
+    run_with_checkpoint(tiny_config, tmp_path, checkpoints)
     tiny_config.train.steps += 100  # would change every remaining learning rate
     with pytest.raises(SscellError, match="incompatible config.*train.steps"):
         check_compatible(tiny_config, tmp_path)
 
 
-def test_auto_dtype_resolves_to_the_hardware_choice_and_resumes_with_the_saved_dtype(tiny_config, tmp_path):
+def test_auto_dtype_resolves_to_the_hardware_choice_and_resumes_with_the_saved_dtype(tiny_config, tmp_path,
+                                                                                      checkpoints):
     tiny_config.model.dtype = "auto"
     check_compatible(tiny_config, tmp_path)  # a new run: this machine's choice
     assert tiny_config.model.dtype == resolve_dtype("auto") in ("float32", "bfloat16")
     other = {"float32": "bfloat16", "bfloat16": "float32"}[tiny_config.model.dtype]
     tiny_config.model.dtype = other
-    save_config(tiny_config, tmp_path)  # a run trained (elsewhere) in the other dtype
+    run_with_checkpoint(tiny_config, tmp_path, checkpoints)  # a run trained (elsewhere) in the other dtype
     tiny_config.model.dtype = "auto"
     check_compatible(tiny_config, tmp_path)  # settles "auto" as the saved run's dtype
     assert tiny_config.model.dtype == other
     tiny_config.model.dtype = "bf16"
     with pytest.raises(SscellError, match="unknown model.dtype 'bf16'; choose one of auto, float32, bfloat16"):
         check_compatible(tiny_config, tmp_path / "new")  # before a run writes anything
+
+
+def test_check_run_refuses_what_training_would_fail_on(tiny_config, tiny_store, tmp_path):
+    check_run(tiny_config, tiny_store)
+    tiny_config.train.batch_size = 4096
+    n_train = len(select_rows(tiny_store, "train"))
+    with pytest.raises(SscellError, match=f"split 'train' has {n_train} selected cells, fewer than one batch of 4096"):
+        check_run(tiny_config, tiny_store)
+    tiny_config.train.batch_size = 64
+    tiny_config.train.init_from = str(tmp_path)
+    with pytest.raises(SscellError, match="holds no sscell run"):
+        check_run(tiny_config, tiny_store)
+    assert os.listdir(tmp_path) == []  # nothing written

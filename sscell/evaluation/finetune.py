@@ -2,13 +2,15 @@
 
     python -m sscell.evaluation.finetune --workdir=PRETRAINED_RUN --store=TARGET_STORE [--dataset=DATASET_ID]
         [--fractions=0.01,0.1,1] [--steps=N] [--seed=SEED] [--config=experiments/finetune_cpu.py]
+        [--config.train.batch_size=64 ...]
 
 For each label fraction, two supervised runs train the whole classifier (the pretrained run's
 encoder architecture + a linear head, class-weighted cross-entropy; the config's optimiser, by
 default the study's fine-tuning settings) on that fraction of the target's train cells: one starting
 from the pretrained encoder (`train.init_from`), one from scratch (at fraction 1, the study's
 supervised baseline). Each is an ordinary sscell run in PRETRAINED_RUN/finetune/<arm>_<fraction>/
-(resumable: rerunning continues or, when done, only scores). Fractions are nested seed-drawn
+(resumable: rerunning continues or, when done, only scores). Every arm's settings are checked
+against the target before the first one trains. Fractions are nested seed-drawn
 samples of the target's train cells (`select_rows`); no other cells are read for training.
 Both arms are scored on the target's test cells: macro F1 (headline) and micro F1, written to
 PRETRAINED_RUN/finetune.{md,csv}, which `python -m sscell.evaluation` then adds to its table.
@@ -35,7 +37,8 @@ from sscell.evaluation.metrics import f1_scores
 from sscell.evaluation.report import write_results
 from sscell.training.state import check_same_genes
 from sscell.training.step import task_batch
-from sscell.training.train import train
+from sscell.training.train import check_run, train
+from sscell.training.workdir_lock import workdir_lock
 
 RESULTS = "finetune"  # PRETRAINED_RUN/finetune.{md,csv} and the arms' folder PRETRAINED_RUN/finetune/
 ARMS = ("pretrained", "scratch")
@@ -64,8 +67,9 @@ def arm_config(base: ml_collections.ConfigDict, workdir: str, store: Store, arm:
     the target store, its datasets and label fraction, and, for the pretrained arm, its encoder.
 
     The batch is capped at the fraction's cells (rounded down to a multiple of the devices), and
-    under step decay the decay interval is the same number of steps at every fraction: the
-    study's `lr_decay_epochs` epochs of the whole selection at batch `base.train.batch_size`.
+    under step decay the decay interval is the same number of steps at every fraction:
+    `base.train.lr_decay_steps` if > 0, else the study's `lr_decay_epochs` epochs of the whole
+    selection at batch `base.train.batch_size`.
     """
     config = base.copy_and_resolve_references()
     pretrained = load_config(workdir).model.to_dict()
@@ -87,19 +91,30 @@ def arm_config(base: ml_collections.ConfigDict, workdir: str, store: Store, arm:
         raise SscellError(f"label fraction {fraction:g} selects {n_cells} train cells, fewer than the {devices} "
                           "devices; choose a larger fraction")
     config.train.batch_size = batch
-    if config.train.schedule == "step_decay":
+    if config.train.schedule == "step_decay" and not config.train.lr_decay_steps:
         config.train.lr_decay_epochs = base.train.lr_decay_epochs * (n_all // batch_all) / (n_cells // batch)
     return config
 
 
+def check_arm(config: ml_collections.ConfigDict, workdir: str, store: Store) -> None:
+    """Every check of one arm's run that can fail, writing nothing: its settings against the
+    target (`check_run`) and against a run already checkpointed in its `workdir`."""
+    check_run(config, store)
+    try:
+        check_compatible(config, workdir)
+    except SscellError as error:
+        raise SscellError(f"{error}; its batch and schedule follow train.batch_size and the target's cells, so "
+                          f"rerun with the settings it was trained with, or delete {workdir}") from None
+
+
 def train_arm(config: ml_collections.ConfigDict, workdir: str, store: Store) -> bool:
-    """Train (or resume, or find finished) one arm's run in `workdir`, as `sscell.main` would;
-    False if it stopped early (preemption: rerunning resumes)."""
-    os.makedirs(workdir, exist_ok=True)
-    check_compatible(config, workdir)
-    if jax.process_index() == 0:
-        save_config(config, workdir)
-    return int(train(config, workdir, store)["step"]) >= config.train.steps
+    """Train (or resume, or find finished) one arm's run in `workdir`, checked with `check_arm`,
+    as `sscell.main` would; False if it stopped early (preemption: rerunning resumes)."""
+    with workdir_lock(workdir):
+        check_compatible(config, workdir)
+        if jax.process_index() == 0:
+            save_config(config, workdir)
+        return int(train(config, workdir, store)["step"]) >= config.train.steps
 
 
 def predict_test(arms: dict, store: Store, datasets: tuple[str, ...], batch_size: int
@@ -160,16 +175,15 @@ def finetune(workdir: str, target_store: str, fractions: list[float], *, dataset
     store = open_store(target_store)
     check_same_genes(store_path(pretrained, workdir), store, workdir)
     datasets = tuple(datasets)
-    trained, cells = {}, {}
-    for fraction in fractions:
-        for arm in arms:
-            config = arm_config(base, workdir, store, arm, fraction, datasets, seed)
-            run = arm_dir(workdir, arm, fraction)
-            if not train_arm(config, run, store):
-                print(f"{run} stopped early (preempted); rerun the same command to resume")
-                return []
-            trained[(arm, fraction)] = (config, run)
-        cells[fraction] = len(select_rows(store, "train", datasets=datasets, fraction=fraction, seed=seed))
+    trained = {(arm, fraction): (arm_config(base, workdir, store, arm, fraction, datasets, seed),
+                                 arm_dir(workdir, arm, fraction)) for fraction in fractions for arm in arms}
+    for config, run in trained.values():  # every arm checked before the first trains
+        check_arm(config, run, store)
+    for config, run in trained.values():
+        if not train_arm(config, run, store):
+            print(f"{run} stopped early (preempted); rerun the same command to resume")
+            return []
+    cells = {f: len(select_rows(store, "train", datasets=datasets, fraction=f, seed=seed)) for f in fractions}
 
     true, predicted = predict_test(trained, store, datasets, base.eval.batch_size)
     names = {"pretrained": f"fine-tuned from sscell {pretrained.loss.name}", "scratch": "supervised from scratch"}
@@ -196,8 +210,11 @@ def _fractions(values: list[str]) -> list[float]:
 
 def cli() -> None:
     """The command (its flags are defined here, so importing this module defines none)."""
-    config = config_flags.DEFINE_config_file("config", None, "Fine-tuning settings (default: the study's, "
-                                             "finetune_config()), e.g. experiments/finetune_cpu.py.", lock_config=True)
+    config = config_flags.DEFINE_config_file(
+        "config", os.path.join(os.path.dirname(__file__), "finetune_defaults.py"),
+        "Fine-tuning settings, e.g. experiments/finetune_cpu.py (default: the study's, finetune_config()); "
+        "override any field with --config.FIELD=VALUE, e.g. --config.train.batch_size=64 "
+        "--config.train.lr_decay_steps=100", lock_config=True)
     workdir = flags.DEFINE_string("workdir", None, "Work directory of the pretrained run.")
     store = flags.DEFINE_string("store", None, "Target store (the same gene vocabulary as the pretrained run's).")
     datasets = flags.DEFINE_multi_string("dataset", [], "Target dataset_id(s) within the store (default: all).")

@@ -37,6 +37,13 @@ def checkpoint_manager(workdir: str | os.PathLike, every: int, keep: int) -> ocp
     return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=options)
 
 
+def has_checkpoint(workdir: str | os.PathLike) -> bool:
+    """Whether `workdir/checkpoints` holds a complete checkpoint (orbax names those by their
+    step; one being written has a temporary name)."""
+    directory = os.path.join(workdir, "checkpoints")
+    return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+
+
 def save(manager: ocp.CheckpointManager, step: int, state: dict, data_state: dict, config: dict,
          metrics: dict[str, float] | None = None, force: bool = False) -> bool:
     """Save (asynchronously) if the policy says so at `step`, or always with `force`.

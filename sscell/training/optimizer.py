@@ -12,14 +12,17 @@ from sscell.errors import SscellError
 def make_schedule(train_config, steps_per_epoch: int) -> optax.Schedule:
     """The learning rate per optimiser update (not per micro-batch when accumulating).
 
-    "step_decay" (the study's): lr x `lr_decay` every `lr_decay_epochs` epochs.
+    "step_decay" (the study's): lr x `lr_decay` every `lr_decay_steps` steps if > 0, else every
+    `lr_decay_epochs` epochs (which on a small dataset are few steps).
     "warmup_cosine": linear warm-up over `warmup_steps` to lr, cosine decay to 0 at `steps`.
     """
-    updates_per_epoch = steps_per_epoch / train_config.grad_accum
     if train_config.schedule == "step_decay":
+        decay_steps = train_config.get("lr_decay_steps", 0)
+        decay_updates = (decay_steps / train_config.grad_accum if decay_steps > 0
+                         else train_config.lr_decay_epochs * (steps_per_epoch / train_config.grad_accum))
         return optax.exponential_decay(
             init_value=train_config.lr,
-            transition_steps=max(1, int(train_config.lr_decay_epochs * updates_per_epoch)),
+            transition_steps=max(1, int(decay_updates)),
             decay_rate=train_config.lr_decay,
             staircase=True,
         )
@@ -28,6 +31,26 @@ def make_schedule(train_config, steps_per_epoch: int) -> optax.Schedule:
         return optax.warmup_cosine_decay_schedule(0.0, train_config.lr, min(train_config.warmup_steps, total - 1),
                                                   total)
     raise SscellError(f"unknown train.schedule '{train_config.schedule}'; choose step_decay or warmup_cosine")
+
+
+def learning_rate(schedule: optax.Schedule, train_config, step: int) -> float:
+    """The learning rate of training step `step` (1-based): the schedule at the optimiser
+    updates made before it (non-finite steps skipped under `skip_nonfinite` aside)."""
+    return float(schedule((step - 1) // train_config.grad_accum))
+
+
+def schedule_warning(train_config, steps_per_epoch: int) -> str | None:
+    """A one-line warning if the schedule brings the learning rate below 10% of its peak
+    within the first third of `train.steps` (the later steps then barely learn), else None."""
+    if train_config.schedule != "step_decay":
+        return None
+    third = max(1, train_config.steps // 3)
+    lr = learning_rate(make_schedule(train_config, steps_per_epoch), train_config, third)
+    if lr >= 0.1 * train_config.lr:
+        return None
+    return (f"warning: the learning rate falls to {lr / train_config.lr:.1%} of train.lr by step {third} "
+            f"(a third of train.steps={train_config.steps}); decay more slowly, e.g. "
+            f"--config.train.lr_decay_steps={max(1, train_config.steps // 8)}")
 
 
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:

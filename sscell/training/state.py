@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from pathlib import Path
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pandas as pd
@@ -114,6 +116,14 @@ def _checkpoint_path(init_from: str, train_config, which: str):
     return saved
 
 
+def check_init_from(init_from: str, which: str, store: Store) -> tuple[ml_collections.ConfigDict, Path, int]:
+    """(config, train-state path, step) of the "latest" or "best" checkpoint of run `init_from`;
+    refuses a folder without a run or that checkpoint, or a run trained on other genes than `store`'s."""
+    pretrained = load_config(init_from)
+    check_same_genes(store_path(pretrained, init_from), store, init_from)
+    return pretrained, *_checkpoint_path(init_from, pretrained.train, which)
+
+
 def pretrained_encoder(init_from: str, which: str, store: Store, params_layout: dict) -> dict:
     """The "encoder" parameters (numpy) of run `init_from`'s "latest" or "best" checkpoint.
 
@@ -124,9 +134,7 @@ def pretrained_encoder(init_from: str, which: str, store: Store, params_layout: 
     if "encoder" not in params_layout:
         raise SscellError("train.init_from: this run's model has no 'encoder' to initialise; choose a task "
                           "whose model has one (every built-in task's does)")
-    pretrained = load_config(init_from)
-    check_same_genes(store_path(pretrained, init_from), store, init_from)
-    path, step = _checkpoint_path(init_from, pretrained.train, which)
+    pretrained, path, step = check_init_from(init_from, which, store)
     saved = checkpoint.params_metadata(path).get("encoder")
     if saved is None:
         raise SscellError(f"train.init_from {init_from}: its model ({pretrained.loss.name}) has no encoder")

@@ -19,16 +19,17 @@ import optax
 import numpy as np
 from tqdm import tqdm
 
-from sscell.data.loader import CellLoader
+from sscell.data.loader import CellLoader, select_rows
 from sscell.data.store import Store
-from sscell.errors import SscellError
+from sscell.errors import Interrupted, SscellError
 from sscell.losses.info import TaskInfo, setup_task
 from sscell.losses.registry import Task
 from sscell.training import checkpoint
 from sscell.training.mesh import batch_sharded, global_batch, local_data_shards, make_mesh, state_shardings
 from sscell.training.metric_writer import MetricWriter
-from sscell.training.optimizer import make_optimizer
-from sscell.training.state import abstract_state, create_state, pretrained_encoder
+from sscell.models.precision import resolve_dtype
+from sscell.training.optimizer import learning_rate, make_optimizer, make_schedule, schedule_warning
+from sscell.training.state import abstract_state, check_init_from, create_state, pretrained_encoder
 from sscell.training.step import make_eval_step, make_train_step
 
 
@@ -37,15 +38,18 @@ def make_loader(config: ml_collections.ConfigDict, store: Store, split: str, sha
     `shards` data shards (`mesh.local_data_shards` of the run's mesh). The train split is
     narrowed to `data.train_datasets` and `data.train_fraction`; the other splits to those of
     `data.train_datasets` that have cells in them (all cells if none has), so validation, and
-    the best checkpoint, follow the data trained on."""
-    datasets = tuple(config.data.train_datasets)
+    the best checkpoint, follow the data trained on. A validation split smaller than
+    `train.batch_size` is read in batches of its cells (rounded down to a multiple of the shards)."""
+    datasets, batch_size = tuple(config.data.train_datasets), config.train.batch_size
     if split == "train":
         subset = dict(datasets=datasets, fraction=config.data.train_fraction)
     else:
         start, stop = store.split_range(split)
         present = set(store.labels["dataset_id"].iloc[start:stop].astype(str)) if datasets else set()
         subset = dict(datasets=tuple(d for d in datasets if d in present))
-    return CellLoader(store, split, config.train.batch_size, config.seed, **subset,
+        n_cells, unit = len(select_rows(store, split, **subset)), shards * jax.process_count()
+        batch_size = min(batch_size, n_cells // unit * unit) or batch_size  # fewer than unit: the loader refuses
+    return CellLoader(store, split, batch_size, config.seed, **subset,
                       block_cells=config.data.block_cells, prefetch=config.data.prefetch, shards=shards,
                       process_index=jax.process_index(), process_count=jax.process_count(),
                       modality=config.data.get("modality", ""))
@@ -108,24 +112,31 @@ def summarise_window(window: list[dict], last_step: int, skip_nonfinite: int, co
 
 
 class Preemption:
-    """Whether to save and stop now: SIGTERM in a one-process run, or, across processes, the
-    step all of them agreed on after one was told of a preemption (orbax / JAX's sync point)."""
+    """Whether to save and stop now: SIGTERM or Ctrl-C (SIGINT) in a one-process run, or, across
+    processes, the step all of them agreed on after one was told of a preemption (orbax / JAX's
+    sync point). After a first Ctrl-C, a second one stops at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self, manager):
-        self.manager, self.signalled = manager, False
+        self.manager, self.signalled, self.interrupted = manager, False, False
         self.handles_signal = jax.process_count() == 1 and threading.current_thread() is threading.main_thread()
         if self.handles_signal:
-            self.previous = signal.signal(signal.SIGTERM, self._on_signal)
+            self.previous = {signum: signal.signal(signum, self._on_signal) for signum in self.SIGNALS}
 
     def _on_signal(self, signum, frame) -> None:
         self.signalled = True  # the loop finishes the step, saves and returns
+        if signum == signal.SIGINT:
+            self.interrupted = True
+            signal.signal(signal.SIGINT, self.previous[signal.SIGINT])
 
     def reached(self, step: int) -> bool:
         return self.signalled or (jax.process_count() > 1 and self.manager.reached_preemption(step))
 
     def close(self) -> None:
         if self.handles_signal:
-            signal.signal(signal.SIGTERM, self.previous)
+            for signum, handler in self.previous.items():
+                signal.signal(signum, handler)
 
 
 def sharded_state_layout(config: ml_collections.ConfigDict, setup: Setup, mesh) -> tuple[dict, dict]:
@@ -135,19 +146,47 @@ def sharded_state_layout(config: ml_collections.ConfigDict, setup: Setup, mesh) 
     return abstract_state(model, optimizer, shardings, init_extra), shardings
 
 
+def _check_batch_fits_mesh(config: ml_collections.ConfigDict, mesh) -> None:
+    if config.train.batch_size % mesh.shape["data"]:
+        raise SscellError(f"train.batch_size {config.train.batch_size} is not divisible by the mesh's "
+                          f"{mesh.shape['data']} data shards; choose a multiple")
+
+
+def check_settings(config: ml_collections.ConfigDict) -> None:
+    """The checks of a run's settings that need no data: the compute dtype, the schedule and the optimiser."""
+    resolve_dtype(config.model.dtype)
+    make_optimizer(config.train, steps_per_epoch=1)
+
+
+def check_run(config: ml_collections.ConfigDict, store: Store, devices=None) -> None:
+    """Every check of a run's settings against its store and devices that `train` would fail,
+    without training or writing anything: the task, the model and its sharding rules, the batch
+    against the mesh and the train and validation cells, the schedule and optimiser, and the
+    run that `train.init_from` names. Run it before anything is written into the workdir."""
+    config = config.copy_and_resolve_references()
+    config.model.dtype = resolve_dtype(config.model.dtype)
+    setup = build(config, store)
+    mesh = make_mesh(config.mesh, devices)
+    _check_batch_fits_mesh(config, mesh)
+    for split in ("train", "val"):
+        make_loader(config, store, split, local_data_shards(mesh))
+    sharded_state_layout(config, setup, mesh)
+    if config.train.init_from:
+        check_init_from(config.train.init_from, config.train.init_checkpoint, store)
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, store: Store, devices=None) -> dict:
     """Train (or resume training) until `config.train.steps`; returns the final train state.
 
     Runs on a `config.mesh` mesh over `devices` (default: all). Checkpoints, metrics.jsonl and
     TensorBoard events go to `workdir`. On SIGTERM / preemption it finishes the step, saves and
-    returns early (the returned state's step is below `train.steps`); rerunning resumes.
+    returns early (the returned state's step is below `train.steps`); on Ctrl-C it does the same,
+    then raises `Interrupted`. Rerunning resumes.
     """
     setup = build(config, store)
     task, info, model, optimizer, steps_per_epoch, init_extra = setup
     mesh = make_mesh(config.mesh, devices)
-    if config.train.batch_size % mesh.shape["data"]:
-        raise SscellError(f"train.batch_size {config.train.batch_size} is not divisible by the mesh's "
-                          f"{mesh.shape['data']} data shards; choose a multiple")
+    _check_batch_fits_mesh(config, mesh)
     abstract, state_sharding = sharded_state_layout(config, setup, mesh)
     batch_sharding = batch_sharded(mesh)
     init_key, step_key, val_key = jax.random.split(jax.random.key(config.seed), 3)
@@ -176,6 +215,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, store: Store, devices
         print(f"{'resuming at' if start else 'starting'} step {start} of {total}: {loader.n_cells} train cells, "
               f"{steps_per_epoch} steps per epoch, batch {config.train.batch_size}, {jax.device_count()} "
               f"device(s), mesh {dict(mesh.shape)}")
+        warning = schedule_warning(config.train, steps_per_epoch)
+        if warning:
+            print(warning, file=sys.stderr)
+    schedule = make_schedule(config.train, steps_per_epoch)
     config_record = json.loads(config.to_json_best_effort())
     profile = tuple(config.train.profile_steps)
     preemption, tracing, consecutive_nonfinite = Preemption(manager), False, 0
@@ -205,6 +248,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, store: Store, devices
                 manager.latest_step())
             record["train/cells_per_s"] = len(window) * config.train.batch_size / (time.perf_counter() - window_start)
             record["train/epoch"] = step / steps_per_epoch
+            record["train/lr"] = learning_rate(schedule, config.train, step)
             if step % config.train.val_every == 0 or step == total:
                 record.update(validation_loss(eval_step, state, val_loader,
                                               config.train.val_batches, val_key, batch_sharding))
@@ -212,12 +256,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, store: Store, devices
                 if bad:
                     raise _nonfinite_error(bad, record[bad], step, manager.latest_step())
             writer.write(step, record)
-            progress.set_postfix(loss=f"{record.get('train/loss', math.nan):.4f}",
+            progress.set_postfix(loss=f"{record.get('train/loss', math.nan):.4f}", lr=f"{record['train/lr']:.2e}",
                                  cells_s=f"{record['train/cells_per_s']:.0f}", refresh=False)
             window, window_start = [], time.perf_counter()
             if save:
                 checkpoint.save(manager, step, state, {"step": step, "epoch": step // steps_per_epoch},
                                 config_record, metrics=record, force=True)
+            if preemption.interrupted:
+                break
             if preempted and step < total:
                 if primary:
                     print(f"preempted at step {step}: checkpoint saved; rerun the same command to resume")
@@ -230,4 +276,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, store: Store, devices
         manager.wait_until_finished()  # also on errors: the last good checkpoint is complete on disk
         manager.close()
         writer.close()
+    if preemption.interrupted:
+        raise Interrupted(f"training stopped at step {step}, checkpoint saved; rerun the same command to resume")
     return state
