@@ -14,7 +14,7 @@ regression head (batch one-hot; MSE on the TF-IDF of the peaks, computed in jit 
 the train split) from the pretrained encoder and from scratch, 1,000 steps each with the
 study's fine-tuning optimiser, fits ridge regression on the same cells, and scores all three on
 the test cells of datasets 0-2 (id_*) and on every cell of dataset_3 (ood_*) into
-runs/crossmodal_atac/crossmodal_atac.{md,csv}. See the README for the measured time and scores.
+runs/crossmodal_atac/crossmodal_atac.{md,csv}. See docs/transfer.md for the measured time and scores.
 """
 from sscell.data.modality import ATAC_KEY
 from sscell.evaluation.crossmodal import cpu_study_config

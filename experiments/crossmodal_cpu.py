@@ -13,7 +13,7 @@ out-of-distribution batch. The second trains, at 5% and 100% of the train cells 
 counts) from the pretrained encoder and from scratch, 1,000 steps each with the study's
 fine-tuning optimiser, fits ridge regression on the same cells, and scores all three on the
 test cells of datasets 0-2 (id_*) and on every cell of dataset_3 (ood_*) into
-runs/crossmodal/crossmodal.{md,csv}. See the README for the measured time and scores.
+runs/crossmodal/crossmodal.{md,csv}. See docs/transfer.md for the measured time and scores.
 """
 from sscell.data.modality import PROTEIN_KEY
 from sscell.evaluation.crossmodal import cpu_study_config

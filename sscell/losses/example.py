@@ -1,4 +1,4 @@
-"""An example pretext task, the one README's "Adding a pretext task" walks through: denoising.
+"""An example pretext task, the one docs/extending.md walks through: denoising.
 
 Gaussian noise is added to every measured gene; the autoencoder reconstructs the clean values.
 Importing this module registers it; experiments/example_task.py does so and selects it.
