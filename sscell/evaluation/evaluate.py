@@ -46,17 +46,13 @@ from sscell.evaluation.figures import plot_bars, plot_maps, umap_2d
 from sscell.evaluation.integration import AGGREGATES, integration_scores
 from sscell.evaluation.metrics import (
     ExplainedVariance,
-    f1_scores,
+    f1_columns,
     fit_pca,
     highly_variable_genes,
     per_class_f1,
 )
 from sscell.evaluation.neighbors import knn_predict
-from sscell.evaluation.ontology import (
-    cell_ontology_descendants,
-    corrected_predictions,
-    is_cell_ontology_id,
-)
+from sscell.evaluation.ontology import store_descendants
 from sscell.evaluation.probe import linear_probe
 from sscell.evaluation.report import plot_loss_curves, read_results, write_results
 from sscell.losses.masking import mask_input, random_gene_mask
@@ -212,25 +208,6 @@ class Evaluator:
                      {k: np.concatenate(v) for k, v in labels.items()})
 
 
-def _ontology_descendants(store: Store) -> dict[int, set[int]] | None:
-    """{cell-type code: codes at or below it in the Cell Ontology}, or None when the store's
-    cell types do not map one-to-one onto Cell Ontology ids."""
-    labels = store.labels
-    if "cell_type_ontology_term_id" not in labels or "cell_type" not in labels:
-        return None
-    types, terms = labels["cell_type"].cat.codes.to_numpy(), labels["cell_type_ontology_term_id"]
-    n_terms = len(terms.cat.categories)
-    pairs = np.unique(types.astype(np.int64) * n_terms + terms.cat.codes.to_numpy())  # distinct (type, term)
-    codes, term_codes = pairs // n_terms, pairs % n_terms
-    if len(codes) != len(np.unique(codes)) or (types < 0).any() or (terms.cat.codes < 0).any():
-        return None
-    names = [str(terms.cat.categories[t]) for t in term_codes]
-    if not all(is_cell_ontology_id(t) for t in names):
-        return None
-    below = cell_ontology_descendants([int(c) for c in codes], names)
-    return {int(k): {int(c) for c in v} for k, v in below.items()}
-
-
 @dataclasses.dataclass
 class Outcome:
     """What the tasks produce: result columns per method, per-class F1 columns, extra tables, notes."""
@@ -243,13 +220,8 @@ class Outcome:
 
     def score(self, task: str, method: str, true: np.ndarray, pred: np.ndarray, type_names: list[str],
               descendants: dict | None) -> None:
-        """F1 columns `{task}_macro_f1`, `{task}_micro_f1` (+ `_ontology`) and per-class F1."""
-        row = self.rows[method]
-        for name, value in f1_scores(true, pred).items():
-            row[f"{task}_{name}"] = value
-        if descendants is not None:
-            for name, value in f1_scores(true, corrected_predictions(true, pred, descendants)).items():
-                row[f"{task}_{name}_ontology"] = value
+        """F1 columns (`f1_columns`: `{task}_macro_f1`, ... + `_ontology`) and per-class F1."""
+        self.rows[method].update(f1_columns(task, true, pred, descendants))
         table = per_class_f1(true, pred)
         table.index = [type_names[c] for c in table.index]
         self.per_class.setdefault("test_cells", table["support"])
@@ -286,7 +258,7 @@ def evaluate(workdir: str, tasks=None, store: str | None = None, outdir: str | N
     test = evaluator.cells("test", settings.max_cells, reconstructions)
     train = evaluator.cells("train", settings.probe_cells) if "linear_probe" in tasks else None
     type_names = label_names(store, "cell_type")
-    descendants = _ontology_descendants(store) if {"knn", "linear_probe"} & set(tasks) else None
+    descendants = store_descendants(store) if {"knn", "linear_probe"} & set(tasks) else None
     methods = list(test.embeddings)
     outcome = Outcome({m: {"method": m} for m in methods})
 
