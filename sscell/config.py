@@ -12,7 +12,8 @@ from sscell.models.precision import resolve_dtype
 # Fields that may differ between a run and its resumption (they do not change what is learned
 # up to the current step).
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.val_every", "train.checkpoint_every",
-                     "train.keep_checkpoints", "train.profile_steps", "data.prefetch", "mesh.", "eval.")
+                     "train.keep_checkpoints", "train.profile_steps", "data.prefetch", "mesh.", "eval.",
+                     "train.init_checkpoint")  # read by a fresh run only
 
 CONFIG_FILE = "config.json"
 
@@ -122,7 +123,8 @@ def default_config() -> ml_collections.ConfigDict:
         skip_nonfinite=0,       # N > 0: skip non-finite steps (state unchanged), stop at N+1 in a row
         profile_steps=(),       # (start, stop): jax.profiler trace of those steps into WORKDIR/profile
         init_from="",           # a run's workdir: a fresh run starts from its encoder (fine-tuning)
-        init_checkpoint="latest",  # which checkpoint of init_from: "latest" or "best"
+        init_checkpoint="best",  # which checkpoint of init_from: "best" (lowest validation loss, the study's) or
+                                 # "latest"; "best" refuses a run none of whose checkpoints was validated yet
     ))
     config.mesh = ml_collections.ConfigDict(dict(
         data=-1, model=1,       # device mesh axes; -1: all devices left over
@@ -131,7 +133,8 @@ def default_config() -> ml_collections.ConfigDict:
     config.eval = ml_collections.ConfigDict(dict(
         knn_k=5, pca_components=64, batch_size=1024,
         max_cells=0,            # > 0: at most this many val and test cells (a random sample) for every task
-        checkpoint="latest",    # or "best" (lowest validation loss)
+        checkpoint="best",      # "best" (lowest validation loss, the study's; refused while no checkpoint
+                                # has one: train past the next validation or choose it) or "latest"
         # knn | linear_probe | reconstruction | integration | umap (sscell/evaluation/evaluate.py)
         tasks=("knn", "linear_probe", "reconstruction", "integration", "umap"),
         knn_method="auto",      # exact (blocked, JAX) | approximate (faiss HNSW) | auto (by size and device)

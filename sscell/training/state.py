@@ -104,8 +104,10 @@ def _checkpoint_path(init_from: str, train_config, which: str):
     if which not in ("latest", "best"):
         raise SscellError(f"unknown train.init_checkpoint '{which}'; choose latest or best")
     manager = checkpoint.checkpoint_manager(init_from, train_config.checkpoint_every, train_config.keep_checkpoints)
-    step = manager.best_step() if which == "best" else manager.latest_step()
-    manager.close()
+    try:
+        step = checkpoint.best_or_latest_step(manager, which)
+    finally:
+        manager.close()
     if step is None:
         raise SscellError(f"train.init_from {init_from} has no {which} checkpoint; train it first")
     return manager.directory / str(step) / "state", step
