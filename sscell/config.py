@@ -105,6 +105,8 @@ def default_config() -> ml_collections.ConfigDict:
         likelihood="mse",       # reconstruction head: "mse" on log1p values or "nb" on counts
         gmt="",                 # gene programmes (.gmt); empty: the one written beside a generated store
         per_cell_masks=True,    # gp_masked: a mask per cell (False: one per batch, as the authors did)
+        rescale_inputs=True,    # masked, gp_masked: scale the genes left visible by 1 / (1 - share hidden), as
+                                # inverted dropout (the authors' choice); False: leave them as they are
         class_weights="balanced",  # supervised: "balanced" or "none"
         projector=(4096, 256), predictor=(4096, 256),  # byol / barlow_twins heads (batch norm between)
         ema_decay=0.99, ema_schedule="constant", ema_steps=0,  # byol target; "cosine": decay -> 1 over ema_steps
