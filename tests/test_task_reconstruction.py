@@ -104,12 +104,18 @@ def test_nb_head_matches_numpy_likelihood():
     assert_finite_nonzero_grad(loss, params, batch, key)
 
 
-def test_reconstruction_shows_log1p_means_for_nb():
+def test_reconstruction_shows_log1p_means_for_nb_over_measured_genes_only():
     _, model, params, _ = setup("masked", likelihood="nb")
-    x = np.random.default_rng(0).random((3, N_GENES)).astype(np.float32)
-    logits = np.asarray(model.apply({"params": params}, x)[0])
-    np.testing.assert_allclose(np.asarray(model.apply({"params": params}, x, method="reconstruct")),
-                               np.log1p(softmax(logits, axis=1) * 1e4), rtol=1e-5)
+    x = np.random.default_rng(0).random((4, N_GENES)).astype(np.float32)
+    measured = MEASURED[np.arange(4) % 2]  # cells of dataset 1 miss 5 genes
+    logits = np.asarray(model.apply({"params": params}, x)[0], np.float64)
+    shown = np.asarray(model.apply({"params": params}, x, measured, method="reconstruct"), np.float64)
+    shares = np.expm1(shown) / 1e4
+    assert (shares[~measured] == 0).all()  # no mass leaks onto genes the cell's dataset did not measure
+    np.testing.assert_allclose(shares.sum(1), 1.0, rtol=1e-5)  # the measured genes share the whole library
+    np.testing.assert_allclose(shares, softmax(np.where(measured, logits, -np.inf), axis=1), rtol=1e-4, atol=1e-9)
+    everything = np.asarray(model.apply({"params": params}, x, method="reconstruct"), np.float64)  # no mask
+    np.testing.assert_allclose(np.expm1(everything) / 1e4, softmax(logits, axis=1), rtol=1e-4)
 
 
 @pytest.mark.parametrize("per_cell", [True, False])

@@ -162,8 +162,8 @@ class Evaluator:
             if reconstruct:
                 hidden = random_gene_mask(key, x.shape, rate) & measured
                 out.update(measured=measured, hidden=hidden,
-                           x_hat=model.apply({"params": params}, x, method="reconstruct"),
-                           x_hat_masked=model.apply({"params": params}, mask_input(x, hidden, rate),
+                           x_hat=model.apply({"params": params}, x, measured, method="reconstruct"),
+                           x_hat_masked=model.apply({"params": params}, mask_input(x, hidden, rate), measured,
                                                     method="reconstruct"))
             return out
 
