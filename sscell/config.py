@@ -121,6 +121,8 @@ def default_config() -> ml_collections.ConfigDict:
         log_every=50, val_every=500, val_batches=8, checkpoint_every=500, keep_checkpoints=3,
         schedule="step_decay",  # or "warmup_cosine" (warmup_steps, then cosine decay to 0 at `steps`)
         warmup_steps=0,
+        lr_reference_batch=0,   # > 0: lr is per this many cells, scaled by batch_size / it (Barlow Twins: 256)
+        lars_exclude_bias_and_norm=True,  # lars: biases and norm parameters get no weight decay or trust ratio
         grad_accum=1,           # micro-batches of batch_size per optimiser update
         skip_nonfinite=0,       # N > 0: skip non-finite steps (state unchanged), stop at N+1 in a row
         profile_steps=(),       # (start, stop): jax.profiler trace of those steps into WORKDIR/profile
