@@ -3,8 +3,9 @@
 Two searches, the same answer up to approximation:
 - exact: blocked in JAX (query blocks x reference blocks, a running top-k merged block by
   block, so memory is bounded by the block sizes), on the default device (a GPU when present);
-  on embeddings centred on the reference mean, the float32 search keeps 2k + 8 candidates, re-ranked in float64 (ties by reference index), so
-  rounding cannot reorder near-ties as a float32-only search would.
+  on embeddings centred on the reference mean, the float32 search keeps 2k + 8 candidates,
+  re-ranked in float64 (ties by reference index), so rounding cannot reorder near-ties as a
+  float32-only search would.
 - approximate: a faiss HNSW graph (M = 32, efSearch = 64): its cost grows about as
   n log n, where the exact search's grows with n_ref x n_query.
 "auto" takes the exact search on an accelerator, or when n_ref x n_query <= `exact_max_pairs`.

@@ -57,8 +57,8 @@ def best_or_latest_step(manager: ocp.CheckpointManager, which: str) -> int | Non
     step = manager.best_step()
     if step is None and manager.latest_step() is not None:
         raise SscellError(f"{manager.directory.parent} has checkpoints (latest: step {manager.latest_step()}) but none "
-                          "with a validation loss yet, so no best one; train on past the next validation (train.val_every) "
-                          "or choose 'latest' (eval.checkpoint, train.init_checkpoint or --checkpoint)")
+                          "with a validation loss yet, so no best one; train on past the next validation "
+                          "(train.val_every) or choose 'latest' (eval.checkpoint, train.init_checkpoint or --checkpoint)")
     return step
 
 

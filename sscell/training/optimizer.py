@@ -52,9 +52,10 @@ def _base_optimizer(train_config, schedule: optax.Schedule) -> optax.GradientTra
     """`train.optimizer`: "adamw" (the study's) or "lars" (optax.lars, the study's Barlow Twins).
 
     `lr_reference_batch` > 0 scales the schedule by the cells per update (batch_size x
-    grad_accum) / lr_reference_batch (Barlow Twins: lr per 256 cells). LARS follows the published Barlow Twins / BYOL recipe: with
-    `lars_exclude_bias_and_norm` (default) biases and normalisation parameters get neither
-    weight decay nor the trust ratio; pair it with the "warmup_cosine" schedule.
+    grad_accum) / lr_reference_batch (Barlow Twins: lr per 256 cells). LARS follows the
+    published Barlow Twins / BYOL recipe: with `lars_exclude_bias_and_norm` (default) biases and
+    normalisation parameters get neither weight decay nor the trust ratio; pair it with the
+    "warmup_cosine" schedule.
     """
     name = train_config.get("optimizer", "adamw")
     reference = train_config.get("lr_reference_batch", 0)
