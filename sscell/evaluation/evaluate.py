@@ -3,12 +3,13 @@
 The best (lowest validation loss; or the latest, `eval.checkpoint`) checkpoint embeds the
 validation and test cells (and, for the linear probe, a sample of training cells); two
 baselines embed the same cells: PCA of log1p-normalised counts and PCA of the highly variable
-genes' (both fitted on validation cells). Each selected task (`eval.tasks`) then scores every method on the same cells:
+genes' (both fitted on validation cells). Each selected task (`eval.tasks`) then scores every
+method on the same cells:
 
 - knn: zero-shot cell typing, k nearest validation cells vote for each test cell (no self
   neighbour: the sets are disjoint); macro F1 (headline, docs/metrics.md), micro F1, per-class
-  F1, and, when the store holds Cell Ontology ids, ontology-aware F1 (predicting a descendant of the true type
-  counts as correct);
+  F1, and, when the store holds Cell Ontology ids, ontology-aware F1 (predicting a descendant
+  of the true type counts as correct);
 - linear_probe: logistic regression on frozen embeddings (`sscell.evaluation.probe`);
 - reconstruction: explained variance and MSE of the test cells' log1p expression, on every
   measured gene and on a seeded random `eval.mask_rate` of them hidden from the input (scored
