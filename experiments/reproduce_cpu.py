@@ -40,7 +40,10 @@ def get_config():
     # contrastive heads sized for the smaller encoder (the study: 4096-wide projectors for a 64-d embedding)
     config.task_overrides = ml_collections.ConfigDict({
         "byol": {"loss": {"projector": (1024, 128), "predictor": (1024, 128)}},
-        "barlow_twins": {"loss": {"projector": (512, 512)}, "train": {"optimizer": "lars"}},
+        # the published Barlow Twins recipe (see experiments/barlow_twins_20m.py): lr 0.2 per 256 cells
+        "barlow_twins": {"loss": {"projector": (512, 512)},
+                         "train": {"optimizer": "lars", "lr": 0.2, "lr_reference_batch": 256, "weight_decay": 1.5e-6,
+                                   "schedule": "warmup_cosine", "warmup_steps": 300}},
     })
 
     finetune = finetune_config()

@@ -13,7 +13,8 @@ from sscell.training.checkpoint import has_checkpoint
 # Fields that may differ between a run and its resumption (they do not change what is learned
 # up to the current step).
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.val_every", "train.checkpoint_every",
-                     "train.keep_checkpoints", "train.profile_steps", "data.prefetch", "mesh.", "eval.")
+                     "train.keep_checkpoints", "train.profile_steps", "data.prefetch", "mesh.", "eval.",
+                     "train.init_checkpoint")  # read by a fresh run only
 
 # What a store converted into WORKDIR/store (no data.store) was made from.
 STORE_SOURCE = ("seed", "data.h5ad", "data.vocabulary", "data.split_column", "data.synthetic.")
@@ -125,6 +126,8 @@ def default_config() -> ml_collections.ConfigDict:
         likelihood="mse",       # reconstruction head: "mse" on log1p values or "nb" on counts
         gmt="",                 # gene programmes (.gmt); empty: the one written beside a generated store
         per_cell_masks=True,    # gp_masked: a mask per cell (False: one per batch, as the authors did)
+        rescale_inputs=True,    # masked, gp_masked: scale the genes left visible by 1 / (1 - share hidden), as
+                                # inverted dropout (the authors' choice); False: leave them as they are
         class_weights="balanced",  # supervised: "balanced" or "none"
         projector=(4096, 256), predictor=(4096, 256),  # byol / barlow_twins heads (batch norm between)
         ema_decay=0.99, ema_schedule="constant", ema_steps=0,  # byol target; "cosine": decay -> 1 over ema_steps
@@ -140,11 +143,14 @@ def default_config() -> ml_collections.ConfigDict:
         log_every=50, val_every=500, val_batches=8, checkpoint_every=500, keep_checkpoints=3,
         schedule="step_decay",  # or "warmup_cosine" (warmup_steps, then cosine decay to 0 at `steps`)
         warmup_steps=0,
+        lr_reference_batch=0,   # > 0: lr is per this many cells, scaled by batch_size / it (Barlow Twins: 256)
+        lars_exclude_bias_and_norm=True,  # lars: biases and norm parameters get no weight decay or trust ratio
         grad_accum=1,           # micro-batches of batch_size per optimiser update
         skip_nonfinite=0,       # N > 0: skip non-finite steps (state unchanged), stop at N+1 in a row
         profile_steps=(),       # (start, stop): jax.profiler trace of those steps into WORKDIR/profile
         init_from="",           # a run's workdir: a fresh run starts from its encoder (fine-tuning)
-        init_checkpoint="latest",  # which checkpoint of init_from: "latest" or "best"
+        init_checkpoint="best",  # which checkpoint of init_from: "best" (lowest validation loss, the study's) or
+                                 # "latest"; "best" refuses a run none of whose checkpoints was validated yet
     ))
     config.mesh = ml_collections.ConfigDict(dict(
         data=-1, model=1,       # device mesh axes; -1: all devices left over
@@ -153,7 +159,8 @@ def default_config() -> ml_collections.ConfigDict:
     config.eval = ml_collections.ConfigDict(dict(
         knn_k=5, pca_components=64, batch_size=1024,
         max_cells=0,            # > 0: at most this many val and test cells (a random sample) for every task
-        checkpoint="latest",    # or "best" (lowest validation loss)
+        checkpoint="best",      # "best" (lowest validation loss, the study's; refused while no checkpoint
+                                # has one: train past the next validation or choose it) or "latest"
         # knn | linear_probe | reconstruction | integration | umap (sscell/evaluation/evaluate.py)
         tasks=("knn", "linear_probe", "reconstruction", "integration", "umap"),
         knn_reference="val",    # kNN reference cells: val (the study's) | train | train+val; queries: test cells

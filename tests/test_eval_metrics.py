@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
-from sklearn.metrics import explained_variance_score, f1_score, mean_squared_error
+from sklearn.metrics import classification_report, explained_variance_score, f1_score, mean_squared_error
 from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
 
 from sscell.errors import SscellError
@@ -66,9 +66,9 @@ def test_knn_keeps_identical_reference_point():
 
 def test_knn_rejects_bad_input():
     ref = np.zeros((3, 2))
-    with pytest.raises(SscellError):
+    with pytest.raises(SscellError, match=r"needs 1 <= k <= 3 reference cells, got k=4"):
         knn_predict(ref, np.arange(3), np.zeros((1, 2)), k=4)
-    with pytest.raises(SscellError):
+    with pytest.raises(SscellError, match=r"2-D embeddings of equal width, got \(3, 2\) and \(1, 5\)"):
         knn_predict(ref, np.arange(3), np.zeros((1, 5)), k=1)
 
 
@@ -77,20 +77,25 @@ def test_f1_scores_match_per_class_counts():
     true = rng.integers(0, 5, size=300)
     pred = np.where(rng.random(300) < 0.6, true, rng.integers(0, 7, size=300))  # 5, 6 never true
     per_class = []
-    for c in np.unique(true):
+    for c in np.union1d(true, pred):
         tp = np.sum((pred == c) & (true == c))
         fp = np.sum((pred == c) & (true != c))
         fn = np.sum((pred != c) & (true == c))
         per_class.append(2 * tp / (2 * tp + fp + fn))
     scores = f1_scores(true, pred)
-    assert scores["macro_f1"] == pytest.approx(np.mean(per_class), abs=1e-12)
+    assert scores["macro_f1"] == pytest.approx(np.mean(per_class), abs=1e-12)  # 7 classes, 5 and 6 score 0
+    assert scores["macro_f1_true_classes"] == pytest.approx(np.mean(per_class[:5]), abs=1e-12)
     assert scores["micro_f1"] == pytest.approx(np.mean(true == pred), abs=1e-12)
 
 
 def test_f1_scores_tiny_example():
-    # a: P=1, R=1/2 -> F1 2/3; b: P=1/2, R=1/2 -> 1/2; c is never true, so not averaged.
-    scores = f1_scores(np.array(["a", "a", "b", "b"]), np.array(["a", "b", "b", "c"]))
-    assert scores["macro_f1"] == pytest.approx(7 / 12)
+    # a: P=1, R=1/2 -> F1 2/3; b: P=1/2, R=1/2 -> 1/2; c is predicted, never true: F1 0.
+    true, pred = np.array(["a", "a", "b", "b"]), np.array(["a", "b", "b", "c"])
+    scores = f1_scores(true, pred)
+    assert scores["macro_f1"] == pytest.approx(7 / 18)  # the study's: over a, b and c
+    assert scores["macro_f1"] == pytest.approx(classification_report(true, pred, output_dict=True,
+                                                                     zero_division=0)["macro avg"]["f1-score"])
+    assert scores["macro_f1_true_classes"] == pytest.approx(7 / 12)  # over a and b only
     assert scores["micro_f1"] == pytest.approx(0.5)
 
 
@@ -117,10 +122,39 @@ def test_explained_variance_with_a_constant_gene():
     x, x_hat = reconstruction_pair()
     x[:, 3], x_hat[:, 3] = 2.7, np.linspace(0, 1, len(x))  # never varies, badly reconstructed
     ev = explained_variance(x, x_hat)
-    weighted = 1 - np.var(x - x_hat, axis=0).sum() / np.var(x, axis=0).sum()
+    varies = np.arange(x.shape[1]) != 3
+    weighted = 1 - np.var(x - x_hat, axis=0)[varies].sum() / np.var(x, axis=0).sum()
     assert ev["ev_weighted"] == pytest.approx(weighted, abs=1e-12)
     per_gene = explained_variance_score(x, x_hat, multioutput="raw_values")
     assert ev["ev_uniform"] == pytest.approx(np.delete(per_gene, 3).mean(), abs=1e-12)
+
+
+def torchmetrics_variance_weighted(target: np.ndarray, preds: np.ndarray) -> float:
+    """torchmetrics' ExplainedVariance(multioutput="variance_weighted") (functional
+    _explained_variance_update/_compute, v1.x) in numpy: per-output scores from sums over cells,
+    weighted by each output's target variance."""
+    n = len(target)
+    diff = target - preds
+    numerator = (diff**2).sum(0) / n - (diff.sum(0) / n) ** 2
+    denominator = (target**2).sum(0) / n - (target.sum(0) / n) ** 2
+    nonzero_numerator, nonzero_denominator = numerator != 0, denominator != 0
+    valid = nonzero_numerator & nonzero_denominator
+    scores = np.ones_like(numerator)
+    scores[valid] = 1.0 - numerator[valid] / denominator[valid]
+    scores[nonzero_numerator & ~nonzero_denominator] = 0.0
+    return float(np.sum(denominator / denominator.sum() * scores))
+
+
+def test_weighted_explained_variance_follows_torchmetrics_on_constant_genes():
+    rng = np.random.default_rng(8)
+    x = rng.gamma(2.0, size=(200, 50))
+    x[:, :10] = 0.0  # 10 of 50 genes never expressed in these cells (exactly 0, as log1p of no counts)
+    x_hat = 0.6 * x + rng.normal(scale=0.6, size=x.shape)  # the constant genes are reconstructed with noise
+    expected = torchmetrics_variance_weighted(x, x_hat)
+    kept_all = 1 - np.var(x - x_hat, axis=0).sum() / np.var(x, axis=0).sum()
+    assert expected - kept_all > 0.04  # the definitions differ here: the test tells them apart
+    assert explained_variance(x, x_hat)["ev_weighted"] == pytest.approx(expected, abs=1e-9)
+    assert expected == pytest.approx(explained_variance_score(x, x_hat, multioutput="variance_weighted"), abs=1e-9)
 
 
 def test_explained_variance_perfect_and_mean_predictions():
@@ -147,12 +181,12 @@ def test_explained_variance_streaming_equals_one_shot_and_is_stable():
 
 def test_explained_variance_rejects_mismatched_chunks():
     stream = ExplainedVariance()
-    with pytest.raises(SscellError):
+    with pytest.raises(SscellError, match="result called before any update"):
         stream.result()
     stream.update(np.ones((2, 3)), np.ones((2, 3)))
-    with pytest.raises(SscellError):
+    with pytest.raises(SscellError, match="got 4 genes after 3"):
         stream.update(np.ones((2, 4)), np.ones((2, 4)))
-    with pytest.raises(SscellError):
+    with pytest.raises(SscellError, match="of one \\(cells, genes\\) shape"):
         stream.update(np.ones((2, 3)), np.ones((3, 3)))
 
 
@@ -236,7 +270,7 @@ def test_plot_loss_curves_writes_png_and_keeps_last_duplicate(tmp_path):
 def test_plot_loss_curves_rejects_file_without_losses(tmp_path):
     jsonl = tmp_path / "metrics.jsonl"
     jsonl.write_text(json.dumps({"step": 1, "lr": 0.1}) + "\n")
-    with pytest.raises(SscellError):
+    with pytest.raises(SscellError, match="has no train/loss or val/loss values to plot"):
         plot_loss_curves(jsonl, tmp_path / "loss.png")
 
 
@@ -263,6 +297,24 @@ def test_exact_knn_equals_scikit_learn_across_blocks(monkeypatch):
     names = np.array([f"type {i}" for i in range(8)])[labels]
     expected = KNeighborsClassifier(n_neighbors=5).fit(ref, names).predict(query)
     np.testing.assert_array_equal(knn_predict(ref, names, query, 5, method="exact"), expected)
+
+
+@pytest.mark.parametrize("offset, separation", [(1e4, 0.0), (1e3, 300.0)])
+def test_exact_knn_equals_scikit_learn_on_non_centred_embeddings(offset, separation):
+    # Far from the origin, float32 squared distances round by ~eps * |x|^2: (1e4, 0) needs the
+    # search to centre the embeddings; (1e3, 300), two clusters 600 apart, also needs the float64
+    # re-ranking of a candidate margin (near-ties within a cluster swap in float32).
+    rng = np.random.default_rng(9)
+    side = rng.integers(0, 2, 800) * 2 - 1
+    points = (rng.normal(size=(800, 8)) + offset + separation * side[:, None]).astype(np.float32)
+    ref, query = points[:600], points[600:]
+    labels = rng.integers(0, 4, 600)
+    indices, distances = nearest_neighbors(ref, query, 5, method="exact")
+    ref_distances, ref_indices = NearestNeighbors(n_neighbors=5).fit(ref.astype(np.float64)).kneighbors(query)
+    np.testing.assert_array_equal(indices, ref_indices)
+    np.testing.assert_allclose(distances, ref_distances, rtol=1e-9)
+    expected = KNeighborsClassifier(n_neighbors=5).fit(ref.astype(np.float64), labels).predict(query)
+    np.testing.assert_array_equal(knn_predict(ref, labels, query, 5, method="exact"), expected)
 
 
 def test_approximate_knn_agrees_with_exact():
@@ -295,7 +347,7 @@ def test_per_class_f1_matches_scikit_learn():
     assert table.index.tolist() == classes.tolist()
     np.testing.assert_array_equal(table["support"], np.bincount(true)[classes])
     np.testing.assert_allclose(table["f1"], f1_score(true, pred, labels=classes, average=None), atol=1e-12)
-    assert table["f1"].mean() == pytest.approx(f1_scores(true, pred)["macro_f1"], abs=1e-12)
+    assert table["f1"].mean() == pytest.approx(f1_scores(true, pred)["macro_f1_true_classes"], abs=1e-12)
 
 
 def test_masked_explained_variance_scores_each_gene_on_its_own_cells():

@@ -26,7 +26,7 @@ def test_descendant_predictions_count_as_correct():
     assert f1_scores(true, corrected)["micro_f1"] > f1_scores(true, pred)["micro_f1"]
     # A label missing from the mapping counts exact predictions only.
     assert corrected_predictions(np.array(["x", "x"]), np.array(["x", "CD4"]), HIERARCHY).tolist() == ["x", "CD4"]
-    with pytest.raises(SscellError):
+    with pytest.raises(SscellError, match=r"labels of one shape, got \(8,\) and \(3,\)"):
         corrected_predictions(true, pred[:3], HIERARCHY)
 
 

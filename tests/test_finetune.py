@@ -3,17 +3,21 @@ import json
 import os
 import shutil
 
+import anndata
 import jax
 import numpy as np
 import pandas as pd
 import pytest
 from sklearn.metrics import f1_score
+from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
 
 from sscell.config import default_config, load_config, save_config
 from sscell.data.convert import convert
 from sscell.data.loader import select_rows
 from sscell.data.store import open_store
+from sscell.data.synthetic import CELL_TYPES
 from sscell.errors import SscellError
+from sscell.evaluation.embed import embed
 from sscell.evaluation.evaluate import evaluate
 from sscell.evaluation.finetune import (
     arm_dir,
@@ -21,12 +25,14 @@ from sscell.evaluation.finetune import (
     finetune_config,
     predict_test,
 )
+from sscell.evaluation.ontology import cell_ontology_descendants
 from sscell.evaluation.report import read_results
 from sscell.training import checkpoint
 from sscell.training.mesh import make_mesh, replicated
 from sscell.training.state import abstract_state
 from sscell.training.train import build, make_loader, train
 
+CELL_TYPE_IDS = {t.name: t.ontology_id for t in CELL_TYPES}
 TINY_TRAIN = {"batch_size": 64, "log_every": 5, "val_every": 10, "val_batches": 2, "checkpoint_every": 10}
 
 
@@ -109,7 +115,8 @@ def test_a_store_with_other_gene_order_is_refused(pretrained, tiny_h5ad, tiny_st
         train(config, str(tmp_path / "run"), open_store(tmp_path / "reversed"))
 
 
-def test_finetune_trains_both_arms_on_nested_fractions_and_scores_the_test_cells(pretrained, tiny_store, capsys):
+def test_finetune_trains_both_arms_on_nested_fractions_and_scores_the_test_cells(pretrained, tiny_store, capsys,
+                                                                                 tmp_path):
     workdir, _ = pretrained
     base = classifier_config(tiny_store, steps=10)
     rows = finetune(workdir, tiny_store.path, [0.1, 1.0], datasets=("dataset_1",), base=base)
@@ -138,12 +145,38 @@ def test_finetune_trains_both_arms_on_nested_fractions_and_scores_the_test_cells
     # Scores come from each arm's predictions on dataset_1's test cells, in store order.
     true, predicted = predict_test(arms, tiny_store, ("dataset_1",), 128)
     labels = tiny_store.labels
-    test = labels[(labels["split"] == "test") & (labels["dataset_id"] == "dataset_1")]
-    np.testing.assert_array_equal(true, test["cell_type"].cat.codes.to_numpy())
-    for row, prediction in zip(rows, predicted.values()):
-        assert row["finetune_macro_f1"] == pytest.approx(
-            f1_score(true, prediction, labels=np.unique(true), average="macro", zero_division=0))
-        assert row["finetune_micro_f1"] == pytest.approx(np.mean(true == prediction))
+    split, in_dataset = labels["split"].to_numpy(), (labels["dataset_id"] == "dataset_1").to_numpy()
+    test = (split == "test") & in_dataset
+    assert not ((split == "val") & in_dataset).any()  # dataset_1 has no validation cells: the reference is its train
+    np.testing.assert_array_equal(true, labels["cell_type"].cat.codes.to_numpy()[test])
+    types = labels["cell_type"].cat.categories
+    below = cell_ontology_descendants(list(types), [CELL_TYPE_IDS[t] for t in types])
+    _, all_datasets = predict_test(arms, tiny_store, (), 128)  # every dataset: the validation cells are the reference
+    for (_, run), row, prediction, unselected in zip(arms.values(), rows, predicted.values(), all_datasets.values()):
+        assert row["finetune_macro_f1"] == pytest.approx(f1_score(true, prediction["head"], average="macro",
+                                                                  zero_division=0))
+        assert row["finetune_micro_f1"] == pytest.approx(np.mean(true == prediction["head"]))
+        # The study's transfer score: kNN from the target's reference cells to its test cells on the
+        # fine-tuned encoder's embeddings (saved by sscell.evaluation.embed), ontology-corrected.
+        embed(run, tiny_store.path, str(tmp_path / "embedded.h5ad"), which="best")
+        embedded = anndata.read_h5ad(tmp_path / "embedded.h5ad")
+        z, names = embedded.obsm["X_sscell"].astype(np.float64), embedded.obs["cell_type"].astype(str).to_numpy()
+        codes = labels["cell_type"].cat.codes.to_numpy()  # votes tie to the smallest code, in sklearn too
+        for reference, query, found in (((split == "train") & in_dataset, test, prediction["knn"]),
+                                        (split == "val", split == "test", unselected["knn"])):
+            knn = KNeighborsClassifier(n_neighbors=5).fit(z[reference], codes[reference]).predict(z[query])
+            # bfloat16 embeddings of a 10-step model coincide: compare where the 5 nearest are unambiguous
+            distances, _ = NearestNeighbors(n_neighbors=6).fit(z[reference]).kneighbors(z[query])
+            clear = distances[:, 4] < distances[:, 5]
+            assert clear.mean() > 0.75
+            np.testing.assert_array_equal(found[clear], knn[clear])
+        knn = types[prediction["knn"]].to_numpy()
+        true_names = names[test]
+        corrected = np.array([t if p in below[t] else p for t, p in zip(true_names, knn)])
+        assert row["finetune_knn_macro_f1"] == pytest.approx(f1_score(true_names, knn, average="macro",
+                                                                      zero_division=0))
+        assert row["finetune_knn_macro_f1_ontology"] == pytest.approx(f1_score(true_names, corrected,
+                                                                               average="macro", zero_division=0))
 
     # The written table feeds the run's main evaluation.
     pd.testing.assert_frame_equal(pd.DataFrame(read_results(workdir, "finetune")), pd.DataFrame(rows))

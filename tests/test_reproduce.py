@@ -46,6 +46,8 @@ def test_reproduce_scores_every_setting_and_summarises_over_seeds(tmp_path):
     assert tuned == {"fine-tuned from sscell masked", "fine-tuned from sscell supervised", "supervised from scratch"}
     assert (scores.groupby(["setting", "method"]).size() == 2).all()  # one row per seed, baselines once
     assert scores.filter(like="macro_f1").stack().between(0, 1).all()
+    # the study's transfer figure (ontology-corrected kNN on the fine-tuned embeddings) beside the head's
+    assert scores[scores.setting == "fine-tune 1"][["finetune_knn_macro_f1_ontology", "finetune_macro_f1"]].notna().all(None)
 
     row = table[(table.setting == "zero-shot target") & (table.method == "sscell masked")].iloc[0]
     values = scores[(scores.setting == "zero-shot target") & (scores.method == "sscell masked")].knn_macro_f1

@@ -333,19 +333,20 @@ def test_command_line_rejects_an_unknown_target_type(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    "bad",
+    "bad, message",
     [
-        {"n_programmes": 5},
-        {"genes_per_programme": 300},
-        {"n_cells": 10},
-        {"n_datasets": 0},
-        {"batch_effect": -1.0},
-        {"n_genes": 60, "n_programmes": 14, "genes_per_programme": 50},  # no room for the TFs
-        {"target_cells": 5},
-        {"target_cells": 100, "target_cell_types": ("B cell", "B cell")},
-        {"target_cells": 100, "target_cell_types": ("plasma cell",)},
+        ({"n_programmes": 5}, r"n_programmes=5: need at least"),
+        ({"genes_per_programme": 300}, r"n_genes=200 is too small for programmes of 300 genes"),
+        ({"n_cells": 10}, r"n_cells=10 is too small"),
+        ({"n_datasets": 0}, r"n_datasets=0: must be at least 1"),
+        ({"batch_effect": -1.0}, r"batch effects must be non-negative"),
+        ({"n_genes": 60, "n_programmes": 14, "genes_per_programme": 50},  # no room for the TFs
+         r"n_genes=60 is too small for programmes of 50 genes plus 14 transcription factors"),
+        ({"target_cells": 5}, r"target_cells=5 is too small"),
+        ({"target_cells": 100, "target_cell_types": ("B cell", "B cell")}, r"target_cell_types: duplicated names"),
+        ({"target_cells": 100, "target_cell_types": ("plasma cell",)}, r"target_cell_types: \['plasma cell'\]"),
     ],
 )
-def test_bad_specs_raise_a_clear_error(bad):
-    with pytest.raises(SscellError):
+def test_bad_specs_raise_a_clear_error(bad, message):
+    with pytest.raises(SscellError, match=message):
         generate_atlas(AtlasSpec(**{"n_cells": 2_000, "n_genes": 200, **bad}))

@@ -170,6 +170,32 @@ def test_byol_loss_is_symmetric_two_minus_two_cos():
     np.testing.assert_allclose(float(loss), two_minus_two_cos(p1, t2) + two_minus_two_cos(p2, t1), rtol=1e-4)
 
 
+def test_byol_target_runs_without_dropout_while_the_online_network_drops():
+    config = small_config("byol")
+    config.model.dropout = 0.3
+    task = get_task("byol")
+    info = TaskInfo(n_genes=N_GENES)
+    model = task.build_model(config, info)
+    params = init_params(model, jax.random.key(0))
+    target = jax.tree.map(lambda p: p * 0.5, params)
+    batch = loss_batch(np.random.default_rng(1).poisson(3.0, (24, N_GENES)))
+    key = jax.random.key(3)
+    loss, _ = jax.jit(lambda p, b, k, t: task.loss(p, b, k, model=model, config=config.loss, extra={"target": t},
+                                                   info=info, train=True))(params, batch, key, target)
+    keys = jax.random.split(key, 6)
+    views = jax.jit(lambda k, b: two_views(k, b, config.loss))(keys[0], batch)
+    online = [np.asarray(model.apply({"params": params}, v, train=True, rngs={"dropout": k})[1])
+              for v, k in zip(views, (keys[2], keys[4]))]
+    targets = [np.asarray(model.apply({"params": target}, v, train=False)[0]) for v in views]
+    dropped = np.asarray(model.apply({"params": target}, views[1], train=True, rngs={"dropout": keys[3]})[0])
+    assert not np.allclose(dropped, targets[1], rtol=1e-3)  # dropout does change the target's projection
+
+    def two_minus_two_cos(a, b):
+        return np.mean(2 - 2 * (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1))
+    expected = two_minus_two_cos(online[0], targets[1]) + two_minus_two_cos(online[1], targets[0])
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-4)
+
+
 def test_supervised_loss_is_balanced_cross_entropy():
     counts = np.array([30, 5, 0, 15])
     labels = np.repeat(np.arange(4), counts)

@@ -1,17 +1,18 @@
 """Evaluate a run from its workdir alone: `python -m sscell.evaluation --workdir=runs/quickstart [--tasks=knn,umap]`.
 
-The latest (or best, `eval.checkpoint`) checkpoint embeds the validation and test cells (and,
-for the linear probe, a sample of training cells); two baselines embed the same cells: PCA of
-log1p-normalised counts and PCA of the highly variable genes' (both fitted on validation
-cells). Each selected task (`eval.tasks`) then scores every method on the same cells:
+The best (lowest validation loss; or the latest, `eval.checkpoint`) checkpoint embeds the
+validation and test cells (and, for the linear probe, a sample of training cells); two
+baselines embed the same cells: PCA of log1p-normalised counts and PCA of the highly variable
+genes' (both fitted on validation cells). Each selected task (`eval.tasks`) then scores every
+method on the same cells:
 
 - knn: zero-shot cell typing, k nearest reference cells vote for each test cell (no self
   neighbour: the sets are disjoint). The reference (`eval.knn_reference`) is the validation
   cells (the study's protocol), the first `eval.knn_reference_cells` training cells (a random
   sample: the store keeps each split in a seeded random order), or both; it is printed and
-  recorded in the results (`knn_reference`, `knn_reference_cells`). Macro F1 (headline), micro
-  F1, per-class F1, and, when the store holds Cell Ontology ids, ontology-aware F1 (predicting a
-  descendant of the true type counts as correct);
+  recorded in the results (`knn_reference`, `knn_reference_cells`). Macro F1 (headline,
+  docs/metrics.md), micro F1, per-class F1, and, when the store holds Cell Ontology ids,
+  ontology-aware F1 (predicting a descendant of the true type counts as correct);
 - linear_probe: logistic regression on frozen embeddings (`sscell.evaluation.probe`);
 - reconstruction: explained variance and MSE of the test cells' log1p expression, on every
   measured gene and on a seeded random `eval.mask_rate` of them hidden from the input (scored
@@ -49,17 +50,13 @@ from sscell.evaluation.figures import plot_bars, plot_maps, umap_2d
 from sscell.evaluation.integration import AGGREGATES, integration_scores
 from sscell.evaluation.metrics import (
     ExplainedVariance,
-    f1_scores,
+    f1_columns,
     fit_pca,
     highly_variable_genes,
     per_class_f1,
 )
 from sscell.evaluation.neighbors import knn_predict
-from sscell.evaluation.ontology import (
-    cell_ontology_descendants,
-    corrected_predictions,
-    is_cell_ontology_id,
-)
+from sscell.evaluation.ontology import store_descendants
 from sscell.evaluation.probe import linear_probe
 from sscell.evaluation.report import plot_loss_curves, read_results, write_results
 from sscell.losses.masking import mask_input, random_gene_mask
@@ -199,8 +196,8 @@ class Evaluator:
             if reconstruct:
                 hidden = random_gene_mask(key, x.shape, rate) & measured
                 out.update(measured=measured, hidden=hidden,
-                           x_hat=model.apply({"params": params}, x, method="reconstruct"),
-                           x_hat_masked=model.apply({"params": params}, mask_input(x, hidden, rate),
+                           x_hat=model.apply({"params": params}, x, measured, method="reconstruct"),
+                           x_hat_masked=model.apply({"params": params}, mask_input(x, hidden, rate), measured,
                                                     method="reconstruct"))
             return out
 
@@ -245,25 +242,6 @@ class Evaluator:
                      {k: np.concatenate(v) for k, v in labels.items()})
 
 
-def _ontology_descendants(store: Store) -> dict[int, set[int]] | None:
-    """{cell-type code: codes at or below it in the Cell Ontology}, or None when the store's
-    cell types do not map one-to-one onto Cell Ontology ids."""
-    labels = store.labels
-    if "cell_type_ontology_term_id" not in labels or "cell_type" not in labels:
-        return None
-    types, terms = labels["cell_type"].cat.codes.to_numpy(), labels["cell_type_ontology_term_id"]
-    n_terms = len(terms.cat.categories)
-    pairs = np.unique(types.astype(np.int64) * n_terms + terms.cat.codes.to_numpy())  # distinct (type, term)
-    codes, term_codes = pairs // n_terms, pairs % n_terms
-    if len(codes) != len(np.unique(codes)) or (types < 0).any() or (terms.cat.codes < 0).any():
-        return None
-    names = [str(terms.cat.categories[t]) for t in term_codes]
-    if not all(is_cell_ontology_id(t) for t in names):
-        return None
-    below = cell_ontology_descendants([int(c) for c in codes], names)
-    return {int(k): {int(c) for c in v} for k, v in below.items()}
-
-
 @dataclasses.dataclass
 class Outcome:
     """What the tasks produce: result columns per method, per-class F1 columns, extra tables, notes."""
@@ -276,13 +254,8 @@ class Outcome:
 
     def score(self, task: str, method: str, true: np.ndarray, pred: np.ndarray, type_names: list[str],
               descendants: dict | None) -> None:
-        """F1 columns `{task}_macro_f1`, `{task}_micro_f1` (+ `_ontology`) and per-class F1."""
-        row = self.rows[method]
-        for name, value in f1_scores(true, pred).items():
-            row[f"{task}_{name}"] = value
-        if descendants is not None:
-            for name, value in f1_scores(true, corrected_predictions(true, pred, descendants)).items():
-                row[f"{task}_{name}_ontology"] = value
+        """F1 columns (`f1_columns`: `{task}_macro_f1`, ... + `_ontology`) and per-class F1."""
+        self.rows[method].update(f1_columns(task, true, pred, descendants))
         table = per_class_f1(true, pred)
         table.index = [type_names[c] for c in table.index]
         self.per_class.setdefault("test_cells", table["support"])
@@ -324,7 +297,7 @@ def evaluate(workdir: str, tasks=None, store: str | None = None, outdir: str | N
     train_cells = _train_cells_needed(tasks, settings)
     train = evaluator.cells("train", train_cells) if train_cells is not None else None
     type_names = label_names(store, "cell_type")
-    descendants = _ontology_descendants(store) if {"knn", "linear_probe"} & set(tasks) else None
+    descendants = store_descendants(store) if {"knn", "linear_probe"} & set(tasks) else None
     methods = list(test.embeddings)
     outcome = Outcome({m: {"method": m} for m in methods})
 

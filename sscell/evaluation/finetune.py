@@ -12,8 +12,13 @@ supervised baseline). Each is an ordinary sscell run in PRETRAINED_RUN/finetune/
 (resumable: rerunning continues or, when done, only scores). Every arm's settings are checked
 against the target before the first one trains. Fractions are nested seed-drawn
 samples of the target's train cells (`select_rows`); no other cells are read for training.
-Both arms are scored on the target's test cells: macro F1 (headline) and micro F1, written to
-PRETRAINED_RUN/finetune.{md,csv}, which `python -m sscell.evaluation` then adds to its table.
+Both arms are scored on the target's test cells (`predict_test`) two ways: the classifier head's
+argmax (`finetune_*`) and, the study's transfer figures, kNN on the fine-tuned encoder's
+embeddings with the target's validation cells (train cells if it has none) as the reference
+(`finetune_knn_*`; the
+Cell-Ontology-corrected `finetune_knn_macro_f1_ontology` is what the study reports); F1
+definitions in docs/metrics.md. Written to PRETRAINED_RUN/finetune.{md,csv}, which
+`python -m sscell.evaluation` then adds to its table.
 """
 from __future__ import annotations
 
@@ -28,12 +33,14 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from sscell.config import check_compatible, default_config, load_config, save_config
-from sscell.data.loader import label_codes, select_rows, sequential_batches
+from sscell.data.loader import label_codes, row_batches, select_rows
 from sscell.data.prepare import store_path
 from sscell.data.store import Store, open_store, resolved_location
 from sscell.errors import SscellError, exit_on_error
 from sscell.evaluation.embed import load_params
-from sscell.evaluation.metrics import f1_scores
+from sscell.evaluation.metrics import f1_columns
+from sscell.evaluation.neighbors import knn_predict
+from sscell.evaluation.ontology import store_descendants
 from sscell.evaluation.report import write_results
 from sscell.training.state import check_same_genes
 from sscell.training.step import task_batch
@@ -117,33 +124,60 @@ def train_arm(config: ml_collections.ConfigDict, workdir: str, store: Store) -> 
         return int(train(config, workdir, store)["step"]) >= config.train.steps
 
 
-def predict_test(arms: dict, store: Store, datasets: tuple[str, ...], batch_size: int
-                 ) -> tuple[np.ndarray, dict]:
-    """(true cell-type codes, {arm key: predicted codes}) of the target's test cells (of
-    `datasets` only, if given); `arms` maps keys to (config, workdir) of trained runs.
+def knn_reference(store: Store, datasets: tuple[str, ...], k: int) -> tuple[str, np.ndarray]:
+    """(split, store rows) of the kNN reference of the transfer scores: the target's validation
+    cells (of `datasets` only, if given), as in the study; when they are fewer than `k` (a
+    dataset whose donors all fell into train and test), its train cells (every fraction's)."""
+    for split in ("val", "train"):
+        start, stop = store.split_range(split)
+        rows = np.arange(start, stop, dtype=np.int64)
+        if datasets:
+            wanted = np.isin(np.asarray(store.datasets, dtype=str), list(datasets))
+            rows = rows[wanted[label_codes(store, start, stop)["dataset"]]]
+        if len(rows) >= k:
+            return split, rows
+    return "none", rows[:0]
 
-    Reads the test split once for every arm; the codes are the store's, as in training.
+
+def predict_test(arms: dict, store: Store, datasets: tuple[str, ...], batch_size: int, knn_k: int = 5,
+                 knn_method: str = "auto") -> tuple[np.ndarray, dict[object, dict[str, np.ndarray]]]:
+    """(true cell-type codes, {arm key: {"head": codes, "knn": codes}}) of the target's test
+    cells (of `datasets` only, if given); `arms` maps keys to (config, workdir) of trained runs.
+
+    "head" is the classifier's argmax; "knn" the vote of the `knn_k` nearest reference cells
+    (`knn_reference`) on the fine-tuned encoder's embeddings, the study's transfer score (absent
+    when there is no reference). Each split is read once for every arm; the codes are the
+    store's, as in training.
     """
     loaded = {name: load_params(workdir, config, store) for name, (config, workdir) in arms.items()}
     setup = next(iter(loaded.values()))[0]  # every arm has the same model on the same store
     model, measured = setup.model, setup.info.measured_table()
 
     @jax.jit
-    def predict(params, batch):
+    def forward(params, batch):
         x = task_batch(batch, store.n_genes, measured)["x"]  # the model's training-time input
-        return jnp.argmax(model.apply({"params": params}, x), axis=-1)
+        embedding = model.apply({"params": params}, x, method="encode")
+        return embedding, jnp.argmax(model.apply({"params": params}, x), axis=-1)
 
-    start, stop = store.split_range("test")
-    keep = np.zeros(stop - start, bool)
-    keep[select_rows(store, "test", datasets=datasets) - start] = True
-    predicted = {name: [] for name in arms}
-    for first, (batch, n_valid) in zip(range(start, stop, batch_size),
-                                       sequential_batches(store, start, stop, batch_size)):
-        rows = keep[first - start:first - start + n_valid]
-        for name, (_, params, _) in loaded.items():
-            predicted[name].append(np.asarray(jax.device_get(predict(params, batch)))[:n_valid][rows])
-    true = label_codes(store, start, stop)["cell_type"][keep]
-    return true, {name: np.concatenate(parts) for name, parts in predicted.items()}
+    def outputs(rows: np.ndarray) -> dict[object, tuple[np.ndarray, np.ndarray]]:
+        parts = {name: [] for name in arms}
+        for batch, n_valid in row_batches(store, rows, batch_size):
+            for name, (_, params, _) in loaded.items():
+                parts[name].append([np.asarray(a)[:n_valid] for a in jax.device_get(forward(params, batch))])
+        return {name: tuple(np.concatenate(a) for a in zip(*p)) for name, p in parts.items()}
+
+    test_rows = select_rows(store, "test", datasets=datasets)
+    _, reference_rows = knn_reference(store, datasets, knn_k)
+    test = outputs(test_rows)
+    predicted = {name: {"head": test[name][1]} for name in arms}
+    if len(reference_rows):
+        codes = label_codes(store, 0, store.n_cells)["cell_type"]
+        reference = outputs(reference_rows)
+        for name in arms:
+            predicted[name]["knn"] = knn_predict(reference[name][0], codes[reference_rows], test[name][0], knn_k,
+                                                 knn_method)
+    true = label_codes(store, 0, store.n_cells)["cell_type"][test_rows]
+    return true, predicted
 
 
 def run_settings(workdir: str, base: ml_collections.ConfigDict, steps: int | None, fractions: Sequence[float],
@@ -185,19 +219,25 @@ def finetune(workdir: str, target_store: str, fractions: list[float], *, dataset
             return []
     cells = {f: len(select_rows(store, "train", datasets=datasets, fraction=f, seed=seed)) for f in fractions}
 
-    true, predicted = predict_test(trained, store, datasets, base.eval.batch_size)
+    true, predicted = predict_test(trained, store, datasets, base.eval.batch_size, base.eval.knn_k,
+                                   base.eval.knn_method)
+    descendants = store_descendants(store)
     names = {"pretrained": f"fine-tuned from sscell {pretrained.loss.name}", "scratch": "supervised from scratch"}
     rows = []
     for (arm, fraction), prediction in predicted.items():
-        scores = f1_scores(true, prediction)
         rows.append({"method": names[arm], "label_fraction": fraction, "train_cells": cells[fraction],
-                     "steps": base.train.steps, "finetune_macro_f1": scores["macro_f1"],
-                     "finetune_micro_f1": scores["micro_f1"]})
+                     "steps": base.train.steps, **f1_columns("finetune", true, prediction["head"], descendants),
+                     **(f1_columns("finetune_knn", true, prediction["knn"], descendants) if "knn" in prediction
+                        else {})})
     if jax.process_index() == 0:
         table = write_results(rows, workdir, RESULTS)
         subset = f" of {', '.join(datasets)}" if datasets else ""
+        split, reference = knn_reference(store, datasets, base.eval.knn_k)
+        knn = (f"finetune_knn_*: {base.eval.knn_k}-NN on the fine-tuned embeddings, reference = {len(reference)} "
+               f"{split} cells{subset}" if len(reference) else "no finetune_knn_* scores: too few reference cells")
         print(f"\nFine-tuning vs from scratch: {len(true)} test cells{subset} in {store.path}, "
-              f"{base.eval.checkpoint} checkpoints\n\n{table}\nwritten to {workdir}/{RESULTS}.md, {RESULTS}.csv")
+              f"{base.eval.checkpoint} checkpoints; finetune_*: the classifier head; {knn}\n\n{table}\n"
+              f"written to {workdir}/{RESULTS}.md, {RESULTS}.csv")
     return rows
 
 

@@ -2,6 +2,8 @@
 modalities, PCA and highly-variable-gene baselines."""
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -10,17 +12,19 @@ from sklearn.decomposition import PCA
 from sklearn.metrics import f1_score
 
 from sscell.errors import SscellError
+from sscell.evaluation.ontology import corrected_predictions
 
 ArrayLike = np.ndarray | sp.spmatrix | sp.sparray
 
 
 def f1_scores(true: np.ndarray, pred: np.ndarray) -> dict[str, float]:
-    """Macro and micro F1 of single-label predictions.
+    """Macro and micro F1 of single-label predictions (docs/metrics.md).
 
-    Macro F1 averages over the classes present in `true` only: a class that is predicted but
-    never true (e.g. a reference type absent from the query set) adds no zero to the average,
-    though its wrong predictions still lower the recall of the true classes. Micro F1 counts
-    every prediction, so for single-label data it equals accuracy.
+    macro_f1 (the headline, the study's: scikit-learn's classification_report) averages over
+    the classes that are true or predicted, so a type predicted but absent from the query
+    cells adds an F1 of 0. macro_f1_true_classes averages over the true classes only (wrong
+    predictions of an absent type still lower the recall of the true ones). micro_f1 counts
+    every prediction: for single-label data it equals accuracy.
     """
     true, pred = np.asarray(true), np.asarray(pred)
     if true.shape != pred.shape or true.ndim != 1 or len(true) == 0:
@@ -28,9 +32,22 @@ def f1_scores(true: np.ndarray, pred: np.ndarray) -> dict[str, float]:
             f"f1_scores needs two non-empty 1-D label arrays of equal length, got {true.shape} "
             f"and {pred.shape}"
         )
-    macro = f1_score(true, pred, labels=np.unique(true), average="macro", zero_division=0)
-    micro = f1_score(true, pred, average="micro", zero_division=0)
-    return {"macro_f1": float(macro), "micro_f1": float(micro)}
+    return {"macro_f1": float(f1_score(true, pred, average="macro", zero_division=0)),
+            "micro_f1": float(f1_score(true, pred, average="micro", zero_division=0)),
+            "macro_f1_true_classes": float(f1_score(true, pred, labels=np.unique(true), average="macro",
+                                                    zero_division=0))}
+
+
+def f1_columns(prefix: str, true: np.ndarray, pred: np.ndarray, descendants: Mapping[object, set] | None = None
+               ) -> dict[str, float]:
+    """`f1_scores` as columns `{prefix}_macro_f1`, ... and, given the Cell Ontology's
+    `descendants` (sscell.evaluation.ontology), the same scores of the ontology-corrected
+    predictions as `{prefix}_..._ontology`."""
+    columns = {f"{prefix}_{name}": value for name, value in f1_scores(true, pred).items()}
+    if descendants is not None:
+        corrected = corrected_predictions(true, pred, descendants)
+        columns.update({f"{prefix}_{name}_ontology": value for name, value in f1_scores(true, corrected).items()})
+    return columns
 
 
 def per_class_f1(true: np.ndarray, pred: np.ndarray) -> pd.DataFrame:
@@ -86,14 +103,15 @@ class ExplainedVariance:
             self._n = self._n + n_b
 
     def result(self) -> dict[str, float]:
-        """{"ev_weighted", "ev_uniform", "mse"} over all chunks seen (masked entries only).
+        """{"ev_weighted", "ev_uniform", "mse"} over all chunks seen (masked entries only; docs/metrics.md).
 
-        With Var over each gene's scored entries, ev_weighted = 1 - sum_g Var(x_g - xhat_g) /
-        sum_g Var(x_g) over the scored genes, so a gene that never varies but is reconstructed
-        with variance still counts against it (scikit-learn's and torchmetrics'
-        'variance_weighted' skip genes whose variance is exactly zero; the two agree whenever
-        every gene varies). ev_uniform = mean of 1 - Var(x_g - xhat_g) / Var(x_g) over the genes
-        with Var(x_g) > 0. Both are NaN when no gene varies. mse is over every scored entry.
+        With Var over each gene's scored entries and G the scored genes whose Var(x_g) > 0,
+        ev_weighted = 1 - sum_{g in G} Var(x_g - xhat_g) / sum_{g in G} Var(x_g), torchmetrics'
+        ExplainedVariance(multioutput="variance_weighted") as the study computed it (and
+        scikit-learn's): a gene constant over its scored cells has weight 0, whatever its
+        reconstruction. ev_uniform = mean over G of 1 - Var(x_g - xhat_g) / Var(x_g) (torchmetrics
+        and scikit-learn also average the constant genes in, as 1 if reconstructed exactly, else 0).
+        Both are NaN when no gene varies. mse is over every scored entry.
         """
         if self._n is None or not self._n.any():
             raise SscellError("ExplainedVariance.result called before any update with scored cells")
@@ -106,7 +124,7 @@ class ExplainedVariance:
         mse = self._sq_err / self._n.sum()
         if not varies.any():
             return {"ev_weighted": np.nan, "ev_uniform": np.nan, "mse": float(mse)}
-        weighted = 1.0 - var_r[scored].sum() / var_x[varies].sum()
+        weighted = 1.0 - var_r[varies].sum() / var_x[varies].sum()
         uniform = np.mean(1.0 - var_r[varies] / var_x[varies])
         return {"ev_weighted": float(weighted), "ev_uniform": float(uniform), "mse": float(mse)}
 
@@ -176,7 +194,7 @@ def highly_variable_genes(x: ArrayLike, n_top: int = 2000, n_bins: int = 20) -> 
     bin_mean, bin_std = grouped.transform("mean"), grouped.transform("std")
     single = bin_std.isna() & table["dispersion"].notna()  # scanpy: a lone gene in its bin scores 1
     bin_mean, bin_std = bin_mean.where(~single, 0.0), bin_std.where(~single, table["dispersion"])
-    normalised = ((table["dispersion"] - bin_mean) / bin_std).to_numpy()
+    normalised = ((table["dispersion"] - bin_mean) / bin_std).to_numpy(copy=True)
     normalised[np.isnan(normalised)] = -np.inf
     n_top = min(n_top, x.shape[1])
     return np.sort(np.argsort(-normalised, kind="stable")[:n_top])

@@ -3,8 +3,9 @@
 Two searches, the same answer up to approximation:
 - exact: blocked in JAX (query blocks x reference blocks, a running top-k merged block by
   block, so memory is bounded by the block sizes), on the default device (a GPU when present);
-  the float32 search keeps 2k + 8 candidates, re-ranked in float64 (ties by reference index), so
-  rounding cannot reorder near-ties as a float32-only search would.
+  on embeddings centred on the reference mean, the float32 search keeps 2k + 8 candidates,
+  re-ranked in float64 (ties by reference index), so rounding cannot reorder near-ties as a
+  float32-only search would.
 - approximate: a faiss HNSW graph (M = 32, efSearch = 64): its cost grows about as
   n log n, where the exact search's grows with n_ref x n_query.
 "auto" takes the exact search on an accelerator, or when n_ref x n_query <= `exact_max_pairs`.
@@ -68,6 +69,11 @@ def _block_candidates(query: jax.Array, ref_blocks: jax.Array, ref_valid: jax.Ar
 
 
 def _exact(ref: np.ndarray, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    # Distances do not change under a shift: centring both on the reference mean keeps the float32
+    # search's rounding (relative to the squared norms) small for embeddings far from the origin.
+    ref64, query64 = ref.astype(np.float64), query.astype(np.float64)
+    centre = ref64.mean(axis=0)
+    ref, query = (ref64 - centre).astype(np.float32), (query64 - centre).astype(np.float32)
     n_ref = len(ref)
     block = min(_REF_BLOCK, n_ref)
     n_blocks = -(-n_ref // block)
@@ -77,7 +83,6 @@ def _exact(ref: np.ndarray, query: np.ndarray, k: int) -> tuple[np.ndarray, np.n
     ref_blocks = jnp.asarray(padded.reshape(n_blocks, block, -1))
     ref_valid = jnp.asarray(valid.reshape(n_blocks, block))
     candidates = min(n_ref, 2 * k + 8)  # float32 rounding can only swap near-ties: re-rank a margin in float64
-    ref64, query64 = ref.astype(np.float64), query.astype(np.float64)
     q_block = min(_QUERY_BLOCK, len(query))
     indices = np.empty((len(query), k), np.int64)
     distances = np.empty((len(query), k), np.float64)

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from sscell.errors import SscellError
+
+if TYPE_CHECKING:
+    from sscell.data.store import Store
 
 
 def corrected_predictions(true: np.ndarray, pred: np.ndarray, descendants: Mapping[object, set]) -> np.ndarray:
@@ -61,3 +65,22 @@ def cell_ontology_descendants(labels: Sequence[str], terms: Sequence[str]) -> di
         below = set(ontology.get_term_descendants(term, include_self=True))
         result[label] = {other for t in below if t in label_of for other in label_of[t]}
     return result
+
+
+def store_descendants(store: Store) -> dict[int, set[int]] | None:
+    """{cell-type code: codes at or below it in the Cell Ontology}, or None when the store's
+    cell types do not map one-to-one onto Cell Ontology ids."""
+    labels = store.labels
+    if "cell_type_ontology_term_id" not in labels or "cell_type" not in labels:
+        return None
+    types, terms = labels["cell_type"].cat.codes.to_numpy(), labels["cell_type_ontology_term_id"]
+    n_terms = len(terms.cat.categories)
+    pairs = np.unique(types.astype(np.int64) * n_terms + terms.cat.codes.to_numpy())  # distinct (type, term)
+    codes, term_codes = pairs // n_terms, pairs % n_terms
+    if len(codes) != len(np.unique(codes)) or (types < 0).any() or (terms.cat.codes < 0).any():
+        return None
+    names = [str(terms.cat.categories[t]) for t in term_codes]
+    if not all(is_cell_ontology_id(t) for t in names):
+        return None
+    below = cell_ontology_descendants([int(c) for c in codes], names)
+    return {int(k): {int(c) for c in v} for k, v in below.items()}

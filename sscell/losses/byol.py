@@ -45,17 +45,18 @@ def build_byol_model(config, info):
 
 @register("byol", build_model=build_byol_model, init_extra=init_target, update_extra=update_target)
 def byol_loss(params, batch, key, *, model, config, train=True, extra=None, info=None):
-    """Symmetric BYOL loss: online prediction of view 1 vs target projection of view 2, and back."""
+    """Symmetric BYOL loss: online prediction of view 1 vs target projection of view 2, and back.
+
+    The online network runs with dropout when training; the target always runs without it."""
     keys = jax.random.split(key, 6)
     views = two_views(keys[0], batch, config)
 
     def online(view, k):
         return model.apply({"params": params}, view, train=train, rngs={"dropout": k})[1]
 
-    def target(view, k):
-        projection = model.apply({"params": extra["target"]}, view, train=train, rngs={"dropout": k})[0]
-        return jax.lax.stop_gradient(projection)
+    def target(view):  # deterministic (no dropout): the EMA network gives the online one a stable target
+        return jax.lax.stop_gradient(model.apply({"params": extra["target"]}, view, train=False)[0])
 
-    loss = (cosine_loss(online(views[0], keys[2]), target(views[1], keys[3]))
-            + cosine_loss(online(views[1], keys[4]), target(views[0], keys[5])))
+    loss = (cosine_loss(online(views[0], keys[2]), target(views[1]))
+            + cosine_loss(online(views[1], keys[4]), target(views[0])))
     return loss, {"loss": loss}

@@ -14,9 +14,13 @@ def random_gene_mask(key: jax.Array, shape: tuple[int, ...], rate: float) -> jax
     return bernoulli(key, rate, shape)
 
 
-def mask_input(x: jax.Array, mask: jax.Array, rate: float) -> jax.Array:
-    """Hidden entries become 0, survivors are scaled by 1 / (1 - rate) (inverted dropout)."""
-    return jnp.where(mask, 0.0, x / (1.0 - rate))
+def mask_input(x: jax.Array, mask: jax.Array, rate: float | jax.Array, rescale: bool = True) -> jax.Array:
+    """Hidden entries become 0; with `rescale` (`loss.rescale_inputs`, the authors' choice) the
+    survivors are scaled by 1 / (1 - rate), inverted dropout, `rate` being the share hidden (a
+    number, or per cell (cells, 1)), so the input's expected sum stays that of the whole cell."""
+    if not rescale:
+        return jnp.where(mask, 0.0, x)
+    return jnp.where(mask, 0.0, x / jnp.maximum(1.0 - rate, 1e-6))
 
 
 def reconstruct_hidden(params, batch, inputs, hidden, dropout_key, *, model, config, train):
@@ -38,5 +42,6 @@ def masked_reconstruction(params, batch, key, *, model, config, train=True, extr
     x = jnp.where(batch["measured"], batch["x"], 0.0)
     mask_key, dropout_key = jax.random.split(key)
     mask = random_gene_mask(mask_key, x.shape, config.mask_rate)
-    return reconstruct_hidden(params, batch, mask_input(x, mask, config.mask_rate), mask, dropout_key,
+    inputs = mask_input(x, mask, config.mask_rate, config.get("rescale_inputs", True))
+    return reconstruct_hidden(params, batch, inputs, mask, dropout_key,
                               model=model, config=config, train=train)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from sscell.losses.masking import reconstruct_hidden
+from sscell.losses.masking import mask_input, reconstruct_hidden
 from sscell.losses.registry import register
 
 
@@ -30,14 +30,23 @@ def cover(chosen: jax.Array, membership) -> jax.Array:
 @register("gp_masked", programmes="sets")
 def programme_masking(params, batch, key, *, model, config, train=True, extra=None, info=None):
     """Hide the genes of a fraction `mask_rate` of the programmes (per cell unless
-    `per_cell_masks` is False); reconstruction loss on the hidden, measured genes."""
+    `per_cell_masks` is False); with `rescale_inputs` the survivors are scaled by 1 / (1 - the
+    cell's `hidden_share`), as random masking scales by 1 / (1 - mask_rate); reconstruction loss
+    on the hidden, measured genes."""
     x = jnp.where(batch["measured"], batch["x"], 0.0)
     mask_key, dropout_key = jax.random.split(key)
     chosen = choose_programmes(mask_key, x.shape[0], len(info.programmes), config.mask_rate,
                                config.get("per_cell_masks", True))
     hidden = cover(chosen, info.programmes)
-    return reconstruct_hidden(params, batch, jnp.where(hidden, 0.0, x), hidden, dropout_key,
-                              model=model, config=config, train=train)
+    inputs = mask_input(x, hidden, hidden_share(hidden, batch["measured"]), config.get("rescale_inputs", True))
+    return reconstruct_hidden(params, batch, inputs, hidden, dropout_key, model=model, config=config, train=train)
+
+
+def hidden_share(hidden: jax.Array, measured: jax.Array) -> jax.Array:
+    """(cells, 1): the share of each cell's measured genes that `hidden` hides (programmes differ
+    in size, so unlike random masking's rate it varies from cell to cell)."""
+    n_hidden = jnp.sum(hidden & measured, axis=1, keepdims=True, dtype=jnp.float32)
+    return n_hidden / jnp.maximum(jnp.sum(measured, axis=1, keepdims=True, dtype=jnp.float32), 1.0)
 
 
 def one_programme_views(key: jax.Array, batch: dict, info) -> tuple[jax.Array, jax.Array, jax.Array]:

@@ -5,6 +5,8 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import gammaln
 
+from sscell.models.mlp import nb_mean
+
 
 def masked_mean(values: jax.Array, where: jax.Array) -> jax.Array:
     """Mean of `values` over the True entries of `where` (0 when there are none)."""
@@ -18,11 +20,6 @@ def nb_log_likelihood(counts: jax.Array, mean: jax.Array, theta: jax.Array, eps:
     return (gammaln(counts + theta) - gammaln(theta) - gammaln(counts + 1)
             + theta * (jnp.log(theta + eps) - log_theta_mean)
             + counts * (jnp.log(mean + eps) - log_theta_mean))
-
-
-def nb_mean(logits: jax.Array, library: jax.Array, measured: jax.Array) -> jax.Array:
-    """Expected counts: each measured gene's softmax share of the cell's library."""
-    return jax.nn.softmax(jnp.where(measured, logits, jnp.finfo(logits.dtype).min), axis=-1) * library
 
 
 def reconstruction_loss(output: jax.Array, params: dict, batch: dict, target: jax.Array,

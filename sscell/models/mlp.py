@@ -172,6 +172,12 @@ def encoder(model_config) -> MLP:
                model_config.norm, resolve_dtype(model_config.dtype), model_config.sparse_nonzeros)
 
 
+def nb_mean(logits: jax.Array, library: jax.Array, measured: jax.Array) -> jax.Array:
+    """The "nb" head's expected counts: each measured gene's softmax share of the cell's library
+    (unmeasured genes get none)."""
+    return jax.nn.softmax(jnp.where(measured, logits, jnp.finfo(logits.dtype).min), axis=-1) * library
+
+
 class Autoencoder(nn.Module):
     """Encoder to a `latent`-dimensional embedding and a mirrored decoder back to `n_genes`.
 
@@ -208,10 +214,16 @@ class Autoencoder(nn.Module):
         """The embedding of each cell (the encoder's last layer, no activation)."""
         return self.encoder(x, train)
 
-    def reconstruct(self, x: jax.Array, train: bool = False) -> jax.Array:
-        """The reconstruction in log1p(counts per 10k) space, whatever the head."""
+    def reconstruct(self, x: jax.Array, measured: jax.Array | None = None, train: bool = False) -> jax.Array:
+        """The reconstruction in log1p(counts per 10k) space, whatever the head.
+
+        The "nb" head's shares are a softmax over the `measured` genes only (all if None), as in
+        its loss: unmeasured genes get no mass (log1p 0 = 0) and the measured ones share 10k.
+        """
         out, _ = self(x, train)
-        return jnp.log1p(jax.nn.softmax(out) * 1e4) if self.head == "nb" else out
+        if self.head != "nb":
+            return out
+        return jnp.log1p(nb_mean(out, 1e4, jnp.ones_like(out, bool) if measured is None else measured))
 
 
 def build_autoencoder(config, info) -> Autoencoder:

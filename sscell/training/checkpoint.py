@@ -58,13 +58,28 @@ def save(manager: ocp.CheckpointManager, step: int, state: dict, data_state: dic
                         metrics=metrics, force=force)
 
 
+def best_or_latest_step(manager: ocp.CheckpointManager, which: str) -> int | None:
+    """The step of the "latest" checkpoint, or of the "best" (lowest validation loss); None when
+    there is no checkpoint. "best" refuses a run whose checkpoints have no validation loss yet (it
+    stopped before its first validation): that is not silently the latest."""
+    if which == "latest":
+        return manager.latest_step()
+    step = manager.best_step()
+    if step is None and manager.latest_step() is not None:
+        raise SscellError(f"{manager.directory.parent} has checkpoints (latest: step {manager.latest_step()}) but none "
+                          "with a validation loss yet, so no best one; train on past the next validation "
+                          "(train.val_every) or choose 'latest' (eval.checkpoint, train.init_checkpoint or --checkpoint)")
+    return step
+
+
 def restore(manager: ocp.CheckpointManager, abstract_state: dict,
             which: str = "latest") -> tuple[dict, dict] | None:
-    """(state, data_state) of the "latest" or "best" checkpoint laid out as `abstract_state`
-    (shardings included, so a checkpoint restores onto any mesh); None if there is none."""
+    """(state, data_state) of the "latest" or "best" checkpoint (`best_or_latest_step`) laid out
+    as `abstract_state` (shardings included, so a checkpoint restores onto any mesh); None if
+    there is none."""
     if which not in ("latest", "best"):
         raise SscellError(f"unknown checkpoint '{which}'; choose latest or best (config.eval.checkpoint)")
-    step = manager.best_step() if which == "best" else manager.latest_step()
+    step = best_or_latest_step(manager, which)
     if step is None:
         return None
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
@@ -78,8 +93,10 @@ def saved_state(workdir: str | os.PathLike, train_config, which: str) -> tuple[P
     if which not in ("latest", "best"):
         raise SscellError(f"unknown checkpoint '{which}'; choose latest or best")
     manager = checkpoint_manager(workdir, train_config.checkpoint_every, train_config.keep_checkpoints)
-    step = manager.best_step() if which == "best" else manager.latest_step()
-    manager.close()
+    try:
+        step = best_or_latest_step(manager, which)
+    finally:
+        manager.close()
     return None if step is None else (Path(manager.directory) / str(step) / "state", step)
 
 

@@ -66,13 +66,33 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
     return optax.GradientTransformation(optax.init_empty_state, update)
 
 
+def matrices_only(params) -> dict:
+    """True for weight matrices, False for biases and normalisation scales (1-D parameters)."""
+    return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
 def _base_optimizer(train_config, schedule: optax.Schedule) -> optax.GradientTransformation:
-    """`train.optimizer`: "adamw" (the study's) or "lars" (optax.lars, the study's Barlow Twins)."""
+    """`train.optimizer`: "adamw" (the study's) or "lars" (optax.lars, the study's Barlow Twins).
+
+    `lr_reference_batch` > 0 scales the schedule by the cells per update (batch_size x
+    grad_accum) / lr_reference_batch (Barlow Twins: lr per 256 cells). LARS follows the
+    published Barlow Twins / BYOL recipe: with `lars_exclude_bias_and_norm` (default) biases and
+    normalisation parameters get neither weight decay nor the trust ratio; pair it with the
+    "warmup_cosine" schedule.
+    """
     name = train_config.get("optimizer", "adamw")
+    reference = train_config.get("lr_reference_batch", 0)
+    scale = train_config.batch_size * train_config.grad_accum / reference if reference else 1.0  # cells per update
+
+    def learning_rate(step):
+        return schedule(step) * scale
+
     if name == "adamw":
-        return optax.adamw(schedule, weight_decay=train_config.weight_decay)
+        return optax.adamw(learning_rate, weight_decay=train_config.weight_decay)
     if name == "lars":
-        return optax.lars(schedule, weight_decay=train_config.weight_decay, momentum=0.9)
+        mask = matrices_only if train_config.get("lars_exclude_bias_and_norm", True) else True
+        return optax.lars(learning_rate, weight_decay=train_config.weight_decay, momentum=0.9,
+                          weight_decay_mask=mask, trust_ratio_mask=mask)
     raise SscellError(f"unknown train.optimizer '{name}'; choose adamw or lars")
 
 

@@ -1,0 +1,47 @@
+"""Which checkpoint evaluation and fine-tuning read: the best (lowest validation loss) by default."""
+import jax.numpy as jnp
+import pytest
+
+from sscell.config import default_config, save_config
+from sscell.errors import SscellError
+from sscell.evaluation.embed import load_params
+from sscell.training import checkpoint
+from sscell.training.state import pretrained_encoder
+from sscell.training.train import train
+
+
+def save_steps(workdir, config, state, val_losses):
+    """Checkpoints of `state` at steps 1, 2, ... with these validation losses (None: not validated)."""
+    manager = checkpoint.checkpoint_manager(workdir, 1, 5)
+    for step, loss in enumerate(val_losses, start=1):
+        metrics = None if loss is None else {"val/loss": loss}
+        checkpoint.save(manager, step, {**state, "step": jnp.asarray(step, state["step"].dtype)}, {"step": step},
+                        {}, metrics=metrics, force=True)
+    manager.wait_until_finished()
+    manager.close()
+
+
+def test_evaluation_and_init_from_read_the_best_checkpoint_by_default(tiny_config, tiny_store, tmp_path):
+    assert default_config().eval.checkpoint == default_config().train.init_checkpoint == "best"
+    tiny_config.train.steps = 0  # train() returns the fresh state
+    state = train(tiny_config, str(tmp_path / "fresh"), tiny_store)
+    save_config(tiny_config, tmp_path)
+    save_steps(tmp_path, tiny_config, state, [3.0, 1.0, 2.0, None])
+    assert load_params(str(tmp_path), tiny_config, tiny_store)[2] == 2  # lowest validation loss, not the latest (4)
+    assert load_params(str(tmp_path), tiny_config, tiny_store, "latest")[2] == 4
+    encoder = pretrained_encoder(str(tmp_path), default_config().train.init_checkpoint, tiny_store,
+                                 {"encoder": state["params"]["encoder"]})
+    assert set(encoder) == set(state["params"]["encoder"])
+
+
+def test_best_is_refused_while_no_checkpoint_has_a_validation_loss(tiny_config, tiny_store, tmp_path):
+    tiny_config.train.steps = 0
+    state = train(tiny_config, str(tmp_path / "fresh"), tiny_store)
+    save_config(tiny_config, tmp_path)
+    save_steps(tmp_path, tiny_config, state, [None, None])
+    message = r"has checkpoints \(latest: step 2\) but none with a validation loss yet.*choose 'latest'"
+    with pytest.raises(SscellError, match=message):
+        load_params(str(tmp_path), tiny_config, tiny_store)
+    with pytest.raises(SscellError, match=message):
+        pretrained_encoder(str(tmp_path), "best", tiny_store, {"encoder": state["params"]["encoder"]})
+    assert load_params(str(tmp_path), tiny_config, tiny_store, "latest")[2] == 2
