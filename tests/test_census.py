@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -19,8 +18,8 @@ from sscell.errors import SscellError
 
 pytest.importorskip("tiledbsoma", reason="the census tests need tiledbsoma (pip install 'sscell[census]')")
 
-from sscell.data.census import convert_census, load_recipe  # noqa: E402
-from sscell.data.soma import write_census_like  # noqa: E402
+from sscell.data.census import convert_census, load_recipe
+from sscell.data.soma import write_census_like
 
 ASSAYS = ["10x 3' v3", "10x 5' v2", "Smart-seq2"]
 

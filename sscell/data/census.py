@@ -66,9 +66,8 @@ def convert_census(output: str, *, uri: str | None = None, recipe: str | Recipe 
     """Write the cells of a SOMA experiment or Census release selected by `recipe` and the
     arguments (which override it) into a store at `output`; returns convert's report."""
     plan = load_recipe(recipe) if isinstance(recipe, str) else recipe or Recipe()
-    plan = dataclasses.replace(plan, **{k: v for k, v in dict(census_version=uri, organism=organism,
-                                                               obs_filter=obs_filter, split=split).items()
-                                        if v is not None})
+    given = {"census_version": uri, "organism": organism, "obs_filter": obs_filter, "split": split}
+    plan = dataclasses.replace(plan, **{k: v for k, v in given.items() if v is not None})
     if plan.census_version is None:
         raise SscellError("give --uri (a SOMA experiment, a Census-shaped collection or a Census version) or a --recipe")
     vocabulary = vocabulary or plan.vocabulary

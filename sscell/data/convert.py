@@ -579,8 +579,8 @@ def convert(inputs: Sequence[str | os.PathLike | InputOpener], output: str | os.
             raise SscellError(f"{output} was split by {policy} (its attrs record it) and appended cells follow it; "
                               f"drop --split or pass --split={policy}")
         required = tuple(c for c in REQUIRED_OBS if c != "donor_id") if policy == "cells" else REQUIRED_OBS
-        options = dict(gene_column=gene_column, round_counts=round_counts, split_column=split_column,
-                       required_obs=required)
+        options = {"gene_column": gene_column, "round_counts": round_counts, "split_column": split_column,
+                   "required_obs": required}
         h5ads = [open_input(p, stack, **options) if isinstance(p, Path) else p(stack, **options) for p in paths]
         for inp in h5ads:
             if "donor_id" not in inp.obs:  # --split=cells: keep the store layout

@@ -301,9 +301,8 @@ def write_census_like(adata, uri: str, measured: pd.DataFrame | None = None, org
             datasets.write(table)
     if measured is not None:
         rows, columns = np.nonzero(measured.loc[names, list(adata.var_names)].to_numpy(bool))
-        with soma.Experiment.open(experiment, "w") as exp:
-            with exp.ms["RNA"].add_new_sparse_ndarray(PRESENCE, type=pa.bool_(),
-                                                      shape=(len(names), adata.n_vars)) as presence:
-                presence.write(pa.table({"soma_dim_0": rows.astype(np.int64), "soma_dim_1": columns.astype(np.int64),
-                                         "soma_data": np.ones(len(rows), bool)}))
+        with soma.Experiment.open(experiment, "w") as exp, exp.ms["RNA"].add_new_sparse_ndarray(
+                PRESENCE, type=pa.bool_(), shape=(len(names), adata.n_vars)) as presence:
+            presence.write(pa.table({"soma_dim_0": rows.astype(np.int64), "soma_dim_1": columns.astype(np.int64),
+                                     "soma_data": np.ones(len(rows), bool)}))
     return uri
