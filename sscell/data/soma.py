@@ -286,6 +286,8 @@ def write_census_like(adata, uri: str, measured: pd.DataFrame | None = None, org
     import pyarrow as pa
     import tiledbsoma.io
 
+    uri = uri if "://" in uri else str(Path(uri).absolute())  # tiledbsoma relates members to absolute paths
+
     with soma.Collection.create(uri) as root:
         root.add_new_collection("census_data")
         root.add_new_collection("census_info")
