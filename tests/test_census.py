@@ -174,3 +174,11 @@ def test_malformed_experiment_one_line_and_nothing_left(tmp_path, case, match):
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ") and match in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_census_like_collection_at_a_relative_path(tmp_path, monkeypatch):
+    adata = census_adata(n_cells=60, seed=6, primary=False)
+    monkeypatch.chdir(tmp_path)
+    write_census_like(adata, "census")
+    convert_census("store", uri="census")
+    assert sorted(open_store("store").read_obs().index) == sorted(adata.obs_names)
