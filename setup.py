@@ -17,10 +17,12 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["sscell", "sscell.*"]),
+    package_data={"sscell.data": ["recipes/*.toml"]},  # census recipes (sscell.data.census)
     install_requires=requirements,
     extras_require={"test": ["pytest>=8", "pytest-timeout>=2.3", "moto[server]>=5.0", "s3fs>=2024.6",
-                             "scanpy>=1.10"],  # scanpy: its wheel ships the real cells tests/test_real_data.py uses
+                             "scanpy>=1.10", "tiledbsoma>=1.15"],  # scanpy: its wheel ships the real cells tests/test_real_data.py uses
                     "remote": ["gcsfs>=2024.6", "s3fs>=2024.6"],  # stores on gs:// and s3://
+                    "census": ["tiledbsoma>=1.15", "cellxgene-census>=1.15"],  # python -m sscell.data.census
                     # torch: the CPU build, pip install torch --index-url https://download.pytorch.org/whl/cpu;
                     # annbatch (Python >= 3.12) runs in its own venv
                     "bench": ["scDataset>=0.3", "torch>=2.4"]},

@@ -49,6 +49,7 @@ import time
 import tracemalloc
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol
 
 import anndata
 import numpy as np
@@ -500,10 +501,21 @@ def _report(output: Path, t0: float, cells_written: int, **extra) -> dict:
     }
 
 
-def _expand(inputs: Sequence[str | os.PathLike]) -> list[Path]:
-    """Input paths, a directory standing for the .h5ad files in it."""
+class InputOpener(Protocol):
+    """An input that is not a file, opened like one (e.g. a SOMA query, sscell.data.census)."""
+
+    def __call__(self, stack: contextlib.ExitStack, *, gene_column: str | None, round_counts: bool,
+                 split_column: str | None, required_obs: tuple[str, ...]) -> H5adInput: ...
+
+
+def _expand(inputs: Sequence[str | os.PathLike | InputOpener]) -> list[Path | InputOpener]:
+    """Input paths, a directory standing for the .h5ad files in it; openers as they are."""
     paths = []
-    for p in map(Path, inputs):
+    for p in inputs:
+        if not isinstance(p, (str, os.PathLike)):
+            paths.append(p)
+            continue
+        p = Path(p)
         paths.extend(sorted(p.glob("*.h5ad")) if p.is_dir() else [p])
     return paths
 
@@ -520,12 +532,12 @@ def _given_splits(h5ads: Sequence[H5adInput]) -> np.ndarray:
                            for inp in h5ads])
 
 
-def convert(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, *, vocabulary: str | None = None,
+def convert(inputs: Sequence[str | os.PathLike | InputOpener], output: str | os.PathLike, *, vocabulary: str | None = None,
             append: bool = False, gene_column: str | None = None, round_counts: bool = False,
             split_column: str | None = None, split: str | None = None, seed: int = 0,
             split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15), block_cells: int = 8192,
             bucket_nonzeros: int = BUCKET_NONZEROS) -> dict:
-    """Write the cells of `inputs` (.h5ad files or directories of them) into a store at `output`.
+    """Write the cells of `inputs` (.h5ad files, directories of them, or `InputOpener`s) into a store at `output`.
 
     vocabulary: a text file of gene ids, one per line, fixing the store's genes and their order;
     by default the union of the inputs' genes in first-seen order. append: add the inputs to the
@@ -567,8 +579,9 @@ def convert(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, *, v
             raise SscellError(f"{output} was split by {policy} (its attrs record it) and appended cells follow it; "
                               f"drop --split or pass --split={policy}")
         required = tuple(c for c in REQUIRED_OBS if c != "donor_id") if policy == "cells" else REQUIRED_OBS
-        h5ads = [open_input(p, stack, gene_column=gene_column, round_counts=round_counts, split_column=split_column,
-                            required_obs=required) for p in paths]
+        options = {"gene_column": gene_column, "round_counts": round_counts, "split_column": split_column,
+                   "required_obs": required}
+        h5ads = [open_input(p, stack, **options) if isinstance(p, Path) else p(stack, **options) for p in paths]
         for inp in h5ads:
             if "donor_id" not in inp.obs:  # --split=cells: keep the store layout
                 inp.obs["donor_id"] = pd.Categorical.from_codes(np.zeros(inp.n_cells, np.int8), [NO_DONOR])
