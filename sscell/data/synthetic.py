@@ -123,9 +123,10 @@ PEAK_DEPTH_SD = 0.4  # per-cell sd of a log-odds shift of all peaks (fragment de
 PEAK_EXTRA = 0.2  # mean extra fragments of an open peak (Poisson), so counts are mostly 1
 REALISMS = ("default", "calibrated")  # AtlasSpec.realism; "calibrated": docs/realism.md
 # realism="calibrated", fitted to scanpy's 700 PBMCs with `python -m sscell.data.realism` (docs/realism.md):
-CALIBRATED_ZEROS = 0.75  # ZEROS: deeper cells, as the real cells' median library over its 765 genes
-CALIBRATED_LIBRARY_SD = 0.25  # LIBRARY_SD: the real per-cell library CV is ~0.25-0.3
+CALIBRATED_ZEROS = 0.6  # ZEROS: deeper cells (the real cells are at least as deep once matched)
+CALIBRATED_LIBRARY_SD = 0.15  # LIBRARY_SD: with type composition, a library CV of ~0.3 as the real cells
 CALIBRATED_DISPERSION = 0.3  # DISPERSION: the real median within-type phi is 0.29-0.39
+CALIBRATED_EFFECT_SCALE = 0.5  # programme log fold changes x this: median phi (types pooled) ~1, real 0.7
 TRAJECTORIES = (  # (from, to) leaf types joined by a continuum of cells along a pseudotime
     ("classical monocyte", "non-classical monocyte"),
     ("CD8-positive, alpha-beta T cell", "natural killer cell"),
@@ -470,6 +471,7 @@ def _model(spec: AtlasSpec) -> tuple[_Biology, _Cohort, _Cohort | None]:
     calibrated = spec.realism == "calibrated"
     if calibrated:
         bio = bio._replace(dispersion=bio.dispersion * (CALIBRATED_DISPERSION / DISPERSION),
+                           effects=bio.effects * np.float32(CALIBRATED_EFFECT_SCALE),
                            realism=_realism_programmes(spec, bio))
     library = _library_for_zeros(bio, CALIBRATED_ZEROS if calibrated else ZEROS)
     atlas = _cohort(rng, spec, library, n_cells=spec.n_cells, n_datasets=spec.n_datasets,
