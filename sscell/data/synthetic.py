@@ -33,6 +33,11 @@ uns['atac_counts_names']: PEAK_LINKED of the peaks are each linked to one gene p
 cell; the others are background peaks. Each peak has its own baseline, gain and per-dataset
 shifts, and each cell its own fragment depth (a log-odds shift), so accessibility is sparse and
 binary-ish, driven by the same programmes as the RNA.
+
+With --realism=calibrated (AtlasSpec.realism) dispersion, depth and effect sizes are fitted to
+real PBMCs and cells gain non-linear structure: differentiation trajectories between types
+(obs['pseudotime']), a cell cycle (obs['cell_cycle_phase']) and donor x programme scaling; see
+`_chunk_activity` and docs/realism.md. The default draws exactly what it always drew.
 """
 from __future__ import annotations
 
