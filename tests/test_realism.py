@@ -183,3 +183,8 @@ def test_calibrated_statistics_move_toward_the_real_cells():
     assert 0.5 < ratio["calibrated"] < 2 and not 0.5 < ratio["default"] < 2
     gap = {m: abs(rows[m]["library_cv"] - real_row["library_cv"]) for m in rows}
     assert gap["calibrated"] < gap["default"]
+
+
+def test_an_unknown_realism_is_refused():
+    with pytest.raises(SscellError, match="realism='linear': choose one of default, calibrated"):
+        generate_atlas(dataclasses.replace(SPEC, realism="linear"))
