@@ -33,6 +33,11 @@ uns['atac_counts_names']: PEAK_LINKED of the peaks are each linked to one gene p
 cell; the others are background peaks. Each peak has its own baseline, gain and per-dataset
 shifts, and each cell its own fragment depth (a log-odds shift), so accessibility is sparse and
 binary-ish, driven by the same programmes as the RNA.
+
+With --realism=calibrated (AtlasSpec.realism) dispersion, depth and effect sizes are fitted to
+real PBMCs and cells gain non-linear structure: differentiation trajectories between types
+(obs['pseudotime']), a cell cycle (obs['cell_cycle_phase']) and donor x programme scaling; see
+`_chunk_activity` and docs/realism.md. The default draws exactly what it always drew.
 """
 from __future__ import annotations
 
@@ -121,6 +126,25 @@ PEAK_EFFECT = 3.5  # mean log-odds gain of a linked peak per unit of its program
 PEAK_BATCH_SD = 0.3  # sd of per-dataset per-peak log-odds shifts
 PEAK_DEPTH_SD = 0.4  # per-cell sd of a log-odds shift of all peaks (fragment depth)
 PEAK_EXTRA = 0.2  # mean extra fragments of an open peak (Poisson), so counts are mostly 1
+REALISMS = ("default", "calibrated")  # AtlasSpec.realism; "calibrated": docs/realism.md
+# realism="calibrated", fitted to scanpy's 700 PBMCs with `python -m sscell.data.realism` (docs/realism.md):
+CALIBRATED_ZEROS = 0.6  # ZEROS: deeper cells (the real cells are at least as deep once matched)
+CALIBRATED_LIBRARY_SD = 0.15  # LIBRARY_SD: with type composition, a library CV of ~0.3 as the real cells
+CALIBRATED_DISPERSION = 0.3  # DISPERSION: the real median within-type phi is 0.29-0.39
+CALIBRATED_EFFECT_SCALE = 0.5  # programme log fold changes x this: median phi (types pooled) ~1, real 0.7
+TRAJECTORIES = (  # (from, to) leaf types joined by a continuum of cells along a pseudotime
+    ("classical monocyte", "non-classical monocyte"),
+    ("CD8-positive, alpha-beta T cell", "natural killer cell"),
+)
+TRAJECTORY_SPREAD = 2.0  # a cell's distance from its type's end is 0.5 * Beta(1, this): most near the end
+SWITCH_WIDTH = 0.08  # pseudotime scale of a programme's sigmoid switch (each at its own time in 0.25-0.75)
+TRANSIENT_EFFECT = 1.5  # log fold change of a trajectory's transient genes at its mid-point...
+TRANSIENT_WIDTH = 0.15  # ...falling off as a Gaussian of this pseudotime width
+CYCLING_RATE = 0.2  # share of cells in the cell cycle (any type), at a uniform position along it
+CYCLE_EFFECT = 1.5  # log fold change of the S and G2/M programmes at their phase's peak...
+CYCLE_WIDTH = 0.12  # ...a Gaussian bump of this width (cycle length 1) centred at S_PEAK / G2M_PEAK
+S_PEAK, G2M_PEAK = 0.35, 0.7
+DONOR_SCALE_SD = 0.3  # log sd of a donor's per-programme activity scale (a donor x cell type interaction)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,6 +169,7 @@ class AtlasSpec:
     target_batch_effect: float = 0.9
     n_proteins: int = 0  # > 0: a CITE-seq-like protein panel per cell (obsm['protein_counts'])
     n_peaks: int = 0  # > 0: multiome-like ATAC peaks per cell (obsm['atac_counts']); not with n_proteins
+    realism: str = "default"  # one of REALISMS: "calibrated" adds `_Realism` (slower); "default": linear, fast
 
 
 def _check(spec: AtlasSpec) -> None:
@@ -176,6 +201,8 @@ def _check(spec: AtlasSpec) -> None:
                           "(0: none).")
     if spec.n_proteins and spec.n_peaks:
         raise SscellError("AtlasSpec: give n_proteins or n_peaks, not both (one second modality per atlas).")
+    if spec.realism not in REALISMS:
+        raise SscellError(f"AtlasSpec.realism={spec.realism!r}: choose one of {', '.join(REALISMS)}.")
     unknown = sorted(set(spec.target_cell_types) - set(LEAF_NAMES))
     if unknown or len(set(spec.target_cell_types)) < len(spec.target_cell_types):
         raise SscellError(
@@ -209,6 +236,26 @@ class _Biology(NamedTuple):
     baseline: np.ndarray  # per-gene log expression
     dispersion: np.ndarray  # per-gene negative-binomial dispersion
     lineage: np.ndarray  # leaves x programmes: 1 where a leaf type (or its ancestor) owns it
+    realism: _Realism | None = None  # realism="calibrated" only
+
+
+class _Realism(NamedTuple):
+    """realism="calibrated": the non-linear programmes beyond the cell types' linear ones."""
+
+    names: list[str]  # S phase, G2/M, then one transient programme per trajectory
+    members: list[np.ndarray]
+    effects: np.ndarray  # programmes x genes log fold changes at activity 1
+    switch: np.ndarray  # trajectories x programmes: pseudotime at which each programme switches
+
+
+class _CellStates(NamedTuple):
+    """realism="calibrated": each cell's place on a trajectory and in the cell cycle, and each
+    donor's programme scales."""
+
+    trajectory: np.ndarray  # index into TRAJECTORIES, -1: none
+    pseudotime: np.ndarray  # 0 at the trajectory's first type, 1 at its second; NaN: none
+    cycle: np.ndarray  # position along the cell cycle in [0, 1); NaN: not cycling
+    donor_scale: np.ndarray  # donors x programmes multiplying programme activity
 
 
 class _Cohort(NamedTuple):
@@ -225,6 +272,7 @@ class _Cohort(NamedTuple):
     tissues: list[str]  # per dataset
     cell_prefix: str
     stream: int  # tags the random streams of its count chunks
+    states: _CellStates | None = None  # realism="calibrated" only
 
 
 def _programmes(spec: AtlasSpec, rng: np.random.Generator) -> _Biology:
@@ -369,8 +417,8 @@ def _assign_cells(
     return donor, kind
 
 
-def _library_for_zeros(bio: _Biology) -> float:
-    """Library size at which cells at their type's mean expression have ZEROS zero counts.
+def _library_for_zeros(bio: _Biology, zeros: float = ZEROS) -> float:
+    """Library size at which cells at their type's mean expression have `zeros` zero counts.
 
     Scales with gene count and adapts to the programme layout, so every spec is ~90% sparse
     (library spread and batch shifts add a couple of points to ZEROS).
@@ -381,7 +429,7 @@ def _library_for_zeros(bio: _Biology) -> float:
 
     def excess_zeros(log_size: float) -> float:
         mean = np.exp(log_size) * share
-        return float(np.mean((1 + bio.dispersion * mean) ** (-1 / bio.dispersion))) - ZEROS
+        return float(np.mean((1 + bio.dispersion * mean) ** (-1 / bio.dispersion))) - zeros
 
     return float(np.exp(scipy.optimize.brentq(excess_zeros, -5.0, 30.0)))
 
@@ -418,20 +466,103 @@ def _model(spec: AtlasSpec) -> tuple[_Biology, _Cohort, _Cohort | None]:
     """Everything but the counts: shared biology, the atlas's cells and the target's (or None).
 
     Random streams (numpy SeedSequence entropy): [seed, 0] biology and atlas cells, [seed, 1]
-    target cells, [seed, 2, c] / [seed, 3, c] count chunk c of the atlas / target.
+    target cells, [seed, 2, c] / [seed, 3, c] count chunk c of the atlas / target; with
+    realism="calibrated" also [seed, 6] its programmes and [seed, 7, 2] / [seed, 7, 3] the cell
+    states of the atlas / target, so the default atlas draws exactly what it always drew.
     """
     _check(spec)
     rng = np.random.default_rng([spec.seed, 0])
     bio = _programmes(spec, rng)
-    library = _library_for_zeros(bio)
+    calibrated = spec.realism == "calibrated"
+    if calibrated:
+        bio = bio._replace(dispersion=bio.dispersion * (CALIBRATED_DISPERSION / DISPERSION),
+                           effects=bio.effects * np.float32(CALIBRATED_EFFECT_SCALE),
+                           realism=_realism_programmes(spec, bio))
+    library = _library_for_zeros(bio, CALIBRATED_ZEROS if calibrated else ZEROS)
     atlas = _cohort(rng, spec, library, n_cells=spec.n_cells, n_datasets=spec.n_datasets,
                     types=range(len(_LEAVES)), batch_effect=spec.batch_effect, target=False)
+    if calibrated:
+        atlas = _with_states(spec, bio, atlas, library)
     if spec.target_cells == 0:
         return bio, atlas, None
     types = [LEAF_NAMES.index(n) for n in spec.target_cell_types] or range(len(_LEAVES))
     target = _cohort(np.random.default_rng([spec.seed, 1]), spec, library, n_cells=spec.target_cells,
                      n_datasets=1, types=types, batch_effect=spec.target_batch_effect, target=True)
-    return bio, atlas, target
+    return bio, atlas, _with_states(spec, bio, target, library) if calibrated else target
+
+
+def _realism_programmes(spec: AtlasSpec, bio: _Biology) -> _Realism:
+    """The S-phase, G2/M and per-trajectory transient programmes (genes_per_programme random
+    genes each, effects gamma-spread around their strength) and the trajectories' switch times."""
+    rng = np.random.default_rng([spec.seed, 6])
+    names = ["cell_cycle_S", "cell_cycle_G2M"] + [
+        f"transient_{a}_to_{b}".replace(",", "").replace(" ", "_") for a, b in TRAJECTORIES]
+    strength = np.array([CYCLE_EFFECT, CYCLE_EFFECT] + [TRANSIENT_EFFECT] * len(TRAJECTORIES))
+    members = [np.sort(rng.choice(spec.n_genes, spec.genes_per_programme, replace=False)) for _ in names]
+    effects = np.zeros((len(names), spec.n_genes), np.float32)
+    for p, genes in enumerate(members):
+        effects[p, genes] = strength[p] * rng.gamma(4.0, 0.25, genes.size)
+    switch = rng.uniform(0.25, 0.75, (len(TRAJECTORIES), len(bio.names)))
+    return _Realism(names, members, effects, switch)
+
+
+def _with_states(spec: AtlasSpec, bio: _Biology, cohort: _Cohort, library: float) -> _Cohort:
+    """The cohort with its cell states and its datasets' depths centred on `library`: cells of a trajectory's types lie along it (pseudotime
+    near their own type's end), CYCLING_RATE of all cells cycle, and every donor scales every
+    programme (lognormal, DONOR_SCALE_SD), which touches only the types using that programme."""
+    rng = np.random.default_rng([spec.seed, 7, cohort.stream])
+    n = len(cohort.leaf)
+    trajectory, pseudotime = np.full(n, -1), np.full(n, np.nan)
+    distance = 0.5 * rng.beta(1.0, TRAJECTORY_SPREAD, n)
+    for k, (first, second) in enumerate(TRAJECTORIES):
+        for end, name in ((0.0, first), (1.0, second)):
+            cells = cohort.leaf == LEAF_NAMES.index(name)
+            trajectory[cells], pseudotime[cells] = k, np.abs(end - distance[cells])
+    cycling = rng.random(n) < CYCLING_RATE
+    cycle = np.where(cycling, rng.random(n), np.nan)
+    donor_scale = rng.lognormal(0.0, DONOR_SCALE_SD, (len(cohort.donor_names), len(bio.names)))
+    # the datasets' depths vary around `library` (their geometric mean), whatever their number
+    scaled = cohort.library * (library / np.exp(np.mean(np.log(cohort.library))))
+    return cohort._replace(library=scaled, states=_CellStates(trajectory, pseudotime.astype(np.float32), cycle.astype(np.float32),
+                                              donor_scale.astype(np.float32)))
+
+
+def _cycle_bump(position: np.ndarray, peak: float) -> np.ndarray:
+    """A Gaussian bump of width CYCLE_WIDTH around `peak` on the circle [0, 1); 0 where NaN."""
+    distance = np.abs(position - peak)
+    distance = np.minimum(distance, 1 - distance)
+    return np.nan_to_num(np.exp(-((distance / CYCLE_WIDTH) ** 2)))
+
+
+def _chunk_activity(spec: AtlasSpec, bio: _Biology, cohort: _Cohort, c: int,
+                    rows: slice) -> tuple[np.random.Generator, np.ndarray, np.ndarray | None]:
+    """Chunk c's random stream (after its activity draw), its cells x programmes activity, and,
+    with realism="calibrated", the log fold changes its non-linear programmes add (else None).
+
+    The one place programme activity is drawn, so RNA, proteins and peaks share it. Calibrated:
+    a trajectory cell's programmes of either end switch on or off along its pseudotime, each at
+    its own time (a sigmoid), its trajectory's transient genes peak mid-way, cycling cells express
+    the S and G2/M programmes by their place in the cycle, and donors scale programmes.
+    """
+    rng = np.random.default_rng([spec.seed, cohort.stream, c])
+    leaf = cohort.leaf[rows]
+    states = cohort.states
+    if states is None:
+        return rng, _activity(rng, bio.lineage[leaf], bio.owner < 0), None
+    on = bio.lineage[leaf]
+    trajectory, pseudotime = states.trajectory[rows], states.pseudotime[rows]
+    extra = np.zeros((len(leaf), len(bio.realism.names)), np.float32)
+    for k, (first, second) in enumerate(TRAJECTORIES):
+        cells = trajectory == k
+        t = pseudotime[cells][:, None]
+        later = 1 / (1 + np.exp(-(t - bio.realism.switch[k]) / SWITCH_WIDTH))
+        on[cells] = (bio.lineage[_LEAVES.index(_INDEX[first])] * (1 - later)
+                     + bio.lineage[_LEAVES.index(_INDEX[second])] * later)
+        extra[cells, 2 + k] = np.exp(-(((t[:, 0] - 0.5) / TRANSIENT_WIDTH) ** 2))
+    activity = _activity(rng, on, bio.owner < 0) * states.donor_scale[cohort.donor[rows]]
+    cycle = states.cycle[rows]
+    extra[:, 0], extra[:, 1] = _cycle_bump(cycle, S_PEAK), _cycle_bump(cycle, G2M_PEAK)
+    return rng, activity, extra @ bio.realism.effects
 
 
 def _activity(rng: np.random.Generator, on: np.ndarray, state: np.ndarray) -> np.ndarray:
@@ -443,13 +574,15 @@ def _activity(rng: np.random.Generator, on: np.ndarray, state: np.ndarray) -> np
 
 
 def _sample_counts(
-    rng: np.random.Generator, logits: np.ndarray, library: np.ndarray, dispersion: np.ndarray
+    rng: np.random.Generator, logits: np.ndarray, library: np.ndarray, dispersion: np.ndarray,
+    library_sd: float = LIBRARY_SD,
 ) -> sp.csr_matrix:
-    """Negative-binomial counts for cells with log expression `logits` and mean sizes `library`."""
+    """Negative-binomial counts for cells with log expression `logits`, mean sizes `library` and a
+    per-cell lognormal library spread of log sd `library_sd`."""
     n_cells, n_genes = logits.shape
     share = np.exp(logits - logits.max(axis=1, keepdims=True))
     share /= share.sum(axis=1, keepdims=True)
-    size = library * rng.lognormal(-(LIBRARY_SD**2) / 2, LIBRARY_SD, n_cells)  # keeps the mean
+    size = library * rng.lognormal(-(library_sd**2) / 2, library_sd, n_cells)  # keeps the mean
     share *= size.astype(np.float32)[:, None]  # now the mean count, then the Gamma scale:
     share *= dispersion.astype(np.float32)
     shape = np.broadcast_to((1 / dispersion).astype(np.float32), (n_cells, n_genes))
@@ -464,16 +597,18 @@ def _sample_counts(
 def _count_chunks(spec: AtlasSpec, bio: _Biology, cohort: _Cohort) -> Iterator[sp.csr_matrix]:
     """The cohort's counts, CHUNK_ENTRIES cells x genes at a time: the one cell generator."""
     chunk_cells = max(1, CHUNK_ENTRIES // spec.n_genes)
-    state = bio.owner < 0
+    library_sd = LIBRARY_SD if cohort.states is None else CALIBRATED_LIBRARY_SD
     for c, start in enumerate(range(0, len(cohort.leaf), chunk_cells)):
-        rng = np.random.default_rng([spec.seed, cohort.stream, c])
-        leaf = cohort.leaf[start : start + chunk_cells]
-        donor = cohort.donor[start : start + chunk_cells]
-        activity = _activity(rng, bio.lineage[leaf], state)
+        rows = slice(start, start + chunk_cells)
+        rng, activity, extra = _chunk_activity(spec, bio, cohort, c, rows)
+        donor = cohort.donor[rows]
         logits = activity @ bio.effects
         logits += bio.baseline
         logits += cohort.donor_shift[donor]
-        yield _sample_counts(rng, logits, cohort.library[donor // cohort.donors_per_dataset], bio.dispersion)
+        if extra is not None:
+            logits += extra
+        yield _sample_counts(rng, logits, cohort.library[donor // cohort.donors_per_dataset], bio.dispersion,
+                             library_sd)
 
 
 def _protein_chunks(spec: AtlasSpec, bio: _Biology, cohort: _Cohort, panel: _Panel) -> Iterator[np.ndarray]:
@@ -484,12 +619,11 @@ def _protein_chunks(spec: AtlasSpec, bio: _Biology, cohort: _Cohort, panel: _Pan
     same with or without proteins.
     """
     chunk_cells = max(1, CHUNK_ENTRIES // spec.n_genes)
-    state = bio.owner < 0
     shift = panel.shift[cohort.stream]
     for c, start in enumerate(range(0, len(cohort.leaf), chunk_cells)):
         leaf = cohort.leaf[start : start + chunk_cells]
         dataset = cohort.donor[start : start + chunk_cells] // cohort.donors_per_dataset
-        activity = _activity(np.random.default_rng([spec.seed, cohort.stream, c]), bio.lineage[leaf], state)
+        _, activity, _ = _chunk_activity(spec, bio, cohort, c, slice(start, start + chunk_cells))
         rng = np.random.default_rng([spec.seed, cohort.stream + 4, c])
         log_mean = panel.baseline + panel.scale * activity[:, panel.programmes] + shift[dataset]
         log_mean += rng.normal(0.0, PROTEIN_NOISE_SD, log_mean.shape)
@@ -502,13 +636,12 @@ def _peak_chunks(spec: AtlasSpec, bio: _Biology, cohort: _Cohort, peaks: _Peaks)
     `_protein_chunks`, chunk c replays its RNA's programme activity and draws its own noise,
     from [seed, stream + 8, c]."""
     chunk_cells = max(1, CHUNK_ENTRIES // spec.n_genes)
-    state = bio.owner < 0
     shift = peaks.shift[cohort.stream]
     linked = peaks.programmes >= 0
     for c, start in enumerate(range(0, len(cohort.leaf), chunk_cells)):
         leaf = cohort.leaf[start : start + chunk_cells]
         dataset = cohort.donor[start : start + chunk_cells] // cohort.donors_per_dataset
-        activity = _activity(np.random.default_rng([spec.seed, cohort.stream, c]), bio.lineage[leaf], state)
+        _, activity, _ = _chunk_activity(spec, bio, cohort, c, slice(start, start + chunk_cells))
         rng = np.random.default_rng([spec.seed, cohort.stream + 8, c])
         drive = np.where(linked, activity[:, np.maximum(peaks.programmes, 0)], 0.0)
         logit = peaks.baseline + peaks.gain * drive + shift[dataset] + rng.normal(0.0, PEAK_DEPTH_SD, (len(leaf), 1))
@@ -549,6 +682,11 @@ def _annotations(spec: AtlasSpec, bio: _Biology, cohort: _Cohort) -> tuple[pd.Da
         },
         index=[f"{cohort.cell_prefix}_{i:06d}" for i in range(len(leaf))],
     )
+    if cohort.states is not None:
+        obs["pseudotime"] = cohort.states.pseudotime
+        s_phase, g2m = _cycle_bump(cohort.states.cycle, S_PEAK), _cycle_bump(cohort.states.cycle, G2M_PEAK)
+        phase = np.where(np.maximum(s_phase, g2m) < 0.5, 0, np.where(s_phase >= g2m, 1, 2))
+        obs["cell_cycle_phase"] = pd.Categorical.from_codes(phase, ["G1", "S", "G2M"])
     gene_ids = np.array([f"ENSG{i + 1:011d}" for i in range(spec.n_genes)])
     var = pd.DataFrame({"feature_name": _symbols(spec.n_genes), "is_tf": np.isin(np.arange(spec.n_genes), bio.tfs)},
                        index=gene_ids)
@@ -556,6 +694,8 @@ def _annotations(spec: AtlasSpec, bio: _Biology, cohort: _Cohort) -> tuple[pd.Da
         "gene_programmes": {n: gene_ids[g].tolist() for n, g in zip(bio.names, bio.members)},
         "tf_targets": {gene_ids[tf]: gene_ids[g].tolist() for tf, g in zip(bio.tfs, bio.members)},
     }
+    if bio.realism is not None:
+        uns["realism_programmes"] = {n: gene_ids[g].tolist() for n, g in zip(bio.realism.names, bio.realism.members)}
     panel = _protein_panel(spec, bio)
     if panel is not None:
         uns[names_key(PROTEIN_KEY)] = np.asarray(panel.names, dtype=object)
@@ -724,13 +864,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--target-batch-effect", type=float, default=AtlasSpec.target_batch_effect)
     parser.add_argument("--proteins", type=int, default=0, help="surface proteins per cell (CITE-seq-like; 0: none)")
     parser.add_argument("--peaks", type=int, default=0, help="ATAC peaks per cell (multiome-like; 0: none)")
+    parser.add_argument("--realism", choices=REALISMS, default=AtlasSpec.realism,
+                        help="calibrated: dispersion and depth fitted to real PBMCs, differentiation trajectories, "
+                             "a cell cycle and donor x programme scaling (docs/realism.md); default: linear, fast")
     args = parser.parse_args(argv)
     with exit_on_error():
         spec = AtlasSpec(n_cells=args.cells, n_genes=args.genes, n_datasets=args.datasets,
                          donors_per_dataset=args.donors_per_dataset, seed=args.seed,
                          target_cells=args.target_cells, target_cell_types=tuple(args.target_cell_type),
                          target_batch_effect=args.target_batch_effect, n_proteins=args.proteins,
-                         n_peaks=args.peaks)
+                         n_peaks=args.peaks, realism=args.realism)
         s = write_atlas(spec, args.output)
     zeros = 1 - s["nonzeros"] / (s["cells"] * s["genes"])
     proteins = f", {spec.n_proteins} proteins per cell" if spec.n_proteins else ""
