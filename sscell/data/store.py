@@ -328,6 +328,11 @@ class CsrRows:
         """The stored values' dtype (e.g. uint16 or uint32 counts)."""
         return np.dtype(self._data.dtype.numpy_dtype)
 
+    @property
+    def indices_dtype(self) -> np.dtype:
+        """The stored column (gene) indices' dtype (uint16 or uint32)."""
+        return np.dtype(self._indices.dtype.numpy_dtype)
+
     def _read(self, ranges: Sequence[tuple[int, int]]) -> list[tuple[ts.Future, ts.Future]]:
         """(values, column indices) read futures of each [start, stop) range, all issued at once."""
         futures = []
@@ -350,7 +355,7 @@ class CsrRows:
         """(values, column indices) of the rows of every [start, stop) range, concatenated in range
         order, in the stored dtypes (row lengths: `indptr`); all reads are issued before any is awaited."""
         futures = self._read(ranges)
-        empty = (np.zeros(0, self.data_dtype), np.zeros(0, self._indices.dtype.numpy_dtype))
+        empty = (np.zeros(0, self.data_dtype), np.zeros(0, self.indices_dtype))
         return tuple(np.concatenate([f[k].result() for f in futures] or [empty[k]]) for k in (0, 1))
 
 
