@@ -129,12 +129,16 @@ def shipped_bytes(store_path: Path, batch_size: int, batches: int, shards: int) 
             "nonzero_bytes_per_cell": nonzeros / cells, "flat_padding_share": 1 - nonzeros / slots}
 
 
-def train_step_rates(store_path: Path, batch_size: int, steps: int, prefetch: int) -> dict:
-    """The study's masked autoencoder (config defaults) trained on this store: steps/s fed one
-    in-memory batch vs the real loader, and the share of step time spent waiting for data."""
+def train_step_rates(store_path: Path, batch_size: int, steps: int, prefetch: int, device_resident: bool = False,
+                     **model: object) -> dict:
+    """The study's masked autoencoder (config defaults, `config.model` overridden by `model`)
+    trained on this store: steps/s fed one in-memory batch vs the real loader (or,
+    `device_resident`, the batches gathered on the devices: sscell.data.device_resident), and
+    the share of step time spent waiting for data."""
     import jax
 
     from sscell.config import default_config
+    from sscell.data.device_resident import DeviceResidentData
     from sscell.training.mesh import batch_sharded, global_batch, local_data_shards, make_mesh
     from sscell.training.state import create_state
     from sscell.training.step import make_train_step
@@ -142,6 +146,7 @@ def train_step_rates(store_path: Path, batch_size: int, steps: int, prefetch: in
 
     config = default_config()
     config.train.batch_size, config.data.prefetch = batch_size, prefetch
+    config.model.update(model)
     store = open_store(store_path)
     setup = build(config, store)
     task, info, model, optimizer, _, init_extra = setup
@@ -159,16 +164,24 @@ def train_step_rates(store_path: Path, batch_size: int, steps: int, prefetch: in
             t = time.perf_counter()
             batch = next(batches)
             waited += time.perf_counter() - t
-            state, metrics = step(state, global_batch(batch, batch_sharding), jax.random.key(1))
+            state, metrics = step(state, batch, jax.random.key(1))
         jax.block_until_ready(metrics)
         return steps / (time.perf_counter() - start), waited / (time.perf_counter() - start)
 
-    fixed = loader.batch(0)
+    def batches(start: int, stop: int):
+        return (global_batch(b, batch_sharding) for b in loader.iterate(start, stop))
+
+    if device_resident:
+        resident = DeviceResidentData(loader, mesh)
+        resident.put()
+        batches = resident.iterate
+    fixed = global_batch(loader.batch(0), batch_sharding)
     run(itertools.repeat(fixed))  # compile for its width
     in_memory, _ = run(itertools.repeat(fixed))
-    run(loader.iterate(0, steps))  # compile for every width these steps use
-    streamed, waiting = run(loader.iterate(0, steps))
-    return {"prefetch_threads": prefetch, "in_memory_steps_per_s": in_memory, "loader_steps_per_s": streamed,
+    run(batches(0, steps))  # compile for every width these steps use
+    streamed, waiting = run(batches(0, steps))
+    return {"data": "device_resident" if device_resident else "streamed", "prefetch_threads": prefetch,
+            "in_memory_steps_per_s": in_memory, "loader_steps_per_s": streamed,
             "in_memory_cells_per_s": in_memory * batch_size, "loader_cells_per_s": streamed * batch_size,
             "stall": 1 - streamed / in_memory, "waiting_share": waiting, "devices": str(jax.devices())}
 
