@@ -13,6 +13,8 @@ Figures: `cells_per_s` of each loader (sscell per prefetch thread count); `train
 of the study's model (config defaults) fed one in-memory batch vs the real loader, with
 `waiting_share` the share of wall time the loop waited for a batch and `stall` the throughput
 lost to the loader (waiting plus the loader's threads competing for the same CPU cores);
+`codecs`: per X compressor (`convert --codec`), its bytes per cell and, per thread count, the
+raw read-and-decode cells/s of the loader's rows next to the loader's (`loader_over_raw`);
 `shipped_bytes`: host-to-device bytes per cell of the loader's flat CSR batches (per data
 shard count) against the padded-row layout they replaced (cells x a power-of-two width >= the
 fullest row); `memory`: peak RSS (Linux VmHWM) of a process that opens a store and loads
@@ -22,6 +24,7 @@ per cell the store and loader hold (indptr, label codes, selected rows).
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import itertools
 import json
 import os
@@ -34,19 +37,21 @@ from pathlib import Path
 import numpy as np
 
 from sscell.data.convert import convert
-from sscell.data.loader import CellLoader
+from sscell.data.loader import CellLoader, runs
 from sscell.data.store import open_store
 from sscell.data.synthetic import AtlasSpec, write_atlas
 from sscell.errors import exit_on_error
 
 
-def dataset(workdir: Path, cells: int, genes: int) -> tuple[Path, Path]:
-    """(.h5ad, store) of a synthetic atlas in `workdir`, generated and converted unless present."""
-    h5ad, store = workdir / f"atlas_{cells}x{genes}.h5ad", workdir / f"store_{cells}x{genes}"
+def dataset(workdir: Path, cells: int, genes: int, codec: str = "lz4") -> tuple[Path, Path]:
+    """(.h5ad, store with X compressed by `codec`) of a synthetic atlas in `workdir`, generated
+    and converted unless present."""
+    h5ad = workdir / f"atlas_{cells}x{genes}.h5ad"
+    store = workdir / (f"store_{cells}x{genes}" + ("" if codec == "lz4" else f"_{codec}"))
     if not h5ad.exists():
         write_atlas(AtlasSpec(n_cells=cells, n_genes=genes), h5ad)
     if not store.exists():
-        convert([h5ad], store, seed=0)
+        convert([h5ad], store, seed=0, codec=codec)
     return h5ad, store
 
 
@@ -69,6 +74,29 @@ def sscell_rates(store_path: Path, batch_size: int, cells: int, threads: list[in
     for t in threads:
         loader = CellLoader(store, "train", batch_size, seed=t, prefetch=t, block_cells=block_cells)
         result[str(t)] = rate(loader.iterate(0, 10**9), cells)
+    return result
+
+
+def codec_rates(store_path: Path, batch_size: int, cells: int, threads: list[int]) -> dict:
+    """Per prefetch thread count: cells/s of the codec's raw reads (the loader's batches' runs of
+    rows read and decoded by tensorstore, nothing laid out) next to the loader's cells/s, their
+    ratio, and the store's X bytes per cell."""
+    store = open_store(store_path)
+    x_bytes = sum(f.stat().st_size for f in (Path(store_path) / "X").rglob("*") if f.is_file())
+    result = {"x_bytes_per_cell": x_bytes / store.n_cells, "threads": {}}
+    for t in threads:
+        loader = CellLoader(store, "train", batch_size, seed=t, prefetch=t)
+
+        def raw(step: int) -> dict:
+            rows = loader.rows[loader.local_selection(step)]
+            store.read_nonzeros(runs(rows))
+            return {"cell": rows}
+
+        with concurrent.futures.ThreadPoolExecutor(t) as pool:
+            raw_rate = rate(iter(pool.map(raw, range(cells // batch_size + 2))), cells)
+        loader_rate = rate(loader.iterate(0, 10**9), cells)
+        result["threads"][str(t)] = {"raw_cells_per_s": raw_rate, "loader_cells_per_s": loader_rate,
+                                     "loader_over_raw": loader_rate / raw_rate}
     return result
 
 
@@ -129,12 +157,16 @@ def shipped_bytes(store_path: Path, batch_size: int, batches: int, shards: int) 
             "nonzero_bytes_per_cell": nonzeros / cells, "flat_padding_share": 1 - nonzeros / slots}
 
 
-def train_step_rates(store_path: Path, batch_size: int, steps: int, prefetch: int) -> dict:
-    """The study's masked autoencoder (config defaults) trained on this store: steps/s fed one
-    in-memory batch vs the real loader, and the share of step time spent waiting for data."""
+def train_step_rates(store_path: Path, batch_size: int, steps: int, prefetch: int, device_resident: bool = False,
+                     **model: object) -> dict:
+    """The study's masked autoencoder (config defaults, `config.model` overridden by `model`)
+    trained on this store: steps/s fed one in-memory batch vs the real loader (or,
+    `device_resident`, the batches gathered on the devices: sscell.data.device_resident), and
+    the share of step time spent waiting for data."""
     import jax
 
     from sscell.config import default_config
+    from sscell.data.device_resident import DeviceResidentData
     from sscell.training.mesh import batch_sharded, global_batch, local_data_shards, make_mesh
     from sscell.training.state import create_state
     from sscell.training.step import make_train_step
@@ -142,6 +174,7 @@ def train_step_rates(store_path: Path, batch_size: int, steps: int, prefetch: in
 
     config = default_config()
     config.train.batch_size, config.data.prefetch = batch_size, prefetch
+    config.model.update(model)
     store = open_store(store_path)
     setup = build(config, store)
     task, info, model, optimizer, _, init_extra = setup
@@ -159,16 +192,24 @@ def train_step_rates(store_path: Path, batch_size: int, steps: int, prefetch: in
             t = time.perf_counter()
             batch = next(batches)
             waited += time.perf_counter() - t
-            state, metrics = step(state, global_batch(batch, batch_sharding), jax.random.key(1))
+            state, metrics = step(state, batch, jax.random.key(1))
         jax.block_until_ready(metrics)
         return steps / (time.perf_counter() - start), waited / (time.perf_counter() - start)
 
-    fixed = loader.batch(0)
+    def batches(start: int, stop: int):
+        return (global_batch(b, batch_sharding) for b in loader.iterate(start, stop))
+
+    if device_resident:
+        resident = DeviceResidentData(loader, mesh)
+        resident.put()
+        batches = resident.iterate
+    fixed = global_batch(loader.batch(0), batch_sharding)
     run(itertools.repeat(fixed))  # compile for its width
     in_memory, _ = run(itertools.repeat(fixed))
-    run(loader.iterate(0, steps))  # compile for every width these steps use
-    streamed, waiting = run(loader.iterate(0, steps))
-    return {"prefetch_threads": prefetch, "in_memory_steps_per_s": in_memory, "loader_steps_per_s": streamed,
+    run(batches(0, steps))  # compile for every width these steps use
+    streamed, waiting = run(batches(0, steps))
+    return {"data": "device_resident" if device_resident else "streamed", "prefetch_threads": prefetch,
+            "in_memory_steps_per_s": in_memory, "loader_steps_per_s": streamed,
             "in_memory_cells_per_s": in_memory * batch_size, "loader_cells_per_s": streamed * batch_size,
             "stall": 1 - streamed / in_memory, "waiting_share": waiting, "devices": str(jax.devices())}
 
@@ -216,7 +257,8 @@ def main() -> None:
     parser.add_argument("--annbatch-python", default=os.environ.get("ANNBATCH_PYTHON"),
                         help="a Python >= 3.12 with annbatch installed (default: $ANNBATCH_PYTHON)")
     parser.add_argument("--skip", nargs="*", default=[],
-                        choices=["anndata", "scdataset", "annbatch", "bytes", "train_step", "memory"])
+                        choices=["anndata", "scdataset", "annbatch", "bytes", "train_step", "memory", "codecs"])
+    parser.add_argument("--codecs", nargs="*", default=["lz4", "zstd"], help="X compressors to compare (raw vs loader)")
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)  # internal: measure one store, print JSON
     args = parser.parse_args()
     with exit_on_error():
@@ -247,6 +289,9 @@ def main() -> None:
                     rates[f"sscell_block{c}"] = same
                     result["ratios"].update({f"sscell_best_over_annbatch_chunk{c}": best / v,
                                              f"sscell_block{c}_over_annbatch_chunk{c}": same / v})
+            if "codecs" not in args.skip:
+                result["codecs"] = {c: codec_rates(dataset(workdir, args.cells, args.genes, c)[1], b, n, args.threads)
+                                    for c in args.codecs}
             if "bytes" not in args.skip:
                 result["shipped_bytes"] = [shipped_bytes(store, b, 20, s) for s in (1, 8)]
             if "train_step" not in args.skip:

@@ -13,11 +13,12 @@ from sscell.training.checkpoint import has_checkpoint
 # Fields that may differ between a run and its resumption (they do not change what is learned
 # up to the current step).
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.val_every", "train.checkpoint_every",
-                     "train.keep_checkpoints", "train.profile_steps", "data.prefetch", "mesh.", "eval.",
+                     "train.keep_checkpoints", "train.profile_steps", "data.prefetch", "data.device_resident",
+                     "data.device_memory_share", "mesh.", "eval.",
                      "train.init_checkpoint")  # read by a fresh run only
 
 # What a store converted into WORKDIR/store (no data.store) was made from.
-STORE_SOURCE = ("seed", "data.h5ad", "data.vocabulary", "data.split_column", "data.synthetic.")
+STORE_SOURCE = ("seed", "data.h5ad", "data.vocabulary", "data.split", "data.split_column", "data.synthetic.")
 
 CONFIG_FILE = "config.json"
 
@@ -110,6 +111,9 @@ def default_config() -> ml_collections.ConfigDict:
         train_fraction=1.0,     # share of those train cells used, a seed-drawn random sample (nested)
         block_cells=64,         # contiguous cells per read; blocks are shuffled per epoch
         prefetch=4,             # batches read ahead on background threads
+        # the train cells' nonzeros held on the accelerators (sscell.data.device_resident): False | True | "auto"
+        device_resident=ml_collections.FieldReference(False, field_type=object),
+        device_memory_share=0.5,  # the most of a device's memory they may take (True refuses beyond, "auto" streams)
     ))
     config.model = ml_collections.ConfigDict(dict(
         hidden=(512, 512, 256, 256), latent=64, activation="selu", dropout=0.1,

@@ -64,7 +64,7 @@ from sscell.data.cell_ids import all_in, as_utf8, check_unique, sorted_hashes
 from sscell.data.h5columns import categorical_of_strings
 from sscell.data.inputs import (REQUIRED_OBS, H5adInput, align, id_kind, open_input, read_vocabulary,
                                 union_vocabulary)
-from sscell.data.store import SPLITS, Store, StoreWriter, count_dtype, index_dtype, open_store
+from sscell.data.store import CODECS, SPLITS, Store, StoreWriter, count_dtype, index_dtype, open_store
 from sscell.errors import SscellError, exit_on_error
 
 BUCKET_NONZEROS = 2**24  # a bucket is loaded whole in pass 3: ~2**24 x 4-8 bytes
@@ -536,7 +536,7 @@ def convert(inputs: Sequence[str | os.PathLike | InputOpener], output: str | os.
             append: bool = False, gene_column: str | None = None, round_counts: bool = False,
             split_column: str | None = None, split: str | None = None, seed: int = 0,
             split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15), block_cells: int = 8192,
-            bucket_nonzeros: int = BUCKET_NONZEROS) -> dict:
+            bucket_nonzeros: int = BUCKET_NONZEROS, codec: str = "lz4") -> dict:
     """Write the cells of `inputs` (.h5ad files, directories of them, or `InputOpener`s) into a store at `output`.
 
     vocabulary: a text file of gene ids, one per line, fixing the store's genes and their order;
@@ -588,7 +588,8 @@ def convert(inputs: Sequence[str | os.PathLike | InputOpener], output: str | os.
         sources: list[_Source] = []
         attrs = {"inputs": [], "counts_source": [], "seed": seed, "split_fractions": list(split_fractions),
                  "vocabulary_file": str(vocabulary) if vocabulary else None, "split": policy,
-                 "rounded_counts": dict(previous.get("rounded_counts", {}))}
+                 "rounded_counts": dict(previous.get("rounded_counts", {})),
+                 "codec": previous.get("codec", "lz4") if append else codec}
         added = 0
         if append:
             hashes, _ = sorted_hashes([old], block_cells)
@@ -668,13 +669,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--block-cells", type=int, default=8192, help="rows read at a time")
     parser.add_argument("--bucket-nonzeros", type=int, default=BUCKET_NONZEROS,
                         help="nonzeros per shuffle bucket (bounds memory of the write pass)")
+    parser.add_argument("--codec", choices=CODECS, default="lz4",
+                        help="X's blosc compressor: lz4 (fastest reads) or zstd (fewer bytes; docs/performance.md)")
     args = parser.parse_args(argv)
     with exit_on_error():
         report = convert(args.inputs, args.output, vocabulary=args.vocabulary, append=args.append,
                          gene_column=args.gene_column, round_counts=args.round_counts,
                          split_column=args.split_column, split=args.split, seed=args.seed,
                          split_fractions=tuple(args.split_fractions), block_cells=args.block_cells,
-                         bucket_nonzeros=args.bucket_nonzeros)
+                         bucket_nonzeros=args.bucket_nonzeros, codec=args.codec)
     print(json.dumps(report, indent=2))
 
 

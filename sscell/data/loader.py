@@ -179,7 +179,7 @@ class CellLoader:
         # Block b holds self.rows[bounds[b]:bounds[b + 1]], the selected rows of one window.
         self._bounds = np.r_[0, np.flatnonzero(np.diff(window)) + 1, self.n_cells]
         self._epoch_order = functools.lru_cache(maxsize=2)(self._order)
-        self._epoch_size = functools.lru_cache(maxsize=4)(self._size)
+        self.epoch_size = functools.lru_cache(maxsize=4)(self._size)
 
     def _order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """This epoch's block order, and where each block begins in the epoch's cell sequence."""
@@ -217,23 +217,32 @@ class CellLoader:
             fullest = max(fullest, int(lengths.reshape(-1, shard_cells).sum(1).max()))
         return nnz_bucket(fullest)
 
+    def local_selection(self, step: int) -> np.ndarray:
+        """This process's slice of `selection(step)`."""
+        n = self.local_batch_size
+        return self.selection(step)[self.process_index * n:(self.process_index + 1) * n]
+
+    def cell_labels(self, selection: np.ndarray) -> dict[str, np.ndarray]:
+        """The "cell" (store row) and label-code fields of a batch of these selected cells."""
+        return {"cell": self.rows[selection].astype(np.int32),
+                **{name: codes[selection] for name, codes in self.labels.items()}}
+
     def batch(self, step: int) -> dict[str, np.ndarray]:
         """This process's slice of global batch `step` in the flat sharded layout, with labels."""
-        n = self.local_batch_size
-        selection = self.selection(step)[self.process_index * n:(self.process_index + 1) * n]
+        selection = self.local_selection(step)
         rows = self.rows[selection]
         data, indices = self.store.read_nonzeros(runs(rows))
         lengths = self.store.indptr[rows + 1] - self.store.indptr[rows]
-        labels = {name: codes[selection] for name, codes in self.labels.items()}
+        labels = self.cell_labels(selection)
         epoch = step // self.steps_per_epoch
-        nonzeros = shard_nonzeros(data, indices, lengths, self.shards, self._epoch_size(epoch))
+        nonzeros = shard_nonzeros(data, indices, lengths, self.shards, self.epoch_size(epoch))
         if isinstance(self.modality, SparseModalityReader):
             peaks = shard_nonzeros(*self.modality.read_nonzeros(runs(rows)), self.modality.lengths(rows), self.shards,
-                                   self._epoch_size(epoch, True))
+                                   self.epoch_size(epoch, True))
             labels.update(zip(PEAK_FIELDS, (peaks["genes"], peaks["counts"], peaks["indptr"])))
         elif self.modality is not None:
             labels[BATCH_FIELD] = self.modality.read(runs(rows))
-        return {**nonzeros, "cell": rows.astype(np.int32), **labels}
+        return {**nonzeros, **labels}
 
     def iterate(self, start_step: int, stop_step: int) -> Iterator[dict[str, np.ndarray]]:
         """Batches for steps [start_step, stop_step), `prefetch` steps read ahead on as many threads."""

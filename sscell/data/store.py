@@ -96,14 +96,21 @@ def names_key(key: str) -> str:
     return f"{key}_names"
 
 
+# Blosc compressors (with byte shuffle) of X's data / indices / indptr, chosen at conversion
+# (`convert --codec`, recorded in the store's attrs as "codec"): lz4 decodes fastest, zstd
+# stores fewer bytes a cell (docs/performance.md measures both).
+CODECS = {"lz4": {"cname": "lz4", "clevel": 5}, "zstd": {"cname": "zstd", "clevel": 3}}
+
+
 def _create_array(path: Path, size: int, dtype: np.dtype, chunks: tuple[int, int],
-                  ctx: ts.Context) -> ts.TensorStore:
-    """A 1-D zarr v3 array of `size` elements, sharded as chunks = (inner chunk, shard)."""
+                  ctx: ts.Context, codec: str = "lz4") -> ts.TensorStore:
+    """A 1-D zarr v3 array of `size` elements, sharded as chunks = (inner chunk, shard),
+    compressed with `CODECS[codec]`."""
     dtype = np.dtype(dtype)
     inner = [
         {"name": "bytes", "configuration": {"endian": "little"}},
         {"name": "blosc", "configuration": {
-            "cname": "lz4", "clevel": 5, "shuffle": "shuffle", "typesize": dtype.itemsize, "blocksize": 0}},
+            **CODECS[codec], "shuffle": "shuffle", "typesize": dtype.itemsize, "blocksize": 0}},
     ]
     spec = {
         "driver": "zarr3",
@@ -156,16 +163,16 @@ class CsrWriter:
     being written while the caller prepares the next block."""
 
     def __init__(self, parent: zarr.Group, name: str, path: Path, indptr: np.ndarray, n_columns: int,
-                 data_dtype: np.dtype, shard_elements: int, ctx: ts.Context):
+                 data_dtype: np.dtype, shard_elements: int, ctx: ts.Context, codec: str = "lz4"):
         self.indptr = np.asarray(indptr, dtype=np.int64)
         self.shard_elements = shard_elements
         n_cells, nnz = len(self.indptr) - 1, int(self.indptr[-1])
         parent.create_group(name).attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0",
                                                 "shape": [n_cells, n_columns]})
         chunks = (min(inner_chunk_elements(nnz, n_cells), shard_elements), shard_elements)
-        self._data = _create_array(path / "data", nnz, data_dtype, chunks, ctx)
-        self._indices = _create_array(path / "indices", nnz, index_dtype(n_columns), chunks, ctx)
-        _create_array(path / "indptr", n_cells + 1, np.int64, chunks, ctx).write(self.indptr).result()
+        self._data = _create_array(path / "data", nnz, data_dtype, chunks, ctx, codec)
+        self._indices = _create_array(path / "indices", nnz, index_dtype(n_columns), chunks, ctx, codec)
+        _create_array(path / "indptr", n_cells + 1, np.int64, chunks, ctx, codec).write(self.indptr).result()
         self.data_dtype, self.indices_dtype = np.dtype(data_dtype), index_dtype(n_columns)
         self.rows = 0         # rows appended so far
         self._flushed = 0     # nonzeros written to disk so far
@@ -227,7 +234,10 @@ class StoreWriter:
         root.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
         self.attrs = {"format_version": FORMAT_VERSION, **attrs}
         ctx = _context()
-        self._x = CsrWriter(root, "X", self.path / "X", indptr, n_genes, data_dtype, shard_elements, ctx)
+        codec = self.attrs.setdefault("codec", "lz4")
+        if codec not in CODECS:
+            raise SscellError(f"codec '{codec}' is not one of {', '.join(CODECS)}; choose one")
+        self._x = CsrWriter(root, "X", self.path / "X", indptr, n_genes, data_dtype, shard_elements, ctx, codec)
         self.indptr, n_cells = self._x.indptr, len(self._x.indptr) - 1
         self.n_genes = n_genes
         self.data_dtype, self.indices_dtype = self._x.data_dtype, self._x.indices_dtype
@@ -243,7 +253,7 @@ class StoreWriter:
             obsm = root.create_group("obsm", attributes={"encoding-type": "dict", "encoding-version": "0.1.0"})
         if modality is not None and len(modality) == 3:
             self._modality = CsrWriter(obsm, modality[0], self.path / "obsm" / modality[0], modality[2],
-                                       len(modality[1]), np.dtype(np.float32), shard_elements, ctx)
+                                       len(modality[1]), np.dtype(np.float32), shard_elements, ctx, codec)
         elif modality is not None:
             self._modality = obsm.create_array(
                 modality[0], shape=(n_cells, len(modality[1])), dtype=np.float32,
@@ -328,6 +338,11 @@ class CsrRows:
         """The stored values' dtype (e.g. uint16 or uint32 counts)."""
         return np.dtype(self._data.dtype.numpy_dtype)
 
+    @property
+    def indices_dtype(self) -> np.dtype:
+        """The stored column (gene) indices' dtype (uint16 or uint32)."""
+        return np.dtype(self._indices.dtype.numpy_dtype)
+
     def _read(self, ranges: Sequence[tuple[int, int]]) -> list[tuple[ts.Future, ts.Future]]:
         """(values, column indices) read futures of each [start, stop) range, all issued at once."""
         futures = []
@@ -350,7 +365,7 @@ class CsrRows:
         """(values, column indices) of the rows of every [start, stop) range, concatenated in range
         order, in the stored dtypes (row lengths: `indptr`); all reads are issued before any is awaited."""
         futures = self._read(ranges)
-        empty = (np.zeros(0, self.data_dtype), np.zeros(0, self._indices.dtype.numpy_dtype))
+        empty = (np.zeros(0, self.data_dtype), np.zeros(0, self.indices_dtype))
         return tuple(np.concatenate([f[k].result() for f in futures] or [empty[k]]) for k in (0, 1))
 
 

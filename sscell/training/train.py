@@ -19,6 +19,7 @@ import optax
 import numpy as np
 from tqdm import tqdm
 
+from sscell.data.device_resident import resident_data, train_batches
 from sscell.data.loader import CellLoader, select_rows
 from sscell.data.store import Store
 from sscell.errors import Interrupted, SscellError
@@ -168,8 +169,8 @@ def check_run(config: ml_collections.ConfigDict, store: Store, devices=None) -> 
     setup = build(config, store)
     mesh = make_mesh(config.mesh, devices)
     _check_batch_fits_mesh(config, mesh)
-    for split in ("train", "val"):
-        make_loader(config, store, split, local_data_shards(mesh))
+    loader, _ = (make_loader(config, store, split, local_data_shards(mesh)) for split in ("train", "val"))
+    resident_data(loader, mesh, config.data.device_resident, config.data.device_memory_share)
     sharded_state_layout(config, setup, mesh)
     if config.train.init_from:
         check_init_from(config.train.init_from, config.train.init_checkpoint, store)
@@ -207,6 +208,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, store: Store, devices
         return state
 
     loader, val_loader = (make_loader(config, store, split, local_data_shards(mesh)) for split in ("train", "val"))
+    source, batches = train_batches(loader, mesh, config.data.device_resident, config.data.device_memory_share)
     train_step = make_train_step(task, model, config, optimizer, info, state_sharding, batch_sharding)
     eval_step = make_eval_step(task, model, config, info)
     writer = MetricWriter(workdir, resume_step=start)
@@ -214,7 +216,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, store: Store, devices
     if primary:
         print(f"{'resuming at' if start else 'starting'} step {start} of {total}: {loader.n_cells} train cells, "
               f"{steps_per_epoch} steps per epoch, batch {config.train.batch_size}, {jax.device_count()} "
-              f"device(s), mesh {dict(mesh.shape)}")
+              f"device(s), mesh {dict(mesh.shape)}, {source} data")
         warning = schedule_warning(config.train, steps_per_epoch)
         if warning:
             print(warning, file=sys.stderr)
@@ -227,11 +229,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, store: Store, devices
     progress = tqdm(total=total, initial=start, desc="train", unit="step", disable=not primary,
                     mininterval=1.0 if sys.stderr.isatty() else 30.0)  # logs get a line every 30 s
     try:
-        for step, local_batch in enumerate(loader.iterate(start, total), start=start + 1):
+        for step, batch in enumerate(batches(start, total), start=start + 1):
             if profile and step == profile[0]:
                 jax.profiler.start_trace(os.path.join(workdir, "profile"))
                 tracing = True
-            state, metrics = train_step(state, global_batch(local_batch, batch_sharding), step_key)
+            state, metrics = train_step(state, batch, step_key)
             window.append(metrics)
             progress.update()
             if tracing and step == profile[1] - 1:
