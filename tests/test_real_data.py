@@ -1,5 +1,6 @@
 """Real cells end to end: scanpy's 700 PBMCs (shipped in its wheel) as a single-donor, symbols-only
-CELLxGENE-like file -> store split by cell -> tiny pretraining -> embeddings -> kNN vs PCA."""
+CELLxGENE-like file -> store split by cell -> tiny pretraining -> embeddings -> kNN vs PCA ->
+fine-tuning -> predicted cell types."""
 import csv
 import os
 import subprocess
@@ -67,7 +68,7 @@ def test_write_example_refuses_unknown_names(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_pbmc68k_converts_pretrains_and_embeds(tmp_path):
+def test_pbmc68k_converts_pretrains_embeds_finetunes_and_predicts(tmp_path):
     """The user's commands in docs/real_data.md, at a tiny scale."""
     h5ad, store, workdir = tmp_path / "new" / "pbmc68k.h5ad", tmp_path / "store", tmp_path / "run"
     sscell("pbmc68k", f"--output={h5ad}", module="sscell.data.examples")
@@ -90,3 +91,16 @@ def test_pbmc68k_converts_pretrains_and_embeds(tmp_path):
     cells = anndata.read_h5ad(embedded)
     assert cells.obsm[OBSM_KEY].shape == (700, 32) and np.isfinite(cells.obsm[OBSM_KEY]).all()
     assert cells.obs["cell_type"].astype(str).tolist() == pbmc68k().obs["cell_type"].astype(str).tolist()
+
+    # fine-tune for cell types on the same cells, then label the file with the fine-tuned run
+    sscell(f"--workdir={workdir}", f"--store={store}", "--fractions=1", "--steps=150", "--config.train.batch_size=64",
+           "--config.train.val_every=50", "--config.train.checkpoint_every=50", module="sscell.evaluation.finetune")
+    labelled = tmp_path / "labelled.h5ad"
+    arm = workdir / "finetune" / "pretrained_1"
+    sscell(f"--workdir={arm}", f"--input={h5ad}", f"--output={labelled}", module="sscell.evaluation.predict")
+    predicted = anndata.read_h5ad(labelled).obs
+    true = pbmc68k().obs["cell_type"].astype(str).to_numpy()
+    assert set(predicted["sscell_cell_type"].astype(str)) <= set(true)
+    assert ((predicted["sscell_confidence"] > 0) & (predicted["sscell_confidence"] <= 1)).all()
+    accuracy = np.mean(predicted["sscell_cell_type"].astype(str).to_numpy() == true)
+    assert accuracy > 3 / n_types  # trained on 70% of these cells: far above chance
