@@ -188,7 +188,7 @@ def test_a_dataset_selection_narrows_validation_and_the_class_weights(tiny_store
     """Fine-tuning on one dataset of a store: validation batches hold only its cells (all
     validation cells when it has none there) and the 'balanced' class weights count only the
     cells trained on (dataset and fraction)."""
-    from sscell.losses.info import setup_task
+    from sscell.training.task_setup import setup_task
 
     labels = tiny_store.labels
     datasets = labels["dataset_id"].astype(str).to_numpy()

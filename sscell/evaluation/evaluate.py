@@ -42,6 +42,7 @@ import scipy.sparse as sp
 
 from sscell.config import default_config, load_config
 from sscell.data.loader import label_names, sequential_batches
+from sscell.data.genes import highly_variable_genes
 from sscell.data.prepare import store_path
 from sscell.data.store import Store, open_store
 from sscell.errors import SscellError
@@ -52,7 +53,6 @@ from sscell.evaluation.metrics import (
     ExplainedVariance,
     f1_columns,
     fit_pca,
-    highly_variable_genes,
     per_class_f1,
 )
 from sscell.evaluation.neighbors import knn_predict

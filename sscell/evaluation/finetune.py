@@ -241,7 +241,8 @@ def finetune(workdir: str, target_store: str, fractions: list[float], *, dataset
     return rows
 
 
-def _fractions(values: list[str]) -> list[float]:
+def label_fractions(values: list[str]) -> list[float]:
+    """The label fractions of a --fractions flag as floats; a non-number is refused in one line."""
     try:
         return [float(v) for v in values]
     except ValueError:
@@ -268,7 +269,7 @@ def cli() -> None:
         del argv
         logging.set_verbosity(logging.WARNING)
         with exit_on_error():
-            finetune(workdir.value, store.value, _fractions(fractions.value), datasets=tuple(datasets.value),
+            finetune(workdir.value, store.value, label_fractions(fractions.value), datasets=tuple(datasets.value),
                      steps=steps.value, seed=seed.value, base=config.value)
 
     app.run(main)

@@ -65,7 +65,7 @@ def plot_loss_curves(metrics_jsonl: str | os.PathLike, out_png: str | os.PathLik
     and eval lines that share a step both count. The y axis is logarithmic when the losses span
     more than a factor of 10. The PNG is replaced atomically.
     """
-    curves = _read_losses(Path(metrics_jsonl))
+    curves = read_losses(Path(metrics_jsonl))
     values = [v for curve in curves.values() for v in curve.values()]
     if not values:
         raise SscellError(f"{metrics_jsonl} has no {' or '.join(LOSS_KEYS)} values to plot")
@@ -85,7 +85,7 @@ def plot_loss_curves(metrics_jsonl: str | os.PathLike, out_png: str | os.PathLik
     _atomic_write(Path(out_png), lambda path: fig.savefig(path, format="png", dpi=120))
 
 
-def _read_losses(path: Path) -> dict[str, dict[int, float]]:
+def read_losses(path: Path) -> dict[str, dict[int, float]]:
     """{key: {step: last finite value}} for each key in LOSS_KEYS."""
     curves: dict[str, dict[int, float]] = {key: {} for key in LOSS_KEYS}
     with path.open() as f:

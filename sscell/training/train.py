@@ -22,7 +22,8 @@ from tqdm import tqdm
 from sscell.data.loader import CellLoader, select_rows
 from sscell.data.store import Store
 from sscell.errors import Interrupted, SscellError
-from sscell.losses.info import TaskInfo, setup_task
+from sscell.data.task_data import TaskInfo
+from sscell.training.task_setup import setup_task
 from sscell.losses.registry import Task
 from sscell.training import checkpoint
 from sscell.training.mesh import batch_sharded, global_batch, local_data_shards, make_mesh, state_shardings
