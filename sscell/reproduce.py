@@ -30,7 +30,7 @@ import pandas as pd
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sscell.config import check_compatible, save_config
+from sscell.config import save_config
 from sscell.data.convert import convert
 from sscell.data.store import Store, open_store
 from sscell.data.synthetic import AtlasSpec, programmes_path, target_path, tf_targets_path, write_atlas
@@ -38,6 +38,7 @@ from sscell.errors import exit_on_error
 from sscell.evaluation.evaluate import evaluate
 from sscell.evaluation.finetune import ARMS, finetune
 from sscell.evaluation.report import write_results
+from sscell.training.resume import check_compatible
 from sscell.training.train import train
 
 # macro F1 as the study computes it (docs/metrics.md); *_ontology: predicting a descendant of the true

@@ -313,6 +313,14 @@ class StoreWriter:
         root.attrs["sscell"] = self.attrs
 
 
+def runs(rows: np.ndarray) -> list[tuple[int, int]]:
+    """[start, stop) ranges of the runs of consecutive values in `rows`, in order (what
+    `CsrRows.read_nonzeros` and the modality readers take)."""
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    firsts, lasts = rows[np.r_[0, breaks]], rows[np.r_[breaks, len(rows)] - 1]
+    return [(int(a), int(b) + 1) for a, b in zip(firsts, lasts)] if len(rows) else []
+
+
 class CsrRows:
     """Rows of a CSR matrix on disk read with tensorstore: `indptr` in RAM, `_data` / `_indices`
     opened arrays, `n_cells` rows of `n_columns` columns, at `path` (for messages)."""

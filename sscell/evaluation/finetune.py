@@ -32,7 +32,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sscell.config import check_compatible, default_config, load_config, save_config
+from sscell.config import default_config, load_config, save_config
 from sscell.data.loader import label_codes, row_batches, select_rows
 from sscell.data.prepare import store_path
 from sscell.data.store import Store, open_store, resolved_location
@@ -44,6 +44,7 @@ from sscell.evaluation.ontology import store_descendants
 from sscell.evaluation.report import write_results
 from sscell.training.state import check_same_genes
 from sscell.training.step import task_batch
+from sscell.training.resume import check_compatible
 from sscell.training.train import check_run, train
 from sscell.training.workdir_lock import workdir_lock
 
@@ -121,7 +122,7 @@ def train_arm(config: ml_collections.ConfigDict, workdir: str, store: Store) -> 
         check_compatible(config, workdir)
         if jax.process_index() == 0:
             save_config(config, workdir)
-        return int(train(config, workdir, store)["step"]) >= config.train.steps
+        return train(config, workdir, store).finished
 
 
 def knn_reference(store: Store, datasets: tuple[str, ...], k: int) -> tuple[str, np.ndarray]:

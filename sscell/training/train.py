@@ -176,12 +176,20 @@ def check_run(config: ml_collections.ConfigDict, store: Store, devices=None) -> 
         check_init_from(config.train.init_from, config.train.init_checkpoint, store)
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, store: Store, devices=None) -> dict:
-    """Train (or resume training) until `config.train.steps`; returns the final train state.
+class TrainResult(NamedTuple):
+    """What `train` returns: the final train state, and whether it reached `train.steps`."""
+
+    state: dict
+    finished: bool  # False after a preemption (SIGTERM): rerunning resumes
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, store: Store, devices=None) -> TrainResult:
+    """Train (or resume training) until `config.train.steps`; returns the final train state and
+    whether training finished.
 
     Runs on a `config.mesh` mesh over `devices` (default: all). Checkpoints, metrics.jsonl and
     TensorBoard events go to `workdir`. On SIGTERM / preemption it finishes the step, saves and
-    returns early (the returned state's step is below `train.steps`); on Ctrl-C it does the same,
+    returns early (not finished, the state's step below `train.steps`); on Ctrl-C it does the same,
     then raises `Interrupted`. Rerunning resumes.
     """
     setup = build(config, store)
@@ -205,7 +213,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, store: Store, devices
     if start >= total:
         print(f"training already complete at step {start} (train.steps={total})")
         manager.close()
-        return state
+        return TrainResult(state, finished=True)
 
     loader, val_loader = (make_loader(config, store, split, local_data_shards(mesh)) for split in ("train", "val"))
     train_step = make_train_step(task, model, config, optimizer, info, state_sharding, batch_sharding)
@@ -279,4 +287,4 @@ def train(config: ml_collections.ConfigDict, workdir: str, store: Store, devices
         writer.close()
     if preemption.interrupted:
         raise Interrupted(f"training stopped at step {step}, checkpoint saved; rerun the same command to resume")
-    return state
+    return TrainResult(state, finished=int(state["step"]) >= total)
