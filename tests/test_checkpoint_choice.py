@@ -4,8 +4,8 @@ import pytest
 
 from sscell.config import default_config, save_config
 from sscell.errors import SscellError
-from sscell.evaluation.embed import load_params
 from sscell.training import checkpoint
+from sscell.training.restore import load_params
 from sscell.training.state import pretrained_encoder
 from sscell.training.train import train
 

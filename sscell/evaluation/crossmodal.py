@@ -46,12 +46,12 @@ from sscell.data.prepare import store_path
 from sscell.data.store import Store, open_store, runs
 from sscell.data.task_data import TaskInfo, inverse_document_frequency
 from sscell.errors import SscellError, exit_on_error
-from sscell.evaluation.embed import load_params
 from sscell.evaluation.figures import plot_bars
 from sscell.evaluation.finetune import ARMS, arm_config, finetune_config, label_fractions, run_settings, train_arm
 from sscell.evaluation.metrics import correlation_scores, pearson_rows
 from sscell.evaluation.report import write_results
 from sscell.losses.crossmodal import tfidf
+from sscell.training.restore import load_params
 from sscell.training.state import check_same_genes
 from sscell.training.step import task_batch
 

@@ -37,11 +37,11 @@ from sscell.data.loader import label_codes, row_batches, select_rows
 from sscell.data.prepare import store_path
 from sscell.data.store import Store, open_store, resolved_location
 from sscell.errors import SscellError, exit_on_error
-from sscell.evaluation.embed import load_params
 from sscell.evaluation.metrics import f1_columns
 from sscell.evaluation.neighbors import knn_predict
 from sscell.evaluation.ontology import store_descendants
 from sscell.evaluation.report import write_results
+from sscell.training.restore import load_params
 from sscell.training.state import check_same_genes
 from sscell.training.step import task_batch
 from sscell.training.resume import check_compatible
