@@ -7,6 +7,7 @@ import os
 
 import ml_collections
 
+from sscell.atomic import atomic_file
 from sscell.errors import SscellError
 
 CONFIG_FILE = "config.json"
@@ -14,10 +15,8 @@ CONFIG_FILE = "config.json"
 
 def save_config(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
     """Write the resolved config to `workdir/config.json` (atomically)."""
-    path = os.path.join(workdir, CONFIG_FILE)
-    with open(path + ".tmp", "w") as f:
-        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-    os.replace(path + ".tmp", path)
+    with atomic_file(os.path.join(workdir, CONFIG_FILE)) as tmp:
+        tmp.write_text(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:

@@ -13,7 +13,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "sscell"
 LAYERS = {  # module prefix -> rank (the longest matching prefix wins)
-    "sscell.errors": 0, "sscell.config": 0,
+    "sscell.errors": 0, "sscell.config": 0, "sscell.atomic": 0,
     "sscell.data": 1,
     "sscell.models": 2,
     "sscell.losses": 3,

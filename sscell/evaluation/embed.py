@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from sscell.api import CONFIDENCE, LABEL, OBSM_KEY, ONTOLOGY, Model, load
+from sscell.atomic import atomic_file
 from sscell.data.loader import sequential_batches
 from sscell.data.store import Store, open_store
 from sscell.errors import SscellError, exit_on_error
@@ -94,9 +95,8 @@ def write_outputs(model: Model, input_path: str, output: str, *, predict: bool =
         if predict:  # placeholders, filled block by block
             obs = obs.drop(columns=[c for c in (LABEL, CONFIDENCE, ONTOLOGY) if c in obs])
             obs = obs.assign(**model.prediction_columns(np.zeros(len(obs), int), np.zeros(len(obs))))
-        tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
         uns = {"sscell": model.provenance(overlap, input=os.path.abspath(source))}
-        try:
+        with atomic_file(output) as tmp:
             _write_skeleton(tmp, obs, uns, int(model.config.model.latent))
             with h5py.File(tmp, "a") as f:
                 row = 0
@@ -105,9 +105,6 @@ def write_outputs(model: Model, input_path: str, output: str, *, predict: bool =
                     if predict:
                         _write_rows(f["obs"], model.prediction_columns(*predicted), row)
                     row += len(embedding)
-            os.replace(tmp, output)
-        finally:
-            tmp.unlink(missing_ok=True)
     return {**summary, "cells": len(obs), "dims": int(model.config.model.latent), "output": str(output)}
 
 
