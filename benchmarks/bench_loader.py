@@ -37,8 +37,8 @@ from pathlib import Path
 import numpy as np
 
 from sscell.data.convert import convert
-from sscell.data.loader import CellLoader, runs
-from sscell.data.store import open_store
+from sscell.data.loader import CellLoader
+from sscell.data.store import open_store, runs
 from sscell.data.synthetic import AtlasSpec, write_atlas
 from sscell.errors import exit_on_error
 

@@ -5,7 +5,7 @@ from 12 batches = site x donor; RNA (GEX) and 134 antibodies (ADT) as columns of
 counts in layers['counts']). Rewrite it into sscell's layout, keeping the 2,000 most variable
 genes (Seurat dispersion), and convert it with its proteins:
 
-    python -m sscell.data.modality --input=GSE194122_..._cite_BMMC_processed.h5ad \
+    python -m sscell.data.split_features --input=GSE194122_..._cite_BMMC_processed.h5ad \
         --output=data/cite_bmmc.h5ad --hvg=2000 --dataset-column=batch --donor-column=DonorID
     python -m sscell.data.convert --output=data/cite_store data/cite_bmmc.h5ad
 

@@ -5,7 +5,7 @@ cells from 13 batches = site x donor; RNA (GEX) and ~116 k peaks (ATAC) as colum
 matrix, raw counts in layers['counts']). Rewrite it into sscell's layout, keeping the 2,000 most
 variable genes and the 10,000 peaks open in most cells, and convert it with its peaks:
 
-    python -m sscell.data.modality --input=GSE194122_..._multiome_BMMC_processed.h5ad \
+    python -m sscell.data.split_features --input=GSE194122_..._multiome_BMMC_processed.h5ad \
         --output=data/multiome_bmmc.h5ad --protein=ATAC --top-features=10000 --hvg=2000 \
         --dataset-column=batch --donor-column=DonorID
     python -m sscell.data.convert --output=data/multiome_store data/multiome_bmmc.h5ad

@@ -38,8 +38,8 @@ from sscell.evaluation.align import MIN_OVERLAP, Overlap, anndata_input, input_b
 from sscell.evaluation.report import read_results
 from sscell.models.classifier import Classifier
 from sscell.models.mlp import encoder
-from sscell.models.precision import resolve_dtype
 from sscell.training import checkpoint
+from sscell.training.resume import settle_dtype
 from sscell.training.step import task_batch
 
 OBSM_KEY = "X_sscell"
@@ -184,7 +184,7 @@ class Model:
     def export(self, path: str | os.PathLike) -> str:
         """Write the model as a portable bundle at `path` (`sscell.bundle`); returns the path."""
         config = self.config.copy_and_resolve_references()
-        config.model.dtype = resolve_dtype(config.model.dtype)  # the precision it computes in here
+        settle_dtype(config)  # the precision it computes in here
         meta = {"source": self.source, "checkpoint": self.checkpoint, "step": self.step, "loss": config.loss.name,
                 **self.about}
         if self.is_classifier:

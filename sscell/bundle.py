@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import ml_collections
@@ -23,6 +22,7 @@ import numpy as np
 import pandas as pd
 import safetensors.numpy
 
+from sscell.atomic import atomic_folder
 from sscell.config import CONFIG_FILE, load_config, save_config
 from sscell.errors import SscellError
 
@@ -102,23 +102,12 @@ def write_bundle(path: str | os.PathLike, *, params: dict, genes: pd.DataFrame, 
         raise SscellError(f"{path} exists and is not an sscell bundle; choose another path")
     if not path.parent.is_dir():
         raise SscellError(f"{path.parent} does not exist; create it or choose another path")
-    tmp, old = (path.with_name(f".{path.name}.{what}-{os.getpid()}") for what in ("tmp", "old"))
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
+    with atomic_folder(path) as tmp:
         safetensors.numpy.save_file(flatten(params), tmp / PARAMS_FILE, metadata={"format": FORMAT})
         genes.to_csv(tmp / GENES_FILE, index_label=genes.index.name or "gene_id")
         save_config(config, tmp)
         (tmp / META_FILE).write_text(json.dumps({"format": FORMAT, "version": VERSION, **meta}, indent=2) + "\n")
         (tmp / CARD_FILE).write_text(model_card(meta, config))
-        if path.exists():
-            path.rename(old)
-        tmp.rename(path)
-    finally:
-        if old.exists() and not path.exists():  # the new one failed to land: keep the old bundle
-            old.rename(path)
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
     return path
 
 

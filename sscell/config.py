@@ -1,4 +1,5 @@
-"""A run's config: saved resolved into its workdir, checked before a run resumes there."""
+"""A run's config: its defaults, saved resolved into its workdir and loaded back (the check before a
+run resumes in a workdir: `sscell.training.resume`)."""
 from __future__ import annotations
 
 import json
@@ -6,39 +7,16 @@ import os
 
 import ml_collections
 
+from sscell.atomic import atomic_file
 from sscell.errors import SscellError
-from sscell.models.precision import resolve_dtype
-from sscell.training.checkpoint import has_checkpoint
-
-# Fields that may differ between a run and its resumption (they do not change what is learned
-# up to the current step).
-RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.val_every", "train.checkpoint_every",
-                     "train.keep_checkpoints", "train.profile_steps", "data.prefetch", "data.device_resident",
-                     "data.device_memory_share", "mesh.", "eval.",
-                     "train.init_checkpoint")  # read by a fresh run only
-
-# What a store converted into WORKDIR/store (no data.store) was made from.
-STORE_SOURCE = ("seed", "data.h5ad", "data.vocabulary", "data.split", "data.split_column", "data.synthetic.")
 
 CONFIG_FILE = "config.json"
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
-    return flat
-
-
 def save_config(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
     """Write the resolved config to `workdir/config.json` (atomically)."""
-    path = os.path.join(workdir, CONFIG_FILE)
-    with open(path + ".tmp", "w") as f:
-        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-    os.replace(path + ".tmp", path)
+    with atomic_file(os.path.join(workdir, CONFIG_FILE)) as tmp:
+        tmp.write_text(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
@@ -49,47 +27,6 @@ def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
                           "python -m sscell.main --config=... --workdir=...")
     with open(path) as f:
         return ml_collections.ConfigDict(json.load(f))
-
-
-def check_compatible(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
-    """Settle `model.dtype` "auto" for a run in `workdir` (the dtype its checkpointed run trained
-    with, so a resumed run continues exactly; else this hardware's choice, `resolve_dtype`), then
-    refuse to resume a run there whose saved config differs in what it learns.
-
-    A workdir without a checkpoint holds nothing learned: its saved config is simply replaced,
-    unless the store converted into it was made from other data (`STORE_SOURCE`).
-    """
-    saved_config = load_config(workdir) if os.path.exists(os.path.join(workdir, CONFIG_FILE)) else None
-    resuming = saved_config is not None and has_checkpoint(workdir)
-    if config.model.dtype == "auto" and resuming:
-        config.model.dtype = saved_config.model.get("dtype", "float32")
-    config.model.dtype = resolve_dtype(config.model.dtype)
-    if saved_config is None:
-        return
-    defaults = _flatten(json.loads(default_config().to_json_best_effort()))
-    saved = {**defaults, **_flatten(saved_config.to_dict())}  # fields added since count as defaults
-    new = _flatten(json.loads(config.to_json_best_effort()))
-    if not resuming:
-        derived_store = not config.data.store and os.path.exists(os.path.join(workdir, "store"))
-        changed = sorted(k for k in saved.keys() | new.keys()
-                         if derived_store and k.startswith(STORE_SOURCE) and saved.get(k) != new.get(k))
-        if changed:
-            raise SscellError(f"{workdir}/store was converted from other data ({_changes(changed, saved, new)}); "
-                              f"delete {workdir}/store (and {workdir}/atlas.h5ad) or use another --workdir")
-        return
-    saved["model.dtype"] = resolve_dtype(saved["model.dtype"])  # saved unsettled: it ran in this hardware's choice
-    resumable = RESUMABLE_CHANGES
-    if saved.get("train.schedule") == "warmup_cosine":  # its decay is laid out over train.steps
-        resumable = tuple(k for k in resumable if k != "train.steps")
-    changed = sorted(key for key in saved.keys() | new.keys()
-                     if saved.get(key) != new.get(key) and not key.startswith(resumable))
-    if changed:
-        raise SscellError(f"workdir {workdir} holds a run with an incompatible config ({_changes(changed, saved, new)}); "
-                          "use another --workdir or the run's own settings")
-
-
-def _changes(keys: list[str], saved: dict, new: dict) -> str:
-    return ", ".join(f"{k}: {saved.get(k)!r} -> {new.get(k)!r}" for k in keys[:4])
 
 
 def default_config() -> ml_collections.ConfigDict:

@@ -15,13 +15,14 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sscell.config import check_compatible, save_config
+from sscell.config import save_config
 from sscell.data.prepare import prepare_store
 from sscell.data.store import open_store
 from sscell.errors import exit_on_error
 from sscell.evaluation.evaluate import evaluate
 from sscell.losses import load_task
 from sscell.training import distributed
+from sscell.training.resume import check_compatible
 from sscell.training.train import check_run, check_settings, train
 from sscell.training.workdir_lock import workdir_lock
 
@@ -58,8 +59,8 @@ def run(argv: list[str]) -> None:
             check_run(config, store)
         if jax.process_index() == 0:
             save_config(config, workdir)
-        state = train(config, workdir, store)
-    if _EVAL.value and int(state["step"]) >= config.train.steps:  # not after a preemption
+        finished = train(config, workdir, store).finished
+    if _EVAL.value and finished:  # not after a preemption
         evaluate(workdir)
 
 

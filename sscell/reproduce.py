@@ -30,7 +30,8 @@ import pandas as pd
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sscell.config import check_compatible, save_config
+from sscell.atomic import atomic_file
+from sscell.config import save_config
 from sscell.data.convert import convert
 from sscell.data.store import Store, open_store
 from sscell.data.synthetic import AtlasSpec, programmes_path, target_path, tf_targets_path, write_atlas
@@ -38,6 +39,7 @@ from sscell.errors import exit_on_error
 from sscell.evaluation.evaluate import evaluate
 from sscell.evaluation.finetune import ARMS, finetune
 from sscell.evaluation.report import write_results
+from sscell.training.resume import check_compatible
 from sscell.training.train import train
 
 # macro F1 as the study computes it (docs/metrics.md); *_ontology: predicting a descendant of the true
@@ -156,9 +158,9 @@ def plot(scores: pd.DataFrame, path: str) -> None:
     axes[2].set_title("target: fine-tuned macro F1")
     axes[2].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=110)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
-    os.replace(path + ".tmp.png", path)
 
 
 def reproduce(config: ml_collections.ConfigDict, workdir: str) -> pd.DataFrame:
@@ -185,9 +187,8 @@ def report(scores: pd.DataFrame, report_dir: str, header: str) -> pd.DataFrame:
     plot(scores, os.path.join(report_dir, "reproduce_cpu.png"))
     markdown = write_results(table.to_dict("records"), report_dir, "reproduce_cpu")
     path = os.path.join(report_dir, "reproduce_cpu.md")
-    with open(path + ".tmp", "w") as f:
-        f.write(f"{header}\n\n{markdown}\n![scores](reproduce_cpu.png)\n")
-    os.replace(path + ".tmp", path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(f"{header}\n\n{markdown}\n![scores](reproduce_cpu.png)\n")
     print(f"\n{header}\n\n{markdown}\nwritten to {report_dir}/reproduce_cpu.md, .csv, .png")
     return table
 

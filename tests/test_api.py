@@ -16,7 +16,8 @@ from sscell.bundle import flatten
 from sscell.config import default_config, save_config
 from sscell.data.store import open_store
 from sscell.errors import SscellError
-from sscell.evaluation.embed import OBSM_KEY, embed, load_params, main
+from sscell.evaluation.embed import OBSM_KEY, embed, main
+from sscell.training.restore import load_params
 from sscell.evaluation.predict import predict
 from sscell.training.train import train
 

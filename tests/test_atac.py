@@ -14,14 +14,16 @@ from sklearn.linear_model import RidgeCV
 from sscell.config import default_config, load_config, save_config
 from sscell.data.convert import convert
 from sscell.data.loader import CellLoader, label_codes, nnz_bucket, select_rows
-from sscell.data.modality import ATAC_KEY, PEAK_FIELDS, SparseModalityReader, open_modality, split_feature_types
+from sscell.data.modality import ATAC_KEY, SparseModalityReader, open_modality
+from sscell.data.preprocess import PEAK_FIELDS
+from sscell.data.split_features import split_feature_types
 from sscell.data.store import open_store
 from sscell.data.synthetic import generate_atlas, write_atlas
+from sscell.data.task_data import task_info
 from sscell.errors import SscellError
 from sscell.evaluation.crossmodal import RIDGE_ALPHAS, crossmodal, crossmodal_config
 from sscell.evaluation.metrics import correlation_scores
 from sscell.losses import load_task
-from sscell.losses.info import task_info
 from sscell.training.step import task_batch
 from sscell.training.train import train
 

@@ -4,8 +4,8 @@ import pytest
 
 from sscell.config import default_config, save_config
 from sscell.errors import SscellError
-from sscell.evaluation.embed import load_params
 from sscell.training import checkpoint
+from sscell.training.restore import load_params
 from sscell.training.state import pretrained_encoder
 from sscell.training.train import train
 
@@ -24,7 +24,7 @@ def save_steps(workdir, config, state, val_losses):
 def test_evaluation_and_init_from_read_the_best_checkpoint_by_default(tiny_config, tiny_store, tmp_path):
     assert default_config().eval.checkpoint == default_config().train.init_checkpoint == "best"
     tiny_config.train.steps = 0  # train() returns the fresh state
-    state = train(tiny_config, str(tmp_path / "fresh"), tiny_store)
+    state = train(tiny_config, str(tmp_path / "fresh"), tiny_store).state
     save_config(tiny_config, tmp_path)
     save_steps(tmp_path, tiny_config, state, [3.0, 1.0, 2.0, None])
     assert load_params(str(tmp_path), tiny_config, tiny_store)[2] == 2  # lowest validation loss, not the latest (4)
@@ -36,7 +36,7 @@ def test_evaluation_and_init_from_read_the_best_checkpoint_by_default(tiny_confi
 
 def test_best_is_refused_while_no_checkpoint_has_a_validation_loss(tiny_config, tiny_store, tmp_path):
     tiny_config.train.steps = 0
-    state = train(tiny_config, str(tmp_path / "fresh"), tiny_store)
+    state = train(tiny_config, str(tmp_path / "fresh"), tiny_store).state
     save_config(tiny_config, tmp_path)
     save_steps(tmp_path, tiny_config, state, [None, None])
     message = r"has checkpoints \(latest: step 2\) but none with a validation loss yet.*choose 'latest'"

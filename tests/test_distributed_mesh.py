@@ -69,7 +69,7 @@ def _steps_then_train(config, workdir):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
     config.mesh.rules = FSDP
-    final = train(config, workdir, store)
+    final = train(config, workdir, store).state
     np.savez(os.path.join(workdir, "params.npz"), *jax.tree.leaves(jax.device_get(final["params"])))
 
 
@@ -95,7 +95,7 @@ def _restore_then_train(config, workdir):
         assert len(leaf.sharding.device_set) == 2
         np.testing.assert_array_equal(np.asarray(leaf), saved[f"arr_{i}"])
     assert data_state["step"] == 10
-    assert int(train(config, workdir, store)["step"]) == 12
+    assert int(train(config, workdir, store).state["step"]) == 12
 
 
 if __name__ == "__main__":

@@ -10,13 +10,13 @@ import scipy.sparse as sp
 from sklearn.metrics import classification_report, explained_variance_score, f1_score, mean_squared_error
 from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
 
+from sscell.data.genes import highly_variable_genes
 from sscell.errors import SscellError
 from sscell.evaluation.metrics import (
     ExplainedVariance,
     explained_variance,
     f1_scores,
     fit_pca,
-    highly_variable_genes,
     per_class_f1,
 )
 from sscell.evaluation.neighbors import (
@@ -25,7 +25,7 @@ from sscell.evaluation.neighbors import (
     resolve_method,
     vote,
 )
-from sscell.evaluation.report import _read_losses, plot_loss_curves, write_results
+from sscell.evaluation.report import read_losses, plot_loss_curves, write_results
 
 
 def brute_force_knn(ref, labels, query, k):
@@ -256,7 +256,7 @@ def test_plot_loss_curves_writes_png_and_keeps_last_duplicate(tmp_path):
     ]
     jsonl = tmp_path / "metrics.jsonl"
     jsonl.write_text("\n".join(json.dumps(r) for r in records) + "\n\n")
-    assert _read_losses(jsonl) == {
+    assert read_losses(jsonl) == {
         "train/loss": {0: 9.0, 10: 3.5, 20: 0.5},
         "val/loss": {10: 5.0, 20: 1.0},
     }

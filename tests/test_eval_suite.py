@@ -9,7 +9,8 @@ from sklearn.neighbors import KNeighborsClassifier
 
 from sscell.config import default_config, save_config
 from sscell.data.store import open_store
-from sscell.evaluation.embed import OBSM_KEY, embed, load_params
+from sscell.evaluation.embed import OBSM_KEY, embed
+from sscell.training.restore import load_params
 from sscell.errors import SscellError
 from sscell.evaluation.evaluate import TASKS, Evaluator, eval_settings, evaluate
 from sscell.training.train import train

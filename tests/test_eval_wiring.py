@@ -13,7 +13,8 @@ from sscell.config import default_config, save_config
 from sscell.data.convert import convert
 from sscell.data.loader import label_codes
 from sscell.data.store import open_store
-from sscell.evaluation.embed import embed, load_params
+from sscell.evaluation.embed import embed
+from sscell.training.restore import load_params
 from sscell.evaluation.evaluate import evaluate
 from sscell.losses.masking import random_gene_mask
 from sscell.training.train import train

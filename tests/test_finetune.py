@@ -77,8 +77,8 @@ def classifier_config(store, init_from="", steps=0):
 def test_init_from_copies_the_encoder_bit_for_bit_and_starts_a_fresh_head(pretrained, tiny_store, tmp_path):
     workdir, config = pretrained
     # train.steps = 0: train() returns the freshly created state
-    tuned = train(classifier_config(tiny_store, init_from=workdir), str(tmp_path / "tuned"), tiny_store)
-    scratch = train(classifier_config(tiny_store), str(tmp_path / "scratch"), tiny_store)
+    tuned = train(classifier_config(tiny_store, init_from=workdir), str(tmp_path / "tuned"), tiny_store).state
+    scratch = train(classifier_config(tiny_store), str(tmp_path / "scratch"), tiny_store).state
     expected = pretrained_params(workdir, config, tiny_store)["encoder"]
     assert_trees_equal(tuned["params"]["encoder"], expected)
     assert not np.array_equal(scratch["params"]["encoder"]["dense_0"]["kernel"], expected["dense_0"]["kernel"])
@@ -88,11 +88,11 @@ def test_init_from_copies_the_encoder_bit_for_bit_and_starts_a_fresh_head(pretra
 
 def test_a_resumed_fine_tune_continues_exactly_from_its_own_checkpoint(pretrained, tiny_store, tmp_path):
     workdir, _ = pretrained
-    straight = train(classifier_config(tiny_store, workdir, steps=14), str(tmp_path / "straight"), tiny_store)
+    straight = train(classifier_config(tiny_store, workdir, steps=14), str(tmp_path / "straight"), tiny_store).state
     train(classifier_config(tiny_store, workdir, steps=10), str(tmp_path / "resumed"), tiny_store)
     # The run's own checkpoint wins: train.init_from is not even read on resume.
     resumed = train(classifier_config(tiny_store, str(tmp_path / "gone"), steps=14), str(tmp_path / "resumed"),
-                    tiny_store)
+                    tiny_store).state
     assert int(resumed["step"]) == 14
     assert_trees_equal(resumed["params"], straight["params"])
 
@@ -188,7 +188,7 @@ def test_a_dataset_selection_narrows_validation_and_the_class_weights(tiny_store
     """Fine-tuning on one dataset of a store: validation batches hold only its cells (all
     validation cells when it has none there) and the 'balanced' class weights count only the
     cells trained on (dataset and fraction)."""
-    from sscell.losses.info import setup_task
+    from sscell.training.task_setup import setup_task
 
     labels = tiny_store.labels
     datasets = labels["dataset_id"].astype(str).to_numpy()

@@ -7,7 +7,9 @@ import scipy.sparse as sp
 
 from sscell.data.convert import convert
 from sscell.data.loader import CellLoader
-from sscell.data.modality import BATCH_FIELD, PROTEIN_KEY, has_modality, open_modality, split_feature_types
+from sscell.data.modality import PROTEIN_KEY, has_modality, open_modality
+from sscell.data.preprocess import BATCH_FIELD
+from sscell.data.split_features import split_feature_types
 from sscell.data.store import open_store
 from sscell.errors import SscellError
 

@@ -13,7 +13,8 @@ import pytest
 import sscell
 from sscell.data.loader import label_names, select_rows
 from sscell.data.store import open_store
-from sscell.evaluation.embed import OBSM_KEY, load_params
+from sscell.evaluation.embed import OBSM_KEY
+from sscell.training.restore import load_params
 from sscell.evaluation.predict import predict
 from test_api import bare, train_run
 

@@ -332,7 +332,7 @@ def test_store_on_s3_reads_and_trains_like_the_local_store(s3_endpoint, tiny_sto
             np.testing.assert_array_equal(a[name], b[name])
     tiny_config.data.store = store.path
     tiny_config.train.update(steps=4, val_every=4, checkpoint_every=4)
-    state = train(tiny_config, str(tmp_path / "run"), store)
+    state = train(tiny_config, str(tmp_path / "run"), store).state
     assert int(state["step"]) == 4
     with pytest.raises(SscellError, match="s3://atlas/nowhere is not an sscell store: no zarr.json"):
         open_store("s3://atlas/nowhere")

@@ -14,7 +14,7 @@ from sscell.data.synthetic import programmes_path, tf_targets_path
 from sscell.errors import SscellError
 from sscell.evaluation.evaluate import evaluate
 from sscell.losses import load_task
-from sscell.losses.info import gene_programmes
+from sscell.data.task_data import gene_programmes
 from sscell.training.train import train
 
 EXPERIMENTS = sorted((pathlib.Path(__file__).parent.parent / "experiments").glob("*.py"))
@@ -53,7 +53,7 @@ def test_config_trains_three_steps(path, tiny_store, tiny_protein_store, tiny_at
     config.model.hidden = (32, 32)
     config.loss.update(projector=(32, 16), predictor=(32, 16))  # the study's 4096-wide heads compile slowly on CPU
     config.train.update(steps=3, batch_size=64, log_every=3, val_every=3, val_batches=1, checkpoint_every=3)
-    state = train(config, str(tmp_path), tiny_store)
+    state = train(config, str(tmp_path), tiny_store).state
     assert int(state["step"]) == 3
     if config.loss.name == "byol":  # a model without a decoder: embeddings evaluated, no reconstruction
         save_config(config, tmp_path)

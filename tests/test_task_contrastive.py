@@ -14,7 +14,7 @@ from sscell.losses import get_task
 from sscell.losses.augment import augment, nb_resample, two_views
 from sscell.losses.barlow_twins import cross_correlation_loss
 from sscell.losses.byol import ema_decay, update_target
-from sscell.losses.info import TaskInfo
+from sscell.data.task_data import TaskInfo
 from sscell.losses.supervised import balanced_weights
 from sscell.models.mlp import init_params
 from sscell.training.state import create_state

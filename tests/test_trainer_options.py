@@ -74,7 +74,7 @@ def test_nonfinite_step_stops_the_run_and_keeps_the_last_good_checkpoint(poisone
 
 def test_skip_nonfinite_leaves_the_state_unchanged_and_continues(poisoned_config, tiny_store, tmp_path):
     poisoned_config.train.update(skip_nonfinite=2, checkpoint_every=1, keep_checkpoints=20)
-    final = train(poisoned_config, str(tmp_path), tiny_store)
+    final = train(poisoned_config, str(tmp_path), tiny_store).state
     assert int(final["step"]) == 16 and all_finite(final)
     before, _, _ = restore(tmp_path, poisoned_config, tiny_store, step=POISONED_STEP - 1)
     after, _, _ = restore(tmp_path, poisoned_config, tiny_store, step=POISONED_STEP)

@@ -7,12 +7,13 @@ import jax
 import numpy as np
 import pytest
 
-from sscell.config import check_compatible, default_config, save_config
+from sscell.config import default_config, save_config
 from sscell.data.loader import select_rows
 from sscell.errors import SscellError
 from sscell.models.precision import resolve_dtype
 from sscell.training import checkpoint
 from sscell.training.mesh import make_mesh, replicated
+from sscell.training.resume import check_compatible
 from sscell.training.state import abstract_state
 from sscell.training.train import build, check_run, train
 
@@ -40,7 +41,7 @@ def test_loss_decreases_and_metrics_are_logged(tiny_config, tiny_store, tmp_path
 
 
 def test_checkpoint_restores_the_final_state(tiny_config, tiny_store, tmp_path):
-    state = train(tiny_config, str(tmp_path), tiny_store)
+    state = train(tiny_config, str(tmp_path), tiny_store).state
     model, optimizer = build(tiny_config, tiny_store)[2:4]
     manager = checkpoint.checkpoint_manager(tmp_path, 10, 3)
     assert manager.all_steps() == [10, 20, 30]
@@ -53,12 +54,13 @@ def test_checkpoint_restores_the_final_state(tiny_config, tiny_store, tmp_path):
 
 def test_resume_continues_and_equals_an_uninterrupted_run(tiny_config, tiny_store, tmp_path):
     tiny_config.train.steps = 24
-    straight = train(tiny_config, str(tmp_path / "straight"), tiny_store)
+    straight = train(tiny_config, str(tmp_path / "straight"), tiny_store).state
 
     tiny_config.train.steps = 14  # stops (as if killed) after its step-14 checkpoint
-    train(tiny_config, str(tmp_path / "resumed"), tiny_store)
+    assert train(tiny_config, str(tmp_path / "resumed"), tiny_store).finished
     tiny_config.train.steps = 24
-    resumed = train(tiny_config, str(tmp_path / "resumed"), tiny_store)
+    resumed, finished = train(tiny_config, str(tmp_path / "resumed"), tiny_store)
+    assert finished and train(tiny_config, str(tmp_path / "resumed"), tiny_store).finished  # found finished
 
     assert int(resumed["step"]) == 24
     assert_trees_equal(resumed["params"], straight["params"])

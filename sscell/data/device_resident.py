@@ -20,10 +20,11 @@ from collections.abc import Callable, Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, PartitionSpec
 
-from sscell.data.loader import CellLoader, runs
+from sscell.data.loader import CellLoader
 from sscell.data.preprocess import row_ids
+from sscell.data.store import runs
 from sscell.errors import SscellError
 from sscell.training.mesh import batch_sharded, global_batch, replicated
 

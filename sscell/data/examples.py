@@ -24,6 +24,7 @@ import anndata
 import numpy as np
 import scipy.sparse as sp
 
+from sscell.atomic import atomic_file
 from sscell.errors import SscellError, exit_on_error
 
 MAX_ROUNDING = 0.1  # how far a recovered count may be from its integer before the file is not what we expect
@@ -80,12 +81,8 @@ def write_example(name: str, output: str | os.PathLike) -> anndata.AnnData:
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     adata = EXAMPLES[name]()
-    tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_file(output) as tmp:
         adata.write_h5ad(tmp)
-        os.replace(tmp, output)
-    finally:
-        tmp.unlink(missing_ok=True)
     return adata
 
 

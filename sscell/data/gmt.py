@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 
+from sscell.atomic import atomic_file
 from sscell.errors import SscellError
 
 
@@ -28,8 +29,6 @@ def read_gmt(path: str | os.PathLike) -> dict[str, list[str]]:
 
 def write_gmt(path: str | os.PathLike, sets: Mapping[str, Sequence[str]], description: str = "sscell") -> None:
     """Write gene sets to `path` (atomically)."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
+    with atomic_file(path) as tmp, open(tmp, "w") as f:
         for name, genes in sets.items():
             f.write("\t".join([name, description, *genes]) + "\n")
-    os.replace(tmp, path)

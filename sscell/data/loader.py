@@ -43,8 +43,9 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from sscell.data.modality import BATCH_FIELD, PEAK_FIELDS, SparseModalityReader, open_modality
-from sscell.data.store import Store
+from sscell.data.modality import SparseModalityReader, open_modality
+from sscell.data.preprocess import BATCH_FIELD, PEAK_FIELDS
+from sscell.data.store import Store, runs
 from sscell.errors import SscellError
 
 LABEL_COLUMNS = {"cell_type": "cell_type", "donor": "donor_id", "dataset": "dataset_id"}
@@ -130,13 +131,6 @@ def shard_nonzeros(data: np.ndarray, indices: np.ndarray, lengths: np.ndarray, s
     for s, (lo, hi) in enumerate(zip(np.cumsum(totals) - totals, np.cumsum(totals))):
         genes[s, :hi - lo], counts[s, :hi - lo] = indices[lo:hi], data[lo:hi]
     return {"genes": genes, "counts": counts, "indptr": indptr}
-
-
-def runs(rows: np.ndarray) -> list[tuple[int, int]]:
-    """[start, stop) ranges of the runs of consecutive values in `rows`, in order."""
-    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
-    firsts, lasts = rows[np.r_[0, breaks]], rows[np.r_[breaks, len(rows)] - 1]
-    return [(int(a), int(b) + 1) for a, b in zip(firsts, lasts)] if len(rows) else []
 
 
 class CellLoader:

@@ -1,12 +1,15 @@
 """On-device preprocessing: flat sharded nonzeros -> dense counts -> log1p(counts per 10k).
 
 These run inside the jit-compiled step, so the host only ships the nonzeros (layout:
-`sscell.data.loader`).
+`sscell.data.loader`; a second modality's batch fields are named here).
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+BATCH_FIELD = "modality"  # the loader batch field holding the rows' (dense) second-modality values
+PEAK_FIELDS = ("peaks", "peak_counts", "peak_indptr")  # a sparse modality's flat fields in a loader batch
 
 
 def row_ids(indptr: jax.Array, size: int) -> jax.Array:

@@ -32,8 +32,8 @@ import anndata
 import numpy as np
 import scipy.sparse as sp
 
+from sscell.data.genes import highly_variable_genes
 from sscell.errors import SscellError, exit_on_error
-from sscell.evaluation.metrics import highly_variable_genes
 
 MIN_MEAN = 0.1  # genes below this mean count give too noisy a phi to summarise
 POISSON_PHI = 0.05  # a gene with phi below this is called Poisson-like

@@ -65,7 +65,7 @@ LABEL_OBS_COLUMNS = ("split", "cell_type", "cell_type_ontology_term_id", "donor_
 REMOTE = {"gs": ("gcs", "gcsfs"), "s3": ("s3", "s3fs")}  # URL scheme: tensorstore kvstore driver, fsspec package
 
 
-def _context() -> ts.Context:
+def tensorstore_context() -> ts.Context:
     """Threads for blosc decode on every core, many file reads in flight; no chunk cache."""
     return ts.Context({
         "data_copy_concurrency": {"limit": os.cpu_count() or 1},
@@ -134,7 +134,7 @@ def resolved_location(path: str | os.PathLike) -> str:
     return path if "://" in path else os.path.realpath(path)
 
 
-def _kvstore(location: str, key: str) -> dict:
+def kvstore_spec(location: str, key: str) -> dict:
     """The tensorstore kvstore of `key` (e.g. "X/data") in the store at `location`: a local path,
     gs://BUCKET/PATH or s3://BUCKET/PATH.
 
@@ -152,7 +152,8 @@ def _kvstore(location: str, key: str) -> dict:
     return spec
 
 
-def _open_array(kvstore: dict, ctx: ts.Context) -> ts.TensorStore:
+def open_array(kvstore: dict, ctx: ts.Context) -> ts.TensorStore:
+    """The zarr v3 array at `kvstore` (`kvstore_spec`), opened for reading."""
     return ts.open({"driver": "zarr3", "kvstore": kvstore}, read=True, context=ctx).result()
 
 
@@ -233,7 +234,7 @@ class StoreWriter:
         root = zarr.open_group(self.path, mode="w-", zarr_format=3)
         root.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
         self.attrs = {"format_version": FORMAT_VERSION, **attrs}
-        ctx = _context()
+        ctx = tensorstore_context()
         codec = self.attrs.setdefault("codec", "lz4")
         if codec not in CODECS:
             raise SscellError(f"codec '{codec}' is not one of {', '.join(CODECS)}; choose one")
@@ -322,6 +323,14 @@ class StoreWriter:
         root.attrs["sscell"] = self.attrs
 
 
+def runs(rows: np.ndarray) -> list[tuple[int, int]]:
+    """[start, stop) ranges of the runs of consecutive values in `rows`, in order (what
+    `CsrRows.read_nonzeros` and the modality readers take)."""
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    firsts, lasts = rows[np.r_[0, breaks]], rows[np.r_[breaks, len(rows)] - 1]
+    return [(int(a), int(b) + 1) for a, b in zip(firsts, lasts)] if len(rows) else []
+
+
 class CsrRows:
     """Rows of a CSR matrix on disk read with tensorstore: `indptr` in RAM, `_data` / `_indices`
     opened arrays, `n_cells` rows of `n_columns` columns, at `path` (for messages)."""
@@ -391,7 +400,7 @@ class Store(CsrRows):
     var: pd.DataFrame = dataclasses.field(repr=False)
     datasets: list[str] = dataclasses.field(repr=False)
     measured: np.ndarray = dataclasses.field(repr=False)
-    _root: zarr.Group = dataclasses.field(repr=False)
+    root: zarr.Group = dataclasses.field(repr=False)  # the open zarr group (local or remote)
     _data: ts.TensorStore = dataclasses.field(repr=False)
     _indices: ts.TensorStore = dataclasses.field(repr=False)
 
@@ -402,7 +411,7 @@ class Store(CsrRows):
 
     def read_obs(self) -> pd.DataFrame:
         """The full obs (every column, the cell ids as index), read from the store now."""
-        return anndata.io.read_elem(self._root["obs"])
+        return anndata.io.read_elem(self.root["obs"])
 
     def split_range(self, split: str) -> tuple[int, int]:
         """Contiguous [start, stop) rows of `split` ("train", "val" or "test")."""
@@ -429,7 +438,7 @@ def _read_labels(obs: zarr.Group) -> pd.DataFrame:
 
 def open_store(path: str | os.PathLike) -> Store:
     """Open a store written by `sscell.data.convert`: a local path, or a gs://BUCKET/PATH or
-    s3://BUCKET/PATH URL of a store copied there (`pip install 'sscell[remote]'`; see `_kvstore`)."""
+    s3://BUCKET/PATH URL of a store copied there (`pip install 'sscell[remote]'`; see `kvstore_spec`)."""
     scheme, remote, _ = str(path).partition("://")
     location = str(path) if remote else str(Path(path))
 
@@ -461,8 +470,8 @@ def open_store(path: str | os.PathLike) -> Store:
     split = labels.get("split")
     if split is None or tuple(split.cat.categories) != SPLITS or np.any(np.diff(split.cat.codes.to_numpy()) < 0):
         raise not_a_store(f"obs['split'] is not a categorical {list(SPLITS)} with rows grouped in that order")
-    ctx = _context()
-    indptr = _open_array(_kvstore(location, "X/indptr"), ctx).read().result()
+    ctx = tensorstore_context()
+    indptr = open_array(kvstore_spec(location, "X/indptr"), ctx).read().result()
     n_cells, n_genes = root["X"].attrs["shape"]
     datasets = [str(d) for d in labels["dataset_id"].cat.categories] if "dataset_id" in labels else []
     if "varm" in root and "measured" in root["varm"]:
@@ -473,6 +482,6 @@ def open_store(path: str | os.PathLike) -> Store:
     else:  # written without a mask (e.g. by StoreWriter directly): every gene measured
         measured = np.ones((len(datasets), n_genes), bool)
     return Store(path=location, n_cells=n_cells, n_genes=n_genes, indptr=indptr, labels=labels,
-                 var=anndata.io.read_elem(root["var"]), datasets=datasets, measured=measured, _root=root,
-                 _data=_open_array(_kvstore(location, "X/data"), ctx),
-                 _indices=_open_array(_kvstore(location, "X/indices"), ctx))
+                 var=anndata.io.read_elem(root["var"]), datasets=datasets, measured=measured, root=root,
+                 _data=open_array(kvstore_spec(location, "X/data"), ctx),
+                 _indices=open_array(kvstore_spec(location, "X/indices"), ctx))

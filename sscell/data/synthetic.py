@@ -56,6 +56,7 @@ import pandas as pd
 import scipy.optimize
 import scipy.sparse as sp
 
+from sscell.atomic import atomic_file
 from sscell.data.gmt import write_gmt
 from sscell.data.modality import ATAC_KEY, PROTEIN_KEY
 from sscell.data.store import names_key
@@ -790,8 +791,7 @@ def _write_h5ad(path: Path, obs: pd.DataFrame, var: pd.DataFrame, uns: dict,
     (chunks of the same rows) becomes obsm['protein_counts'] (dense chunks) or
     obsm['atac_counts'] (CSR chunks), also written chunk by chunk.
     """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same folder, so os.replace is atomic
-    try:
+    with atomic_file(path) as tmp:
         anndata.AnnData(obs=obs, var=var, uns=uns).write_h5ad(tmp)
         with h5py.File(tmp, "a") as f:
             x = _H5CsrAppender(f.create_group("X"), len(obs), len(var))
@@ -808,10 +808,6 @@ def _write_h5ad(path: Path, obs: pd.DataFrame, var: pd.DataFrame, uns: dict,
                         panel.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
                     panel[x.row : x.row + len(values)] = values
                 x.append(chunk)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return x.nnz
 
 

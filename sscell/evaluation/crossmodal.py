@@ -24,7 +24,7 @@ TF-IDF of its peak counts (`sscell.losses.crossmodal.tfidf`, IDF of the in-distr
 split, shared by every fraction and arm), the arms live in PRETRAINED_RUN/crossmodal_atac/ and the
 results in crossmodal_atac.{md,csv}, crossmodal_atac_per_peak.{md,csv}, bars_crossmodal_atac.png.
 Targets are scored dense (cells x peaks in memory): fine for thousands of peaks; subset a
-whole-genome peak set first (`python -m sscell.data.modality --top-features`).
+whole-genome peak set first (`python -m sscell.data.split_features --top-features`).
 """
 from __future__ import annotations
 
@@ -40,18 +40,18 @@ from ml_collections import config_flags
 from sklearn.linear_model import RidgeCV
 
 from sscell.config import default_config
-from sscell.data.loader import label_codes, row_batches, runs, select_rows
+from sscell.data.loader import label_codes, row_batches, select_rows
 from sscell.data.modality import ATAC_KEY, PROTEIN_KEY, ModalityReader, SparseModalityReader, open_modality
 from sscell.data.prepare import store_path
-from sscell.data.store import Store, open_store
+from sscell.data.store import Store, open_store, runs
+from sscell.data.task_data import TaskInfo, inverse_document_frequency
 from sscell.errors import SscellError, exit_on_error
-from sscell.evaluation.embed import load_params
 from sscell.evaluation.figures import plot_bars
-from sscell.evaluation.finetune import ARMS, _fractions, arm_config, finetune_config, run_settings, train_arm
+from sscell.evaluation.finetune import ARMS, arm_config, finetune_config, label_fractions, run_settings, train_arm
 from sscell.evaluation.metrics import correlation_scores, pearson_rows
 from sscell.evaluation.report import write_results
 from sscell.losses.crossmodal import tfidf
-from sscell.losses.info import TaskInfo, inverse_document_frequency
+from sscell.training.restore import load_params
 from sscell.training.state import check_same_genes
 from sscell.training.step import task_batch
 
@@ -240,7 +240,7 @@ def cli() -> None:
         del argv
         logging.set_verbosity(logging.WARNING)
         with exit_on_error():
-            crossmodal(workdir.value, store.value, _fractions(fractions.value), steps=steps.value, seed=seed.value,
+            crossmodal(workdir.value, store.value, label_fractions(fractions.value), steps=steps.value, seed=seed.value,
                        base=config.value)
 
     app.run(main)

@@ -42,17 +42,16 @@ import scipy.sparse as sp
 
 from sscell.config import default_config, load_config
 from sscell.data.loader import label_names, sequential_batches
+from sscell.data.genes import highly_variable_genes
 from sscell.data.prepare import store_path
 from sscell.data.store import Store, open_store
 from sscell.errors import SscellError
-from sscell.evaluation.embed import load_params
 from sscell.evaluation.figures import plot_bars, plot_maps, umap_2d
 from sscell.evaluation.integration import AGGREGATES, integration_scores
 from sscell.evaluation.metrics import (
     ExplainedVariance,
     f1_columns,
     fit_pca,
-    highly_variable_genes,
     per_class_f1,
 )
 from sscell.evaluation.neighbors import knn_predict
@@ -60,6 +59,7 @@ from sscell.evaluation.ontology import store_descendants
 from sscell.evaluation.probe import linear_probe
 from sscell.evaluation.report import plot_loss_curves, read_results, write_results
 from sscell.losses.masking import mask_input, random_gene_mask
+from sscell.training.restore import load_params
 from sscell.training.state import check_same_genes
 from sscell.training.step import task_batch
 from sscell.training.train import Setup

@@ -5,13 +5,12 @@ import math
 import os
 import warnings
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
 
+from sscell.atomic import atomic_file
 from sscell.evaluation.neighbors import nearest_neighbors
-from sscell.evaluation.report import _atomic_write
 
 MAX_LEGEND = 20  # more categories than this: no legend (colours only)
 
@@ -52,7 +51,8 @@ def plot_maps(coords: Mapping[str, np.ndarray], codes: np.ndarray, names: Sequen
         handles = [fig.axes[0].scatter([], [], color=palette[c], s=20, label=str(names[c])) for c in present]
         fig.legend(handles=handles, loc="outside right center", fontsize="small", frameon=False)
     fig.suptitle(title)
-    _atomic_write(Path(path), lambda p: fig.savefig(p, format="png", dpi=110))
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
 
 
 def plot_bars(rows: Sequence[Mapping], columns: Sequence[str], title: str, path: str | os.PathLike) -> None:
@@ -72,7 +72,8 @@ def plot_bars(rows: Sequence[Mapping], columns: Sequence[str], title: str, path:
     ax.axhline(0, color="black", linewidth=0.5)
     ax.set(title=title, ylabel="score")
     ax.legend(fontsize="small", loc="lower left", bbox_to_anchor=(0, 1.08), ncol=2, frameon=False)
-    _atomic_write(Path(path), lambda p: fig.savefig(p, format="png", dpi=110))
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
 
 
 def _finite(value) -> bool:

@@ -32,18 +32,19 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sscell.config import check_compatible, default_config, load_config, save_config
+from sscell.config import default_config, load_config, save_config
 from sscell.data.loader import label_codes, row_batches, select_rows
 from sscell.data.prepare import store_path
 from sscell.data.store import Store, open_store, resolved_location
 from sscell.errors import SscellError, exit_on_error
-from sscell.evaluation.embed import load_params
 from sscell.evaluation.metrics import f1_columns
 from sscell.evaluation.neighbors import knn_predict
 from sscell.evaluation.ontology import store_descendants
 from sscell.evaluation.report import write_results
+from sscell.training.restore import load_params
 from sscell.training.state import check_same_genes
 from sscell.training.step import task_batch
+from sscell.training.resume import check_compatible
 from sscell.training.train import check_run, train
 from sscell.training.workdir_lock import workdir_lock
 
@@ -121,7 +122,7 @@ def train_arm(config: ml_collections.ConfigDict, workdir: str, store: Store) -> 
         check_compatible(config, workdir)
         if jax.process_index() == 0:
             save_config(config, workdir)
-        return int(train(config, workdir, store)["step"]) >= config.train.steps
+        return train(config, workdir, store).finished
 
 
 def knn_reference(store: Store, datasets: tuple[str, ...], k: int) -> tuple[str, np.ndarray]:
@@ -241,7 +242,8 @@ def finetune(workdir: str, target_store: str, fractions: list[float], *, dataset
     return rows
 
 
-def _fractions(values: list[str]) -> list[float]:
+def label_fractions(values: list[str]) -> list[float]:
+    """The label fractions of a --fractions flag as floats; a non-number is refused in one line."""
     try:
         return [float(v) for v in values]
     except ValueError:
@@ -268,7 +270,7 @@ def cli() -> None:
         del argv
         logging.set_verbosity(logging.WARNING)
         with exit_on_error():
-            finetune(workdir.value, store.value, _fractions(fractions.value), datasets=tuple(datasets.value),
+            finetune(workdir.value, store.value, label_fractions(fractions.value), datasets=tuple(datasets.value),
                      steps=steps.value, seed=seed.value, base=config.value)
 
     app.run(main)

@@ -5,12 +5,12 @@ import json
 import math
 import numbers
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
 from matplotlib.figure import Figure
 
+from sscell.atomic import atomic_file
 from sscell.errors import SscellError
 
 LOSS_KEYS = ("train/loss", "val/loss")
@@ -34,8 +34,10 @@ def write_results(rows: list[dict], workdir: str | os.PathLike, name: str = "res
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     markdown = _markdown(rows, list(table.columns))
-    _atomic_write(workdir / f"{name}.csv", lambda path: table.to_csv(path, index=False))
-    _atomic_write(workdir / f"{name}.md", lambda path: Path(path).write_text(markdown))
+    with atomic_file(workdir / f"{name}.csv") as tmp:
+        table.to_csv(tmp, index=False)
+    with atomic_file(workdir / f"{name}.md") as tmp:
+        tmp.write_text(markdown)
     return markdown
 
 
@@ -65,7 +67,7 @@ def plot_loss_curves(metrics_jsonl: str | os.PathLike, out_png: str | os.PathLik
     and eval lines that share a step both count. The y axis is logarithmic when the losses span
     more than a factor of 10. The PNG is replaced atomically.
     """
-    curves = _read_losses(Path(metrics_jsonl))
+    curves = read_losses(Path(metrics_jsonl))
     values = [v for curve in curves.values() for v in curve.values()]
     if not values:
         raise SscellError(f"{metrics_jsonl} has no {' or '.join(LOSS_KEYS)} values to plot")
@@ -82,10 +84,11 @@ def plot_loss_curves(metrics_jsonl: str | os.PathLike, out_png: str | os.PathLik
         ax.set_yscale("log")
     ax.set(title=f"Loss curves: {Path(metrics_jsonl).parent.name}", xlabel="step", ylabel="loss")
     ax.legend()
-    _atomic_write(Path(out_png), lambda path: fig.savefig(path, format="png", dpi=120))
+    with atomic_file(out_png) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
 
 
-def _read_losses(path: Path) -> dict[str, dict[int, float]]:
+def read_losses(path: Path) -> dict[str, dict[int, float]]:
     """{key: {step: last finite value}} for each key in LOSS_KEYS."""
     curves: dict[str, dict[int, float]] = {key: {} for key in LOSS_KEYS}
     with path.open() as f:
@@ -104,13 +107,3 @@ def _read_losses(path: Path) -> dict[str, dict[int, float]]:
                     raise SscellError(f"{path} line {line_no} has {key} but no step")
                 curves[key][int(record["step"])] = float(value)
     return curves
-
-
-def _atomic_write(path: Path, write: Callable[[str], object]) -> None:
-    """Call `write` on a temporary file beside `path`, then move it into place."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -15,8 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sscell.data.modality import BATCH_FIELD, PEAK_FIELDS
-from sscell.data.preprocess import densify
+from sscell.data.preprocess import BATCH_FIELD, PEAK_FIELDS, densify
 from sscell.errors import SscellError
 from sscell.losses.registry import register
 from sscell.models.mlp import MLP, encoder

@@ -1,7 +1,7 @@
 """Gene-programme tasks: mask whole programmes, or show one programme and predict its TF / itself.
 
 Programmes are the rows of the membership matrix `info.programmes` (programmes x genes), read
-from `config.loss.gmt` (see sscell.losses.info); inside the jit-compiled step it is a constant.
+from `config.loss.gmt` (see sscell.data.task_data); inside the jit-compiled step it is a constant.
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ A task is its loss plus the hooks around it:
 - `loss(params, batch, key, *, model, config, train, extra, info) -> (loss, metrics)`, a pure
   function. `config` is the run's `config.loss` section; `train=False` (validation) turns
   dropout off but keeps the task's own randomness; `extra` is the task's non-gradient state;
-  `info` the data facts (a `sscell.losses.info.TaskInfo`, constants such as gene programmes).
+  `info` the data facts (a `sscell.data.task_data.TaskInfo`, constants such as gene programmes).
   `batch` holds "x" (log1p(counts per 10k), cells x genes), "counts" (raw counts),
   "library" (total counts), "measured" (bool, cells x genes: genes the cell's dataset
   measured; unmeasured genes must never change a loss), "nonzeros" (the counts as the
@@ -13,7 +13,7 @@ A task is its loss plus the hooks around it:
   `sscell.data.preprocess.densify` makes it dense) and the integer labels ("cell_type",
   "donor", "dataset").
 - `build_model(config, info) -> flax module` (default: the autoencoder) for the run config and
-  the data facts `info` (a `sscell.losses.info.TaskInfo`). Every model has `n_genes` and an
+  the data facts `info` (a `sscell.data.task_data.TaskInfo`). Every model has `n_genes` and an
   `encode(x, train)` method (the embedding); models with a decoder also have `reconstruct`.
 - `init_extra(params, config)` and `update_extra(extra, params, step, config)`: state outside
   the gradient (BYOL's EMA target), kept in the train state as `state["extra"]`, so it is
@@ -53,7 +53,7 @@ class Task:
     build_model: Callable = build_autoencoder
     init_extra: Callable = no_extra
     update_extra: Callable = unchanged
-    programmes: str = ""  # what TaskInfo must load: "", "sets" or "tf" (sscell.losses.info)
+    programmes: str = ""  # what TaskInfo must load: "", "sets" or "tf" (sscell.data.task_data)
 
 
 _TASKS: dict[str, Task] = {}

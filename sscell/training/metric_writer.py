@@ -8,6 +8,8 @@ import jax
 import numpy as np
 from tensorboardX import SummaryWriter
 
+from sscell.atomic import atomic_file
+
 
 class MetricWriter:
     """Appends `{"step": s, name: value, ...}` records; on resume drops records past `resume_step`.
@@ -30,10 +32,8 @@ class MetricWriter:
             return
         with open(self.path) as f:
             kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
+        with atomic_file(self.path) as tmp, open(tmp, "w") as f:
             f.writelines(kept)
-        os.replace(tmp, self.path)
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         """Record scalar metrics at `step`."""

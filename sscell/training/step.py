@@ -11,7 +11,7 @@ import numpy as np
 import optax
 
 from sscell.data.preprocess import densify, log1p_normalise
-from sscell.losses.info import TaskInfo
+from sscell.data.task_data import TaskInfo
 from sscell.losses.registry import Task
 
 NONZERO_FIELDS = ("genes", "counts", "indptr")  # a loader batch's sparse counts (layout: sscell.data.loader)

@@ -23,7 +23,8 @@ from sscell.data.device_resident import resident_data, train_batches
 from sscell.data.loader import CellLoader, select_rows
 from sscell.data.store import Store
 from sscell.errors import Interrupted, SscellError
-from sscell.losses.info import TaskInfo, setup_task
+from sscell.data.task_data import TaskInfo
+from sscell.training.task_setup import setup_task
 from sscell.losses.registry import Task
 from sscell.training import checkpoint
 from sscell.training.mesh import batch_sharded, global_batch, local_data_shards, make_mesh, state_shardings
@@ -176,12 +177,20 @@ def check_run(config: ml_collections.ConfigDict, store: Store, devices=None) -> 
         check_init_from(config.train.init_from, config.train.init_checkpoint, store)
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, store: Store, devices=None) -> dict:
-    """Train (or resume training) until `config.train.steps`; returns the final train state.
+class TrainResult(NamedTuple):
+    """What `train` returns: the final train state, and whether it reached `train.steps`."""
+
+    state: dict
+    finished: bool  # False after a preemption (SIGTERM): rerunning resumes
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, store: Store, devices=None) -> TrainResult:
+    """Train (or resume training) until `config.train.steps`; returns the final train state and
+    whether training finished.
 
     Runs on a `config.mesh` mesh over `devices` (default: all). Checkpoints, metrics.jsonl and
     TensorBoard events go to `workdir`. On SIGTERM / preemption it finishes the step, saves and
-    returns early (the returned state's step is below `train.steps`); on Ctrl-C it does the same,
+    returns early (not finished, the state's step below `train.steps`); on Ctrl-C it does the same,
     then raises `Interrupted`. Rerunning resumes.
     """
     setup = build(config, store)
@@ -205,7 +214,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, store: Store, devices
     if start >= total:
         print(f"training already complete at step {start} (train.steps={total})")
         manager.close()
-        return state
+        return TrainResult(state, finished=True)
 
     loader, val_loader = (make_loader(config, store, split, local_data_shards(mesh)) for split in ("train", "val"))
     source, batches = train_batches(loader, mesh, config.data.device_resident, config.data.device_memory_share)
@@ -280,4 +289,4 @@ def train(config: ml_collections.ConfigDict, workdir: str, store: Store, devices
         writer.close()
     if preemption.interrupted:
         raise Interrupted(f"training stopped at step {step}, checkpoint saved; rerun the same command to resume")
-    return state
+    return TrainResult(state, finished=int(state["step"]) >= total)

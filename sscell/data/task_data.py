@@ -1,4 +1,5 @@
-"""What a task needs to know about the data: genes, classes, measured genes, gene programmes."""
+"""What a task needs to know about the data (`TaskInfo`: genes, classes, measured genes, gene
+programmes, a second modality's IDF), read from a run's store and config."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,8 +9,8 @@ import numpy as np
 
 from sscell.data.gmt import read_gmt
 from sscell.data.loader import LABEL_COLUMNS, label_codes, label_names, select_rows
-from sscell.data.modality import SparseModalityReader, document_frequency, open_modality
-from sscell.data.store import Store
+from sscell.data.modality import SparseModalityReader, open_modality
+from sscell.data.store import Store, runs
 from sscell.data.synthetic import programmes_path, tf_targets_path
 from sscell.errors import SscellError
 
@@ -77,6 +78,18 @@ def gene_programmes(path: str, gene_ids, symbols=None, tf_from_name: bool = Fals
     return np.stack(rows), tuple(names), np.asarray(targets, np.int32)
 
 
+def document_frequency(reader: SparseModalityReader, rows: np.ndarray, chunk_nonzeros: int = 2**24) -> np.ndarray:
+    """Per feature (e.g. peak), how many of the sorted store `rows` have a nonzero value in it,
+    read ~`chunk_nonzeros` nonzeros at a time."""
+    frequency = np.zeros(reader.n_features, np.int64)
+    lengths = reader.lengths(rows)
+    cuts = np.searchsorted(np.cumsum(lengths), np.arange(chunk_nonzeros, lengths.sum(), chunk_nonzeros))
+    for part in np.split(rows, np.unique(cuts)):
+        data, indices = reader.read_nonzeros(runs(part))
+        frequency += np.bincount(indices[data > 0].astype(np.int64), minlength=reader.n_features)
+    return frequency
+
+
 def inverse_document_frequency(store: Store, reader: SparseModalityReader, datasets: tuple[str, ...]) -> np.ndarray:
     """float32 log(1 + n / n_f) of each feature of a sparse modality over the n train cells of
     `datasets` (all if empty), n_f (at least 1) of them with the feature nonzero."""
@@ -117,12 +130,3 @@ def task_info(config, store: Store, programmes: str = "") -> TaskInfo:
     symbols = store.var["feature_name"].astype(str).tolist() if "feature_name" in store.var else None
     membership, names, targets = gene_programmes(path, store.var.index.astype(str).tolist(), symbols, tf)
     return dataclasses.replace(info, programmes=membership, programme_names=names, programme_genes=targets)
-
-
-def setup_task(config, store: Store):
-    """(Task, TaskInfo) of a run: the task named by `config.loss.name` and its data facts."""
-    from sscell.losses import load_task  # the package import registers every built-in task
-
-    task = load_task(config.loss)
-    return task, task_info(config, store, task.programmes)
-
