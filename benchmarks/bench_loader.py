@@ -161,12 +161,12 @@ def train_step_rates(store_path: Path, batch_size: int, steps: int, prefetch: in
                      **model: object) -> dict:
     """The study's masked autoencoder (config defaults, `config.model` overridden by `model`)
     trained on this store: steps/s fed one in-memory batch vs the real loader (or,
-    `device_resident`, the batches gathered on the devices: sscell.data.device_resident), and
+    `device_resident`, the batches gathered on the devices: sscell.training.device_resident), and
     the share of step time spent waiting for data."""
     import jax
 
     from sscell.config import default_config
-    from sscell.data.device_resident import DeviceResidentData
+    from sscell.training.device_resident import DeviceResidentData
     from sscell.training.mesh import batch_sharded, global_batch, local_data_shards, make_mesh
     from sscell.training.state import create_state
     from sscell.training.step import make_train_step

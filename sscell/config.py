@@ -48,7 +48,7 @@ def default_config() -> ml_collections.ConfigDict:
         train_fraction=1.0,     # share of those train cells used, a seed-drawn random sample (nested)
         block_cells=64,         # contiguous cells per read; blocks are shuffled per epoch
         prefetch=4,             # batches read ahead on background threads
-        # the train cells' nonzeros held on the accelerators (sscell.data.device_resident): False | True | "auto"
+        # the train cells' nonzeros held on the accelerators (sscell.training.device_resident): False | True | "auto"
         device_resident=ml_collections.FieldReference(False, field_type=object),
         device_memory_share=0.5,  # the most of a device's memory they may take (True refuses beyond, "auto" streams)
     ))

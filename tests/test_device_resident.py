@@ -1,4 +1,4 @@
-"""Device-resident train data (sscell.data.device_resident): its batches, and so a run's
+"""Device-resident train data (sscell.training.device_resident): its batches, and so a run's
 parameters, equal the streamed loader's bit for bit, on 1 device here and on 4 simulated
 devices (data-parallel and data x model meshes) in a worker process, across a resume.
 
@@ -20,7 +20,7 @@ def assert_same_batches(config, store, mesh_shapes) -> None:
     import jax
     import numpy as np
 
-    from sscell.data.device_resident import DeviceResidentData
+    from sscell.training.device_resident import DeviceResidentData
     from sscell.training.mesh import batch_sharded, global_batch, make_mesh
     from sscell.training.train import make_loader
 
@@ -48,12 +48,12 @@ def assert_resident_run_equals_streamed(config, store, workdir) -> None:
     from sscell.training.train import train
 
     config.train.update(steps=6, checkpoint_every=3, val_every=3, log_every=3)
-    streamed = jax.device_get(train(config, os.path.join(workdir, "streamed"), store)["params"])
+    streamed = jax.device_get(train(config, os.path.join(workdir, "streamed"), store).state["params"])
     config.data.device_resident = True
     config.train.steps = 3
     train(config, os.path.join(workdir, "resident"), store)
     config.train.steps = 6
-    resumed = train(config, os.path.join(workdir, "resident"), store)
+    resumed = train(config, os.path.join(workdir, "resident"), store).state
     assert int(resumed["step"]) == 6
     for a, b in zip(jax.tree.leaves(streamed), jax.tree.leaves(jax.device_get(resumed["params"])), strict=True):
         np.testing.assert_array_equal(a, b)
@@ -73,7 +73,7 @@ def test_on_four_devices_resident_batches_and_resumed_run_equal_the_streamed_one
 
 
 def test_a_run_that_does_not_fit_is_refused_naming_the_sizes(tiny_config, tiny_store, monkeypatch):
-    from sscell.data import device_resident
+    from sscell.training import device_resident
     from sscell.training.mesh import make_mesh
     from sscell.training.train import make_loader
 
@@ -90,7 +90,7 @@ def test_a_run_that_does_not_fit_is_refused_naming_the_sizes(tiny_config, tiny_s
 
 
 def test_bad_settings_are_refused(tiny_config, tiny_store, tiny_protein_store):
-    from sscell.data.device_resident import resident_data
+    from sscell.training.device_resident import resident_data
     from sscell.training.mesh import make_mesh
     from sscell.training.train import make_loader
 

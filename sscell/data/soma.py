@@ -75,7 +75,8 @@ def open_experiment(uri: str, organism: str, stack: contextlib.ExitStack):
                               "version (cellxgene_census.get_census_version_directory()) and the network") from None
     else:
         try:
-            root = stack.enter_context(soma.open(uri))
+            root = stack.enter_context(soma.open(uri if "://" in uri else str(Path(uri).absolute())))  # TileDB resolves
+            # a relative path against a cwd it may have cached
         except _soma_errors() as e:
             raise SscellError(f"{uri}: cannot open it as a SOMA experiment or Census ({_one_line(e)})") from None
     if isinstance(root, soma.Experiment):

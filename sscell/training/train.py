@@ -15,24 +15,24 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import ml_collections
-import optax
 import numpy as np
+import optax
 from tqdm import tqdm
 
-from sscell.data.device_resident import resident_data, train_batches
 from sscell.data.loader import CellLoader, select_rows
 from sscell.data.store import Store
-from sscell.errors import Interrupted, SscellError
 from sscell.data.task_data import TaskInfo
-from sscell.training.task_setup import setup_task
+from sscell.errors import Interrupted, SscellError
 from sscell.losses.registry import Task
+from sscell.models.precision import resolve_dtype
 from sscell.training import checkpoint
+from sscell.training.device_resident import resident_data, train_batches
 from sscell.training.mesh import batch_sharded, global_batch, local_data_shards, make_mesh, state_shardings
 from sscell.training.metric_writer import MetricWriter
-from sscell.models.precision import resolve_dtype
 from sscell.training.optimizer import learning_rate, make_optimizer, make_schedule, schedule_warning
 from sscell.training.state import abstract_state, check_init_from, create_state, pretrained_encoder
 from sscell.training.step import make_eval_step, make_train_step
+from sscell.training.task_setup import setup_task
 
 
 def make_loader(config: ml_collections.ConfigDict, store: Store, split: str, shards: int = 1) -> CellLoader:
