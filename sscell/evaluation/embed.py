@@ -32,24 +32,9 @@ from sscell.data.loader import sequential_batches
 from sscell.data.store import Store, open_store
 from sscell.errors import SscellError, exit_on_error
 from sscell.evaluation.align import MIN_OVERLAP, input_batches, match_genes, open_h5ad
-from sscell.training import checkpoint
-from sscell.training.mesh import make_mesh, replicated
-from sscell.training.state import abstract_state, check_gene_order
-from sscell.training.train import build
+from sscell.training.state import check_gene_order
 
-__all__ = ["OBSM_KEY", "embed", "load_params", "write_outputs"]
-
-
-def load_params(workdir: str, config, store: Store, which: str | None = None):
-    """(setup, params, step) of `workdir`'s "latest" or "best" checkpoint (default `config.eval.checkpoint`)."""
-    setup = build(config, store)
-    manager = checkpoint.checkpoint_manager(workdir, config.train.checkpoint_every, config.train.keep_checkpoints)
-    layout = abstract_state(setup.model, setup.optimizer, replicated(make_mesh(config.mesh)), setup.init_extra)
-    restored = checkpoint.restore(manager, layout, which or config.eval.checkpoint)
-    manager.close()
-    if restored is None:
-        raise SscellError(f"{workdir} has no checkpoint yet; train first with python -m sscell.main")
-    return setup, restored[0]["params"], int(restored[0]["step"])
+__all__ = ["OBSM_KEY", "embed", "write_outputs"]
 
 
 def _is_store(path: Path) -> bool:
