@@ -22,8 +22,8 @@ def umap_2d(embedding: np.ndarray, seed: int = 0, knn_method: str = "auto") -> n
 
     The neighbour graph comes from `sscell.evaluation.neighbors` (exact on small inputs), which
     spares umap-learn's own search (its numba compilation takes longer than the map itself).
-    200 layout epochs (umap-learn's choice above 10,000 cells; below, it takes 500) draw the
-    same map at 2.5x less time.
+    200 layout epochs (umap-learn's choice above 10,000 cells; below, it takes 500): 2.5x less
+    layout time, for a figure.
     """
     import umap  # numba-compiled on first use: imported only when a map is drawn
 
