@@ -89,12 +89,11 @@ def evaluate(workdir: str, tasks=None, store: str | None = None, outdir: str | N
     needs = set().union(*(t.needs for t in selected))
     outdir = outdir or workdir
     os.makedirs(outdir, exist_ok=True)
-    inputs = Inputs(settings, config.seed, None, workdir, outdir, store is None, config.loss.name)
+    inputs = Inputs(settings=settings, seed=config.seed, store=None, workdir=workdir, outdir=outdir,
+                    own_store=store is None, loss=config.loss.name)
     outcome = Outcome({})
-    if needs:
+    if needs:  # else (result tables only) nothing is restored
         _embed(workdir, store, selected, needs, inputs, outcome)
-    else:
-        inputs.store = open_store(store) if store else None
     for task in selected:
         task.score(inputs, outcome)
 

@@ -46,7 +46,7 @@ class Inputs:
 
     settings: ml_collections.ConfigDict
     seed: int
-    store: Store  # the evaluated cells' store
+    store: Store | None  # the evaluated cells' store (None when no task needs cells)
     workdir: str  # the run's
     outdir: str  # where results and figures go
     own_store: bool  # the run's own store is evaluated (not a transfer target)
