@@ -17,8 +17,8 @@ from sscell.config import default_config, save_config
 from sscell.data.store import open_store
 from sscell.errors import SscellError
 from sscell.evaluation.embed import OBSM_KEY, embed, main
-from sscell.evaluation.run import open_run
 from sscell.evaluation.predict import predict
+from sscell.evaluation.run import open_run
 from sscell.training.train import build, train
 
 

@@ -47,7 +47,7 @@ def test_the_example_task_runs_through_the_command_and_matches_numpy(run, tiny_s
     workdir, _ = run
     done = subprocess.run([sys.executable, "-m", "sscell.evaluation", f"--workdir={workdir}",
                            "--tasks=nearest_neighbour"], capture_output=True, text=True, cwd=tmp_path,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600, check=False)
     assert done.returncode == 0, done.stderr
     assert "| method | nn_accuracy |" in done.stdout  # the headline summary
     results = pd.read_csv(workdir / "results.csv")
@@ -68,7 +68,7 @@ def test_the_example_task_runs_through_the_command_and_matches_numpy(run, tiny_s
 def test_the_docs_show_the_example_module_as_it_is():
     page = (ROOT / "docs" / "extending.md").read_text()
     section = page[page.index("# Adding an evaluation task"):]
-    shown = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    shown = re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
     assert shown == (ROOT / "sscell" / "evaluation" / "example_task.py").read_text()
 
 
@@ -136,3 +136,21 @@ def test_open_run_restores_the_parameters_a_full_train_state_restore_gives(run, 
             leaf = leaf[key.key]
         np.testing.assert_array_equal(leaf, np.asarray(value))
     assert type(opened.model) is type(setup.model) and opened.model == setup.model  # the same module
+
+
+def test_identical_embeddings_are_scored_once_with_the_same_scores(run, tmp_path):
+    """With no more genes than eval.hvg_genes, PCA of the HVGs is PCA of every gene: scored once,
+    its row holds the PCA row's embedding scores (and no reconstruction: it does not reconstruct)."""
+    workdir, config = run
+    config.eval.hvg_genes = 1000  # > the store's 96 genes
+    save_config(config, workdir)
+    try:
+        rows = evaluate(str(workdir), tasks="knn,linear_probe,reconstruction", outdir=str(tmp_path))
+    finally:
+        config.eval.hvg_genes = 48
+        save_config(config, workdir)
+    pca, hvg = rows[1], rows[2]
+    assert (pca["method"], hvg["method"]) == ("PCA(8) log1p", "PCA(8) HVG(96)")
+    assert {k: v for k, v in hvg.items() if k != "method"} == {
+        k: v for k, v in pca.items() if k != "method" and not k.startswith("recon_")}
+    assert "recon_ev_weighted" in pca and pca["probe_macro_f1"] > 0

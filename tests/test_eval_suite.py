@@ -9,9 +9,9 @@ from sklearn.neighbors import KNeighborsClassifier
 
 from sscell.config import default_config, save_config
 from sscell.data.store import open_store
+from sscell.errors import SscellError
 from sscell.evaluation.cells import Evaluator
 from sscell.evaluation.embed import OBSM_KEY, embed
-from sscell.errors import SscellError
 from sscell.evaluation.evaluate import eval_settings, evaluate
 from sscell.evaluation.run import open_run
 from sscell.training.train import build, train

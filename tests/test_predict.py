@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pandas as pd
 import pytest
+from test_api import bare, train_run
 
 import sscell
 from sscell.data.loader import label_names, select_rows
@@ -17,7 +18,6 @@ from sscell.evaluation.embed import OBSM_KEY
 from sscell.evaluation.predict import predict
 from sscell.evaluation.run import open_run
 from sscell.training.train import build
-from test_api import bare, train_run
 
 PREDICTED = ["sscell_cell_type", "sscell_confidence", "sscell_cell_type_ontology_term_id"]
 

@@ -38,7 +38,7 @@ from sscell.evaluation.tasks import EvalTask, Inputs, Outcome, load_tasks
 from sscell.evaluation.tasks.knn import knn_reference_splits
 from sscell.training.state import check_same_genes
 
-__all__ = ["evaluate", "eval_settings", "headline_table"]
+__all__ = ["eval_settings", "evaluate", "headline_table"]
 
 CACHE_DIR = "eval_cache"  # WORKDIR/eval_cache: the baselines' embeddings (BaselineCache)
 
