@@ -36,7 +36,7 @@ def get_config(mode: str = ""):
     """The regression settings; `:pretrain` gives the masked-autoencoder pretraining at study settings."""
     if mode == "pretrain":
         config = default_config()  # the study's MLP 512-512-256-256-64, masking rate 0.5, batch 8,192
-        config.eval.tasks = ("knn",)
+        config.eval.tasks = ("knn", "crossmodal")  # and the regression arms' table, once written
         return config
     config = crossmodal_config()
     config.data.train_datasets = SITES_1_TO_3

@@ -28,17 +28,15 @@ import pandas as pd
 import zarr
 
 from sscell import bundle
-from sscell.config import load_config
 from sscell.data.inputs import H5adInput
 from sscell.data.loader import label_names, select_rows
-from sscell.data.prepare import store_path
-from sscell.data.store import Store, open_store, resolved_location
+from sscell.data.store import Store, resolved_location
 from sscell.errors import SscellError
 from sscell.evaluation.align import MIN_OVERLAP, Overlap, anndata_input, input_batches, match_genes
 from sscell.evaluation.report import read_results
+from sscell.evaluation.run import open_run
 from sscell.models.classifier import Classifier
 from sscell.models.mlp import encoder
-from sscell.training import checkpoint
 from sscell.training.resume import settle_dtype
 from sscell.training.step import task_batch
 
@@ -224,17 +222,10 @@ def _about(config: ml_collections.ConfigDict, workdir: str, store: Store) -> dic
 
 
 def _from_workdir(workdir: str, which: str | None) -> Model:
-    config = load_config(workdir)
-    which = which or config.eval.checkpoint
-    saved = checkpoint.saved_state(workdir, config.train, which)
-    if saved is None:
-        raise SscellError(f"{workdir} has no {which} checkpoint yet; train first with python -m sscell.main")
-    path, step = saved
-    params = checkpoint.restore_params(path, checkpoint.params_metadata(path))
-    store = open_store(store_path(config, workdir))
-    classes = class_table(store) if config.loss.name == CLASSIFIER_LOSS else None
-    return Model(os.path.abspath(workdir), config, params, store.var, step, which, classes,
-                 _about(config, workdir, store))
+    run = open_run(workdir, which)
+    classes = class_table(run.store) if run.config.loss.name == CLASSIFIER_LOSS else None
+    return Model(os.path.abspath(workdir), run.config, run.params, run.store.var, run.step, run.checkpoint, classes,
+                 _about(run.config, workdir, run.store))
 
 
 def _from_bundle(path: str) -> Model:

@@ -102,8 +102,11 @@ def default_config() -> ml_collections.ConfigDict:
         max_cells=0,            # > 0: at most this many val and test cells (a random sample) for every task
         checkpoint="best",      # "best" (lowest validation loss, the study's; refused while no checkpoint
                                 # has one: train past the next validation or choose it) or "latest"
-        # knn | linear_probe | reconstruction | integration | umap (sscell/evaluation/evaluate.py)
-        tasks=("knn", "linear_probe", "reconstruction", "integration", "umap"),
+        # knn | linear_probe | reconstruction | integration | umap, and the result tables of the
+        # finetune / crossmodal commands (sscell/evaluation/tasks/), or tasks of `module`
+        tasks=("knn", "linear_probe", "reconstruction", "integration", "umap", "finetune", "crossmodal",
+               "crossmodal_atac"),
+        module="",              # a module registering evaluation tasks of your own (docs/extending.md)
         knn_reference="val",    # kNN reference cells: val (the study's) | train | train+val; queries: test cells
         knn_reference_cells=20_000,  # training cells in a train / train+val reference (0: all)
         knn_method="auto",      # exact (blocked, JAX) | approximate (faiss HNSW) | auto (by size and device)

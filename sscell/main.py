@@ -1,6 +1,7 @@
 """Entry point: `python -m sscell.main --config=experiments/quickstart.py [--workdir=DIR] [--config.x=y]`.
 
-Prepares the data, trains (or resumes) and, unless `--noeval`, evaluates the run. Every check
+Prepares the data, trains (or resumes) and, unless `--noeval`, evaluates the run, then prints
+the wall times of training and evaluation. Every check
 of the config against the data runs before anything is written into the workdir; one run at a
 time trains in a workdir (WORKDIR/lock). On SIGTERM (preemption) training finishes its step,
 saves a checkpoint and the command exits 0 without evaluating; on Ctrl-C the same, exit code
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import jax
 from absl import app, flags, logging
@@ -59,9 +61,16 @@ def run(argv: list[str]) -> None:
             check_run(config, store)
         if jax.process_index() == 0:
             save_config(config, workdir)
+        started = time.perf_counter()
         finished = train(config, workdir, store).finished
+        trained = time.perf_counter() - started
+    times = [f"training: {trained:.0f} s wall time (this command's steps)"]
     if _EVAL.value and finished:  # not after a preemption
+        started = time.perf_counter()
         evaluate(workdir)
+        times.append(f"evaluation: {time.perf_counter() - started:.0f} s wall time")
+    if jax.process_index() == 0:
+        print("\n" + "\n".join(times))
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -17,9 +17,9 @@ from sscell.config import default_config, save_config
 from sscell.data.store import open_store
 from sscell.errors import SscellError
 from sscell.evaluation.embed import OBSM_KEY, embed, main
-from sscell.training.restore import load_params
 from sscell.evaluation.predict import predict
-from sscell.training.train import train
+from sscell.evaluation.run import open_run
+from sscell.training.train import build, train
 
 
 def train_run(store, workdir, loss="masked"):
@@ -82,8 +82,8 @@ def test_an_h5ad_without_obs_columns_is_embedded_as_the_encoder_computes(masked_
     assert tiny_store.var.index.equals(atlas.var_names)
     counts = atlas.X.toarray().astype(np.float64)
     x = np.log1p(counts / counts.sum(1, keepdims=True) * 1e4).astype(np.float32)
-    setup, params, _ = load_params(workdir, config, tiny_store)
-    expected = np.asarray(setup.model.apply({"params": params}, x, method="encode"))
+    model = build(config, tiny_store).model  # the training-time model
+    expected = np.asarray(model.apply({"params": open_run(workdir).params}, x, method="encode"))
     np.testing.assert_allclose(embedding, expected, rtol=1e-5, atol=1e-5)
 
 

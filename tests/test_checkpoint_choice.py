@@ -4,8 +4,8 @@ import pytest
 
 from sscell.config import default_config, save_config
 from sscell.errors import SscellError
+from sscell.evaluation.run import open_run
 from sscell.training import checkpoint
-from sscell.training.restore import load_params
 from sscell.training.state import pretrained_encoder
 from sscell.training.train import train
 
@@ -27,8 +27,8 @@ def test_evaluation_and_init_from_read_the_best_checkpoint_by_default(tiny_confi
     state = train(tiny_config, str(tmp_path / "fresh"), tiny_store).state
     save_config(tiny_config, tmp_path)
     save_steps(tmp_path, tiny_config, state, [3.0, 1.0, 2.0, None])
-    assert load_params(str(tmp_path), tiny_config, tiny_store)[2] == 2  # lowest validation loss, not the latest (4)
-    assert load_params(str(tmp_path), tiny_config, tiny_store, "latest")[2] == 4
+    assert open_run(tmp_path).step == 2  # lowest validation loss, not the latest (4)
+    assert open_run(tmp_path, "latest").step == 4
     encoder = pretrained_encoder(str(tmp_path), default_config().train.init_checkpoint, tiny_store,
                                  {"encoder": state["params"]["encoder"]})
     assert set(encoder) == set(state["params"]["encoder"])
@@ -41,7 +41,7 @@ def test_best_is_refused_while_no_checkpoint_has_a_validation_loss(tiny_config, 
     save_steps(tmp_path, tiny_config, state, [None, None])
     message = r"has checkpoints \(latest: step 2\) but none with a validation loss yet.*choose 'latest'"
     with pytest.raises(SscellError, match=message):
-        load_params(str(tmp_path), tiny_config, tiny_store)
+        open_run(tmp_path)
     with pytest.raises(SscellError, match=message):
         pretrained_encoder(str(tmp_path), "best", tiny_store, {"encoder": state["params"]["encoder"]})
-    assert load_params(str(tmp_path), tiny_config, tiny_store, "latest")[2] == 2
+    assert open_run(tmp_path, "latest").step == 2

@@ -14,10 +14,10 @@ from sscell.data.convert import convert
 from sscell.data.loader import label_codes
 from sscell.data.store import open_store
 from sscell.evaluation.embed import embed
-from sscell.training.restore import load_params
 from sscell.evaluation.evaluate import evaluate
+from sscell.evaluation.run import open_run
 from sscell.losses.masking import random_gene_mask
-from sscell.training.train import train
+from sscell.training.train import build, train
 
 N_SHARED = 64  # genes both datasets measured; each also measured 16 the other did not
 
@@ -113,10 +113,10 @@ def test_reconstruction_scores_are_numpy_on_the_measured_and_hidden_genes(run):
     assert (counts[~measured] == 0).all() and (~measured).any()
     kept = np.where(measured, counts, 0.0)
     x = np.log1p(kept / kept.sum(1, keepdims=True) * 1e4)
-    setup, params, _ = load_params(workdir, config, store)
+    model, params = build(config, store).model, open_run(workdir).params  # the training-time model
 
     def reconstruct(inputs):
-        return np.asarray(setup.model.apply({"params": params}, inputs.astype(np.float32), measured,
+        return np.asarray(model.apply({"params": params}, inputs.astype(np.float32), measured,
                                             method="reconstruct"), np.float64)
 
     x_hat = reconstruct(x)

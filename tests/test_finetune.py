@@ -178,10 +178,12 @@ def test_finetune_trains_both_arms_on_nested_fractions_and_scores_the_test_cells
         assert row["finetune_knn_macro_f1_ontology"] == pytest.approx(f1_score(true_names, corrected,
                                                                                average="macro", zero_division=0))
 
-    # The written table feeds the run's main evaluation.
+    # The written table feeds the run's main evaluation (its `finetune` task, in the default eval.tasks).
     pd.testing.assert_frame_equal(pd.DataFrame(read_results(workdir, "finetune")), pd.DataFrame(rows))
-    methods = [row["method"] for row in evaluate(workdir, tasks="knn")]
-    assert methods[-4:] == [row["method"] for row in rows]
+    assert "finetune" in default_config().eval.tasks
+    methods = [row["method"] for row in evaluate(workdir, tasks="knn,finetune")]
+    assert methods[-4:] == [row["method"] for row in rows] and len(methods) == 3 + 4
+    assert [row["method"] for row in evaluate(workdir, tasks="knn")] == methods[:3]  # not selected: not appended
 
 
 def test_a_dataset_selection_narrows_validation_and_the_class_weights(tiny_store, tiny_config):

@@ -9,14 +9,15 @@ import jax
 import numpy as np
 import pandas as pd
 import pytest
+from test_api import bare, train_run
 
 import sscell
 from sscell.data.loader import label_names, select_rows
 from sscell.data.store import open_store
 from sscell.evaluation.embed import OBSM_KEY
-from sscell.training.restore import load_params
 from sscell.evaluation.predict import predict
-from test_api import bare, train_run
+from sscell.evaluation.run import open_run
+from sscell.training.train import build
 
 PREDICTED = ["sscell_cell_type", "sscell_confidence", "sscell_cell_type_ontology_term_id"]
 
@@ -48,8 +49,8 @@ def test_predicted_labels_are_the_argmax_of_the_models_logits(classifier_run, ti
     # Independent reference: the full training restore, its model's logits on numpy-built inputs.
     counts = atlas.X.toarray().astype(np.float64)
     x = np.log1p(counts / counts.sum(1, keepdims=True) * 1e4).astype(np.float32)
-    setup, params, _ = load_params(workdir, config, tiny_store)
-    logits = np.asarray(setup.model.apply({"params": params}, x))
+    run = open_run(workdir)
+    logits = np.asarray(build(config, tiny_store).model.apply({"params": run.params}, x))  # the training-time model
     names = np.asarray(label_names(tiny_store, "cell_type"))  # the training store's codes
     assert out.obs["sscell_cell_type"].cat.categories.tolist() == names.tolist()
     np.testing.assert_array_equal(out.obs["sscell_cell_type"].astype(str), names[logits.argmax(1)])

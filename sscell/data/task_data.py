@@ -97,8 +97,22 @@ def inverse_document_frequency(store: Store, reader: SparseModalityReader, datas
     return np.log1p(len(rows) / np.maximum(document_frequency(reader, rows), 1)).astype(np.float32)
 
 
+def model_info(config, store: Store) -> TaskInfo:
+    """The data facts a run's model is shaped by (`TaskInfo` without training statistics): genes,
+    cell types, the measured-gene table and the width of the second modality `data.modality`.
+    A sparse modality's IDF weighs the loss's targets, not the model: it is ones here."""
+    n_types = max(1, len(label_names(store, "cell_type"))) if LABEL_COLUMNS["cell_type"] in store.labels else 1
+    modality = config.data.get("modality", "")
+    reader = open_modality(store, modality) if modality else None
+    info = TaskInfo(n_genes=store.n_genes, n_cell_types=n_types, measured=np.asarray(store.measured, bool),
+                    modality_features=reader.n_features if reader else 0)
+    if isinstance(reader, SparseModalityReader):
+        info = dataclasses.replace(info, modality_idf=np.ones(reader.n_features, np.float32))
+    return info
+
+
 def task_info(config, store: Store, programmes: str = "") -> TaskInfo:
-    """The TaskInfo of a run config and its store.
+    """The TaskInfo of a run config and its store: `model_info` plus the training statistics.
 
     `programmes` is what the task needs: "" nothing, "sets" gene programmes, "tf" TF target
     programmes (see `gene_programmes`). Gene programmes come from `config.loss.gmt`, or, when
@@ -106,16 +120,14 @@ def task_info(config, store: Store, programmes: str = "") -> TaskInfo:
     (WORKDIR/atlas.programmes.gmt, or atlas.tf_targets.gmt for GP -> TF); a task that needs
     programmes fails when neither exists.
     """
+    info = model_info(config, store)
     start, stop = store.split_range("train")
-    n_types = max(1, len(label_names(store, "cell_type"))) if LABEL_COLUMNS["cell_type"] in store.labels else 1
     rows = select_rows(store, "train", datasets=tuple(config.data.train_datasets),
                        fraction=config.data.train_fraction, seed=config.seed)  # the cells trained on
-    counts = np.bincount(label_codes(store, start, stop)["cell_type"][rows - start], minlength=n_types)
-    modality = config.data.get("modality", "")
-    reader = open_modality(store, modality) if modality else None
-    info = TaskInfo(n_genes=store.n_genes, n_cell_types=n_types, class_counts=counts,
-                    measured=np.asarray(store.measured, bool), modality_features=reader.n_features if reader else 0)
-    if isinstance(reader, SparseModalityReader):
+    counts = np.bincount(label_codes(store, start, stop)["cell_type"][rows - start], minlength=info.n_cell_types)
+    info = dataclasses.replace(info, class_counts=counts)
+    if len(info.modality_idf):
+        reader = open_modality(store, config.data.modality)
         info = dataclasses.replace(info, modality_idf=inverse_document_frequency(store, reader,
                                                                                  tuple(config.data.train_datasets)))
     if not programmes:

@@ -1,15 +1,19 @@
-"""`python -m sscell.evaluation --workdir=DIR [--tasks=knn,umap] [--knn_reference=train+val] [--store=STORE --outdir=DIR]`:
-evaluate a trained run."""
+"""`python -m sscell.evaluation --workdir=DIR [--tasks=knn,umap] [--module=my.tasks] [--knn_reference=train+val]
+[--store=STORE --outdir=DIR]`: evaluate a trained run."""
 from __future__ import annotations
 
 from absl import app, flags, logging
 
 from sscell.errors import exit_on_error
-from sscell.evaluation.evaluate import KNN_REFERENCES, evaluate
+from sscell.evaluation.evaluate import evaluate
+from sscell.evaluation.tasks import registered
+from sscell.evaluation.tasks.knn import KNN_REFERENCES
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Work directory of a run made by python -m sscell.main.")
-_TASKS = flags.DEFINE_list("tasks", None, "Evaluation tasks, e.g. knn,linear_probe,reconstruction,integration,umap "
-                           "(default: the run's eval.tasks).")
+_TASKS = flags.DEFINE_list("tasks", None, f"Evaluation tasks among {','.join(registered())} and those of "
+                           "--module (default: the run's eval.tasks).")
+_MODULE = flags.DEFINE_string("module", None, "A module registering evaluation tasks of your own, imported first "
+                              "(default: the run's eval.module).")
 _KNN_REFERENCE = flags.DEFINE_string("knn_reference", None, f"kNN reference cells: {' | '.join(KNN_REFERENCES)} "
                                      "(default: the run's eval.knn_reference).")
 _STORE = flags.DEFINE_string("store", None, "Evaluate the cells of this store (the run's genes, e.g. a transfer "
@@ -22,7 +26,7 @@ def main(argv: list[str]) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)
     with exit_on_error():
-        evaluate(_WORKDIR.value, _TASKS.value, _STORE.value, _OUTDIR.value, _KNN_REFERENCE.value)
+        evaluate(_WORKDIR.value, _TASKS.value, _STORE.value, _OUTDIR.value, _KNN_REFERENCE.value, _MODULE.value)
 
 
 if __name__ == "__main__":

@@ -50,8 +50,8 @@ from sscell.evaluation.figures import plot_bars
 from sscell.evaluation.finetune import ARMS, arm_config, finetune_config, label_fractions, run_settings, train_arm
 from sscell.evaluation.metrics import correlation_scores, pearson_rows
 from sscell.evaluation.report import write_results
+from sscell.evaluation.run import open_run
 from sscell.losses.crossmodal import tfidf
-from sscell.training.restore import load_params
 from sscell.training.state import check_same_genes
 from sscell.training.step import task_batch
 
@@ -86,7 +86,7 @@ def cpu_study_config(mode: str, modality: str, **synthetic) -> ml_collections.Co
         config.model.dtype = "float32"
         config.train.update(steps=4_000, batch_size=256, log_every=25, val_every=250, checkpoint_every=250,
                             lr_decay_epochs=10)
-        config.eval.tasks = ("knn",)
+        config.eval.tasks = ("knn", "crossmodal", "crossmodal_atac")  # and the tables of the regression arms
         return config
     config = crossmodal_config(modality)
     config.model.dtype = "float32"
@@ -150,8 +150,8 @@ def ridge_predictions(store: Store, measured: np.ndarray, train_rows: np.ndarray
 def model_predictions(run: str, config: ml_collections.ConfigDict, store: Store, sets: dict[str, np.ndarray],
                       batch_size: int) -> dict[str, np.ndarray]:
     """Predicted targets (`modality_targets`) of each set's rows by the trained run in `run`."""
-    setup, params, _ = load_params(run, config, store)
-    model, measured = setup.model, setup.info.measured_table()
+    trained = open_run(run, config.eval.checkpoint, store=store)
+    model, params, measured = trained.model, trained.params, trained.info.measured_table()
 
     @jax.jit
     def predict(batch):

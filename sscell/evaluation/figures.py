@@ -13,20 +13,23 @@ from sscell.atomic import atomic_file
 from sscell.evaluation.neighbors import nearest_neighbors
 
 MAX_LEGEND = 20  # more categories than this: no legend (colours only)
+UMAP_EPOCHS = 200
 
 
 def umap_2d(embedding: np.ndarray, seed: int = 0, knn_method: str = "auto") -> np.ndarray:
-    """UMAP (umap-learn, 15 neighbours) of `embedding` into 2-D; deterministic for a seed.
+    """UMAP (umap-learn, 15 neighbours, 200 epochs) of `embedding` into 2-D; deterministic for a seed.
 
     The neighbour graph comes from `sscell.evaluation.neighbors` (exact on small inputs), which
     spares umap-learn's own search (its numba compilation takes longer than the map itself).
+    200 layout epochs (umap-learn's choice above 10,000 cells; below, it takes 500): 2.5x less
+    layout time, for a figure.
     """
     import umap  # numba-compiled on first use: imported only when a map is drawn
 
     embedding = np.asarray(embedding, np.float32)
     n_neighbors = min(15, len(embedding) - 1)
     indices, distances = nearest_neighbors(embedding, embedding, n_neighbors, knn_method)
-    reducer = umap.UMAP(n_neighbors=n_neighbors, random_state=seed, n_jobs=1,
+    reducer = umap.UMAP(n_neighbors=n_neighbors, n_epochs=UMAP_EPOCHS, random_state=seed, n_jobs=1,
                         precomputed_knn=(indices, distances.astype(np.float32)))
     with warnings.catch_warnings():  # "no search index: transform unavailable" (not needed)
         warnings.simplefilter("ignore", UserWarning)

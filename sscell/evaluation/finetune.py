@@ -41,10 +41,10 @@ from sscell.evaluation.metrics import f1_columns
 from sscell.evaluation.neighbors import knn_predict
 from sscell.evaluation.ontology import store_descendants
 from sscell.evaluation.report import write_results
-from sscell.training.restore import load_params
+from sscell.evaluation.run import open_run
+from sscell.training.resume import check_compatible
 from sscell.training.state import check_same_genes
 from sscell.training.step import task_batch
-from sscell.training.resume import check_compatible
 from sscell.training.train import check_run, train
 from sscell.training.workdir_lock import workdir_lock
 
@@ -150,9 +150,9 @@ def predict_test(arms: dict, store: Store, datasets: tuple[str, ...], batch_size
     when there is no reference). Each split is read once for every arm; the codes are the
     store's, as in training.
     """
-    loaded = {name: load_params(workdir, config, store) for name, (config, workdir) in arms.items()}
-    setup = next(iter(loaded.values()))[0]  # every arm has the same model on the same store
-    model, measured = setup.model, setup.info.measured_table()
+    loaded = {name: open_run(workdir, config.eval.checkpoint, store=store) for name, (config, workdir) in arms.items()}
+    first = next(iter(loaded.values()))  # every arm has the same model on the same store
+    model, measured = first.model, first.info.measured_table()
 
     @jax.jit
     def forward(params, batch):
@@ -163,8 +163,8 @@ def predict_test(arms: dict, store: Store, datasets: tuple[str, ...], batch_size
     def outputs(rows: np.ndarray) -> dict[object, tuple[np.ndarray, np.ndarray]]:
         parts = {name: [] for name in arms}
         for batch, n_valid in row_batches(store, rows, batch_size):
-            for name, (_, params, _) in loaded.items():
-                parts[name].append([np.asarray(a)[:n_valid] for a in jax.device_get(forward(params, batch))])
+            for name, run in loaded.items():
+                parts[name].append([np.asarray(a)[:n_valid] for a in jax.device_get(forward(run.params, batch))])
         return {name: tuple(np.concatenate(a) for a in zip(*p)) for name, p in parts.items()}
 
     test_rows = select_rows(store, "test", datasets=datasets)

@@ -7,7 +7,9 @@ regularisation strength C in `C_GRID`, in increasing order, each fit starting fr
 solution (a warm-started regularisation path: a few times faster than cold fits, same optimum up
 to the solver's tolerance); the C with the best macro F1 on validation cells is kept, and the
 test cells' predictions are returned. Train, validation and test cells come
-from different donors, as in the kNN task.
+from different donors, as in the kNN task. The fits use one BLAS thread: their matrices (cells x
+embedding dims) are too small to gain from more, and on a busy CPU more threads made them 15-30x
+slower (threads waiting on each other at every lbfgs step).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
 
 from sscell.errors import SscellError
 from sscell.evaluation.metrics import f1_scores
@@ -37,8 +40,8 @@ def linear_probe(train_emb: np.ndarray, train_labels: np.ndarray, val_emb: np.nd
     best = None
     for c in sorted(c_grid):
         model.C = c
-        with warnings.catch_warnings():  # an unconverged fit is still a valid (more regularised) probe
-            warnings.simplefilter("ignore", ConvergenceWarning)
+        with warnings.catch_warnings(), threadpool_limits(1, user_api="blas"):
+            warnings.simplefilter("ignore", ConvergenceWarning)  # an unconverged fit is still a valid probe
             model.fit(train_x, train_labels)
         score = f1_scores(val_labels, model.predict(val_x))["macro_f1"]
         if best is None or score > best[0]:
