@@ -32,7 +32,6 @@ def get_config():
 
     pretrain = default_config()
     pretrain.model.hidden = (256, 256, 128, 128)  # the study's widths halved for 2,000 genes
-    pretrain.model.dtype = "float32"  # as docs/reproduce_cpu.md was measured ("auto": bf16 on AMX CPUs, faster)
     pretrain.train.update(steps=3_000, batch_size=256, log_every=100, val_every=500, checkpoint_every=500,
                           lr_decay_epochs=10)
     pretrain.eval.update(tasks=("knn",), max_cells=5_000)
@@ -47,7 +46,6 @@ def get_config():
     })
 
     finetune = finetune_config()
-    finetune.model.dtype = pretrain.model.dtype
     finetune.train.update(steps=400, batch_size=256, log_every=100, val_every=100, checkpoint_every=100,
                           val_batches=4)
     config.finetune = finetune
