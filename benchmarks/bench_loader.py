@@ -87,7 +87,7 @@ def codec_rates(store_path: Path, batch_size: int, cells: int, threads: list[int
     for t in threads:
         loader = CellLoader(store, "train", batch_size, seed=t, prefetch=t)
 
-        def raw(step: int) -> dict:
+        def raw(step: int, loader: CellLoader = loader) -> dict:
             rows = loader.rows[loader.local_selection(step)]
             store.read_nonzeros(runs(rows))
             return {"cell": rows}

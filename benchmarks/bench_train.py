@@ -41,7 +41,6 @@ import numpy as np
 from benchmarks.bench_loader import dataset, train_step_rates
 from sscell.errors import SscellError, exit_on_error
 
-
 CONTENDERS = ("sscell_bf16", "sscell_float32", "sscell_sparse", "torch_eager", "torch_compile", "torch_compile_bf16")
 
 

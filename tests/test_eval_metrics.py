@@ -25,7 +25,7 @@ from sscell.evaluation.neighbors import (
     resolve_method,
     vote,
 )
-from sscell.evaluation.report import read_losses, plot_loss_curves, write_results
+from sscell.evaluation.report import plot_loss_curves, read_losses, write_results
 
 
 def brute_force_knn(ref, labels, query, k):

@@ -91,7 +91,7 @@ def test_loader_batches_carry_their_rows_proteins_and_resume_identically(atlas, 
     ids = store.read_obs().index
     loader = CellLoader(store, "train", 64, seed=3, shards=2, modality=PROTEIN_KEY)
     batches = list(loader.iterate(0, 2 * loader.steps_per_epoch + 1))  # crosses two epoch reshuffles
-    for step, batch in enumerate(batches):
+    for batch in batches:
         assert batch[BATCH_FIELD].shape == (64, 8) and batch[BATCH_FIELD].dtype == np.float32
         np.testing.assert_array_equal(batch[BATCH_FIELD], proteins_of(atlas, ids[batch["cell"]]))
     resumed = CellLoader(store, "train", 64, seed=3, shards=2, modality=PROTEIN_KEY)  # a restarted run

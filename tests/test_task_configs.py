@@ -11,10 +11,10 @@ import pytest
 from sscell.config import save_config
 from sscell.data.gmt import read_gmt
 from sscell.data.synthetic import programmes_path, tf_targets_path
+from sscell.data.task_data import gene_programmes
 from sscell.errors import SscellError
 from sscell.evaluation.evaluate import evaluate
 from sscell.losses import load_task
-from sscell.data.task_data import gene_programmes
 from sscell.training.train import train
 
 EXPERIMENTS = sorted((pathlib.Path(__file__).parent.parent / "experiments").glob("*.py"))

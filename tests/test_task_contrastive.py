@@ -10,11 +10,11 @@ import scipy.stats
 from sklearn.utils.class_weight import compute_class_weight
 
 from sscell.config import default_config
+from sscell.data.task_data import TaskInfo
 from sscell.losses import get_task
 from sscell.losses.augment import augment, nb_resample, two_views
 from sscell.losses.barlow_twins import cross_correlation_loss
 from sscell.losses.byol import ema_decay, update_target
-from sscell.data.task_data import TaskInfo
 from sscell.losses.supervised import balanced_weights
 from sscell.models.mlp import init_params
 from sscell.training.state import create_state
@@ -140,8 +140,7 @@ def test_byol_step_moves_the_target_toward_the_online_network_by_the_ema_rule():
     after, metrics = step(state, batch, jax.random.key(1))
     assert np.isfinite(float(metrics["loss"])) and float(metrics["grad_norm"]) > 0
     expected = jax.tree.map(lambda t, p: 0.9 * t + 0.1 * p, before["extra"]["target"], jax.tree.map(np.asarray, after["params"]))
-    for got, want, online_before in zip(jax.tree.leaves(after["extra"]["target"]), jax.tree.leaves(expected),
-                                        jax.tree.leaves(before["params"])):
+    for got, want in zip(jax.tree.leaves(after["extra"]["target"]), jax.tree.leaves(expected)):
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
     moved = [np.abs(np.asarray(a) - b).sum() for a, b in zip(jax.tree.leaves(after["params"]), jax.tree.leaves(before["params"]))]
     assert sum(moved) > 0  # the online network learned, so the target follows something new

@@ -9,8 +9,8 @@ from scipy.special import gammaln, softmax
 
 from sscell.config import default_config
 from sscell.data.loader import shard_nonzeros
-from sscell.losses import get_task
 from sscell.data.task_data import TaskInfo
+from sscell.losses import get_task
 from sscell.losses.masking import random_gene_mask
 from sscell.losses.programmes import choose_programmes, cover, one_programme_views
 from sscell.models.mlp import init_params

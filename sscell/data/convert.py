@@ -62,8 +62,7 @@ from pandas.api.types import union_categoricals
 from sscell.data import modality as modalities
 from sscell.data.cell_ids import all_in, as_utf8, check_unique, sorted_hashes
 from sscell.data.h5columns import categorical_of_strings
-from sscell.data.inputs import (REQUIRED_OBS, H5adInput, align, id_kind, open_input, read_vocabulary,
-                                union_vocabulary)
+from sscell.data.inputs import REQUIRED_OBS, H5adInput, align, id_kind, open_input, read_vocabulary, union_vocabulary
 from sscell.data.store import CODECS, SPLITS, Store, StoreWriter, count_dtype, index_dtype, open_store
 from sscell.errors import SscellError, exit_on_error
 
