@@ -31,7 +31,6 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from sscell.atomic import atomic_file
-from sscell.config import save_config
 from sscell.data.convert import convert
 from sscell.data.store import Store, open_store
 from sscell.data.synthetic import AtlasSpec, programmes_path, target_path, tf_targets_path, write_atlas
@@ -39,8 +38,8 @@ from sscell.errors import exit_on_error
 from sscell.evaluation.evaluate import evaluate
 from sscell.evaluation.finetune import ARMS, finetune
 from sscell.evaluation.report import write_results
-from sscell.training.resume import check_compatible
-from sscell.training.train import train
+from sscell.training.train import check_run
+from sscell.training.workdir_run import train_in_workdir
 
 # macro F1 as the study computes it (docs/metrics.md); *_ontology: predicting a descendant of the true
 # type counts as correct. finetune_knn_macro_f1_ontology is the study's transfer figure (kNN on the
@@ -84,11 +83,8 @@ def pretrain_config(config: ml_collections.ConfigDict, task: str, seed: int, sto
 
 def pretrain(run: ml_collections.ConfigDict, workdir: str, store: Store) -> None:
     """Train (or resume, or find finished) one pretraining run, as `sscell.main` does."""
-    os.makedirs(workdir, exist_ok=True)
-    check_compatible(run, workdir)
-    if jax.process_index() == 0:
-        save_config(run, workdir)
-    train(run, workdir, store)
+    check_run(run, store)
+    train_in_workdir(run, workdir, store)
 
 
 def knn_scores(rows: list[dict], baselines: bool, **labels) -> list[dict]:

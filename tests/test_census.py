@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import anndata as ad
+import jax
 import numpy as np
 import pandas as pd
 import pytest
@@ -12,9 +13,11 @@ import scipy.sparse
 from test_convert_streaming import build_dir, kill_when, same_store
 from test_store import dense, input_rows, make_adata
 
+from sscell.config import default_config
 from sscell.data.convert import convert
 from sscell.data.store import open_store
 from sscell.errors import SscellError
+from sscell.training.train import train
 
 pytest.importorskip("tiledbsoma", reason="the census tests need tiledbsoma (pip install 'sscell[census]')")
 
@@ -58,6 +61,17 @@ def test_store_equals_the_h5ad_twins_cell_for_cell(tmp_path):
     np.testing.assert_array_equal(dense(soma_store.read_rows(0, soma_store.n_cells)),
                                   dense(adata.X[input_rows(soma_store, adata)]))
     assert report["cells"] == adata.n_obs and sum(report["split_cells"].values()) == adata.n_obs
+
+    # ... so a run trains on it exactly as on its .h5ad twin
+    params = []
+    for name, store in (("from_h5ad", h5ad_store), ("from_soma", soma_store)):
+        config = default_config()
+        config.data.store = store.path
+        config.model.update(hidden=(16,), latent=4)
+        config.train.update(steps=4, batch_size=32, log_every=2, val_every=4, val_batches=1, checkpoint_every=4)
+        params.append(jax.device_get(train(config, str(tmp_path / f"run_{name}"), store).state["params"]))
+    for a, b in zip(jax.tree.leaves(params[0]), jax.tree.leaves(params[1]), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_obs_filter_selects_the_cells_a_pandas_query_selects(tmp_path):

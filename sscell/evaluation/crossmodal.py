@@ -47,13 +47,14 @@ from sscell.data.store import Store, open_store, runs
 from sscell.data.task_data import TaskInfo, inverse_document_frequency
 from sscell.errors import SscellError, exit_on_error
 from sscell.evaluation.figures import plot_bars
-from sscell.evaluation.finetune import ARMS, arm_config, finetune_config, label_fractions, run_settings, train_arm
+from sscell.evaluation.finetune import ARMS, arm_config, finetune_config, label_fractions, run_settings
 from sscell.evaluation.metrics import correlation_scores, pearson_rows
 from sscell.evaluation.report import write_results
 from sscell.evaluation.run import open_run
 from sscell.losses.crossmodal import tfidf
 from sscell.training.state import check_same_genes
 from sscell.training.step import task_batch
+from sscell.training.workdir_run import train_in_workdir
 
 RESULTS = "crossmodal"  # PRETRAINED_RUN/crossmodal.{md,csv} and the arms' folder PRETRAINED_RUN/crossmodal/
 RIDGE_ALPHAS = np.logspace(-1, 4, 6)
@@ -193,7 +194,7 @@ def crossmodal(workdir: str, target_store: str | None = None, fractions: list[fl
             config = arm_config(base, workdir, store, arm, fraction, datasets, seed)
             config.loss.name = base.loss.name  # arm_config sets the classifier's
             run = os.path.join(workdir, results, f"{arm}_{fraction:g}")
-            if not train_arm(config, run, store):
+            if not train_in_workdir(config, run, store):
                 print(f"{run} stopped early (preempted); rerun the same command to resume")
                 return []
             predictions[arm] = model_predictions(run, config, store, sets, batch_size)

@@ -32,7 +32,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sscell.config import default_config, load_config, save_config
+from sscell.config import default_config, load_config
 from sscell.data.loader import label_codes, row_batches, select_rows
 from sscell.data.prepare import store_path
 from sscell.data.store import Store, open_store, resolved_location
@@ -45,8 +45,8 @@ from sscell.evaluation.run import open_run
 from sscell.training.resume import check_compatible
 from sscell.training.state import check_same_genes
 from sscell.training.step import task_batch
-from sscell.training.train import check_run, train
-from sscell.training.workdir_lock import workdir_lock
+from sscell.training.train import check_run
+from sscell.training.workdir_run import train_in_workdir
 
 RESULTS = "finetune"  # PRETRAINED_RUN/finetune.{md,csv} and the arms' folder PRETRAINED_RUN/finetune/
 ARMS = ("pretrained", "scratch")
@@ -113,16 +113,6 @@ def check_arm(config: ml_collections.ConfigDict, workdir: str, store: Store) -> 
     except SscellError as error:
         raise SscellError(f"{error}; its batch and schedule follow train.batch_size and the target's cells, so "
                           f"rerun with the settings it was trained with, or delete {workdir}") from None
-
-
-def train_arm(config: ml_collections.ConfigDict, workdir: str, store: Store) -> bool:
-    """Train (or resume, or find finished) one arm's run in `workdir`, checked with `check_arm`,
-    as `sscell.main` would; False if it stopped early (preemption: rerunning resumes)."""
-    with workdir_lock(workdir):
-        check_compatible(config, workdir)
-        if jax.process_index() == 0:
-            save_config(config, workdir)
-        return train(config, workdir, store).finished
 
 
 def knn_reference(store: Store, datasets: tuple[str, ...], k: int) -> tuple[str, np.ndarray]:
@@ -215,7 +205,7 @@ def finetune(workdir: str, target_store: str, fractions: list[float], *, dataset
     for config, run in trained.values():  # every arm checked before the first trains
         check_arm(config, run, store)
     for config, run in trained.values():
-        if not train_arm(config, run, store):
+        if not train_in_workdir(config, run, store):
             print(f"{run} stopped early (preempted); rerun the same command to resume")
             return []
     cells = {f: len(select_rows(store, "train", datasets=datasets, fraction=f, seed=seed)) for f in fractions}
