@@ -151,6 +151,7 @@ def test_tfidf_target_and_loss_match_numpy(atlas, store):
         task.build_model(config, task_info(config, store))
 
 
+@pytest.mark.slow
 def test_pretrained_vs_scratch_vs_ridge_end_to_end_on_peaks(atlas, store, tmp_path, capsys):
     pretrain = default_config()
     pretrain.data.update(store=store.path, train_datasets=("dataset_1",))

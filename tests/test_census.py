@@ -144,6 +144,7 @@ def test_sctab_recipe_filters_select_what_pandas_selects(tmp_path):
     assert list(kept) == ["T cell"] and sorted(store.read_obs().index) == sorted(expected.index)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_stream_leaves_nothing_and_a_rerun_finishes(tmp_path):  # multi-process, ~10 s
     adata = census_adata(n_cells=1500, n_genes=100, seed=4)
     write_census_like(adata, str(tmp_path / "census"))

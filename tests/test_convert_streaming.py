@@ -112,6 +112,7 @@ def build_dir(output: Path, pid: int) -> Path:
     return output.parent / f".{output.name}.tmp-{pid}"
 
 
+@pytest.mark.slow
 def test_sigkill_at_any_point_then_rerun_finishes(tmp_path):  # multi-process, ~15 s
     """Kill conversions at their start, in the bucket pass and while writing shards; each leaves
     nothing `open_store` accepts, and a plain rerun produces the uninterrupted run's store."""

@@ -73,6 +73,7 @@ def independent_ridge(store, atlas, train_rows, rows):
     return truth, RidgeCV(alphas=RIDGE_ALPHAS).fit(features(train_rows), targets).predict(features(rows))
 
 
+@pytest.mark.slow
 def test_pretrained_vs_scratch_vs_ridge_end_to_end(pretrained, tiny_protein_store, tiny_protein_h5ad, capsys):
     store = tiny_protein_store
     base = tiny(crossmodal_config(), store, 20)

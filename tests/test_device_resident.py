@@ -13,6 +13,8 @@ import pytest
 
 from sscell.errors import SscellError
 
+pytestmark = pytest.mark.slow
+
 
 def assert_same_batches(config, store, mesh_shapes) -> None:
     """Resident and streamed global batches agree in keys, dtypes, shapes, shardings and values

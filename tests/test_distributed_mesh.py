@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow
+
 FSDP = [["kernel$", "fsdp"]]
 
 

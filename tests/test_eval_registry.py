@@ -43,6 +43,7 @@ def run(tiny_store, tmp_path_factory):
     return workdir, config
 
 
+@pytest.mark.slow
 def test_the_example_task_runs_through_the_command_and_matches_numpy(run, tiny_store, tmp_path):
     workdir, _ = run
     done = subprocess.run([sys.executable, "-m", "sscell.evaluation", f"--workdir={workdir}",

@@ -39,6 +39,7 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_every_task_writes_sane_outputs(trained_run, capsys):
     workdir, _ = trained_run
     rows = evaluate(str(workdir))
@@ -129,6 +130,7 @@ def test_unknown_knn_reference_is_refused(trained_run):
         evaluate(str(trained_run[0]), tasks="knn", knn_reference="test")
 
 
+@pytest.mark.slow
 def test_embeddings_of_an_h5ad_and_of_the_store(trained_run, tiny_h5ad, tmp_path):
     workdir, config = trained_run
     atlas = anndata.read_h5ad(tiny_h5ad)

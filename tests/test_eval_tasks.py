@@ -75,6 +75,7 @@ def test_linear_probe_is_the_scikit_learn_model_chosen_on_validation():
         linear_probe(train_x, np.zeros(len(train_x)), val_x, val_y, test_x)
 
 
+@pytest.mark.slow
 def test_integration_scores_reward_mixed_batches():
     pytest.importorskip("scib_metrics")
     from sscell.evaluation.integration import AGGREGATES, integration_scores

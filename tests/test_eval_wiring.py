@@ -19,6 +19,8 @@ from sscell.evaluation.run import open_run
 from sscell.losses.masking import random_gene_mask
 from sscell.training.train import build, train
 
+pytestmark = pytest.mark.slow
+
 N_SHARED = 64  # genes both datasets measured; each also measured 16 the other did not
 
 

@@ -74,6 +74,7 @@ def classifier_config(store, init_from="", steps=0):
     return config
 
 
+@pytest.mark.slow
 def test_init_from_copies_the_encoder_bit_for_bit_and_starts_a_fresh_head(pretrained, tiny_store, tmp_path):
     workdir, config = pretrained
     # train.steps = 0: train() returns the freshly created state
@@ -86,6 +87,7 @@ def test_init_from_copies_the_encoder_bit_for_bit_and_starts_a_fresh_head(pretra
     assert_trees_equal(tuned["opt_state"], scratch["opt_state"])  # optimiser state fresh (zero moments)
 
 
+@pytest.mark.slow
 def test_a_resumed_fine_tune_continues_exactly_from_its_own_checkpoint(pretrained, tiny_store, tmp_path):
     workdir, _ = pretrained
     straight = train(classifier_config(tiny_store, workdir, steps=14), str(tmp_path / "straight"), tiny_store).state
@@ -115,6 +117,7 @@ def test_a_store_with_other_gene_order_is_refused(pretrained, tiny_h5ad, tiny_st
         train(config, str(tmp_path / "run"), open_store(tmp_path / "reversed"))
 
 
+@pytest.mark.slow
 def test_finetune_trains_both_arms_on_nested_fractions_and_scores_the_test_cells(pretrained, tiny_store, capsys,
                                                                                  tmp_path):
     workdir, _ = pretrained
@@ -231,6 +234,7 @@ def test_every_arm_is_checked_before_the_first_trains(pretrained, tiny_store, tm
     assert not os.path.exists(os.path.join(workdir, "finetune"))
 
 
+@pytest.mark.slow
 def test_a_batch_larger_than_the_validation_split_validates_on_all_its_cells(pretrained, tiny_store, tmp_path):
     """experiments/finetune_cpu.py's batch of 256 on a small target: dataset_1 has fewer validation
     cells than the batch at fraction 1 (the run failed there, after training the smaller fractions)."""

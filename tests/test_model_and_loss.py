@@ -41,6 +41,7 @@ def dense_layers(tree):
     return [tree[f"dense_{i}"] for i in range(len(tree))]
 
 
+@pytest.mark.slow
 def test_autoencoder_matches_numpy_mlp():
     model, params = model_and_params()
     x = np.random.default_rng(0).random((5, 24)).astype(np.float32) * 3
@@ -126,6 +127,7 @@ def test_dropout_zeroes_the_rate_and_rescales_survivors():
     np.testing.assert_array_equal(Dropout(0.1, deterministic=True).apply({}, x), x)
 
 
+@pytest.mark.slow
 def test_masked_loss_matches_numpy_reference():
     model, params = model_and_params()
     loss_fn = get_loss("masked")
@@ -243,6 +245,7 @@ def test_row_major_transpose_is_the_transpose():
     np.testing.assert_array_equal(np.asarray(jax.jit(row_major_transpose)(a)), a.T)
 
 
+@pytest.mark.slow
 def test_bfloat16_gradients_follow_the_float32_gradients():
     x = np.random.default_rng(8).random((16, 24)).astype(np.float32) * 3
     full = Autoencoder(n_genes=24, hidden=(16, 12), latent=4, dropout=0.0)
@@ -259,6 +262,7 @@ def test_bfloat16_gradients_follow_the_float32_gradients():
 
 
 @pytest.mark.parametrize("nonzeros_per_cell", [6, 2])  # 2: too few for the batch, the dense fallback runs
+@pytest.mark.slow
 def test_sparse_input_layer_equals_the_dense_layer(nonzeros_per_cell):
     rng = np.random.default_rng(5)
     x = (rng.random((8, 24)) * (rng.random((8, 24)) < 0.2)).astype(np.float32)  # ~5 nonzeros per cell
@@ -277,6 +281,7 @@ def test_sparse_input_layer_equals_the_dense_layer(nonzeros_per_cell):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_sparse_input_layer_equals_the_dense_layer_in_the_masked_loss():
     """The training path: masked inputs, dropout on (the same draws in both models), loss and gradients."""
     rng = np.random.default_rng(6)

@@ -38,6 +38,7 @@ def predict_cli(*args):
                           text=True, env=env, timeout=240)
 
 
+@pytest.mark.slow
 def test_predicted_labels_are_the_argmax_of_the_models_logits(classifier_run, tiny_store, atlas, tiny_h5ad, tmp_path):
     workdir, config = classifier_run
     summary = predict(workdir, tiny_h5ad, str(tmp_path / "out.h5ad"))
@@ -69,6 +70,7 @@ def test_predicted_labels_are_the_argmax_of_the_models_logits(classifier_run, ti
     pd.testing.assert_frame_equal(anndata.read_h5ad(tmp_path / "again.h5ad").obs, out.obs)
 
 
+@pytest.mark.slow
 def test_the_command_the_run_and_its_bundle_agree_bit_for_bit_after_the_run_is_deleted(
         tiny_store, atlas, tiny_h5ad, tmp_path):
     store = open_store(shutil.copytree(tiny_store.path, tmp_path / "store"))

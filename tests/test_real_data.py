@@ -68,6 +68,7 @@ def test_write_example_refuses_unknown_names(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_pbmc68k_converts_pretrains_embeds_finetunes_and_predicts(tmp_path):
     """The user's commands in docs/real_data.md, at a tiny scale."""
     h5ad, store, workdir = tmp_path / "new" / "pbmc68k.h5ad", tmp_path / "store", tmp_path / "run"

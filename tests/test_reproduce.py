@@ -5,8 +5,11 @@ import pathlib
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from sscell.reproduce import knn_scores, reproduce
+
+pytestmark = pytest.mark.slow
 
 CONFIG = pathlib.Path(__file__).parent.parent / "experiments" / "reproduce_cpu.py"
 

@@ -343,6 +343,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
                           check=False, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_cli(tmp_path):
     adata = make_adata(n_cells=100)
     adata.write_h5ad(tmp_path / "ok.h5ad")

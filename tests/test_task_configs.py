@@ -40,6 +40,7 @@ def test_tf_programmes_of_a_generated_atlas(tiny_h5ad):
 
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=[p.stem for p in EXPERIMENTS])
+@pytest.mark.slow
 def test_config_trains_three_steps(path, tiny_store, tiny_protein_store, tiny_atac_store, tiny_h5ad, tmp_path):
     config = load_config(path)
     if "pretrain" in config:  # a study (sscell.reproduce): its pretraining runs here, the rest in test_reproduce.py

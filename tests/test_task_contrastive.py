@@ -121,6 +121,7 @@ def test_ema_decay_schedules():
     np.testing.assert_allclose(decays, [0.9, 0.95, 1.0, 1.0], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_byol_step_moves_the_target_toward_the_online_network_by_the_ema_rule():
     config = small_config("byol")
     task = get_task("byol")
@@ -147,6 +148,7 @@ def test_byol_step_moves_the_target_toward_the_online_network_by_the_ema_rule():
     assert jax.tree.structure(update_target(before["extra"], before["params"], 1, config)) == jax.tree.structure(before["extra"])
 
 
+@pytest.mark.slow
 def test_byol_loss_is_symmetric_two_minus_two_cos():
     config = small_config("byol")
     task = get_task("byol")
@@ -195,6 +197,7 @@ def test_byol_target_runs_without_dropout_while_the_online_network_drops():
     np.testing.assert_allclose(float(loss), expected, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_supervised_loss_is_balanced_cross_entropy():
     counts = np.array([30, 5, 0, 15])
     labels = np.repeat(np.arange(4), counts)

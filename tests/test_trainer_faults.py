@@ -96,6 +96,7 @@ def free_port() -> int:
 
 
 @pytest.mark.timeout(500)
+@pytest.mark.slow
 def test_sigkill_sigterm_and_ctrl_c_then_rerun_equal_an_uninterrupted_run(straight, tiny_store, tmp_path):
     killed, stopped, interrupted = tmp_path / "killed", tmp_path / "stopped", tmp_path / "interrupted"
     runs = {workdir: start(workdir, tiny_store.path) for workdir in (killed, stopped, interrupted)}
@@ -126,6 +127,7 @@ def test_sigkill_sigterm_and_ctrl_c_then_rerun_equal_an_uninterrupted_run(straig
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow
 def test_a_second_run_in_a_busy_workdir_is_refused_until_the_first_dies(tiny_store, tmp_path):
     first = start(tmp_path, tiny_store.path, "--config.train.steps=100000")
     wait_until_logged(first, tmp_path, 4)
@@ -151,6 +153,7 @@ def test_ctrl_c_while_converting_ends_with_one_line_and_code_130(tmp_path):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow
 def test_two_processes_match_one_process(straight, tiny_store, tmp_path):
     port = free_port()
     processes = [start(tmp_path, tiny_store.path, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
