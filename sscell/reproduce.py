@@ -81,10 +81,11 @@ def pretrain_config(config: ml_collections.ConfigDict, task: str, seed: int, sto
     return run
 
 
-def pretrain(run: ml_collections.ConfigDict, workdir: str, store: Store) -> None:
-    """Train (or resume, or find finished) one pretraining run, as `sscell.main` does."""
+def pretrain(run: ml_collections.ConfigDict, workdir: str, store: Store) -> bool:
+    """Train (or resume, or find finished) one pretraining run, as `sscell.main` does; False if it
+    stopped early (preemption or Ctrl-C)."""
     check_run(run, store)
-    train_in_workdir(run, workdir, store)
+    return train_in_workdir(run, workdir, store)
 
 
 def knn_scores(rows: list[dict], baselines: bool, **labels) -> list[dict]:
@@ -96,8 +97,10 @@ def knn_scores(rows: list[dict], baselines: bool, **labels) -> list[dict]:
             and (baselines or r["method"].startswith("sscell"))]
 
 
-def run_seed(config: ml_collections.ConfigDict, workdir: str, seed: int, atlas: Store, target: Store) -> list[dict]:
-    """Every score of one seed: per task, zero-shot kNN on atlas and target, then fine-tuning.
+def run_seed(config: ml_collections.ConfigDict, workdir: str, seed: int, atlas: Store,
+             target: Store) -> list[dict] | None:
+    """Every score of one seed: per task, zero-shot kNN on atlas and target, then fine-tuning;
+    None if a run stopped early (preemption or Ctrl-C: nothing of it is scored, rerunning resumes).
 
     Baselines (PCA, training from scratch) do not depend on the task: they are scored with the
     first task only.
@@ -105,12 +108,15 @@ def run_seed(config: ml_collections.ConfigDict, workdir: str, seed: int, atlas: 
     rows = []
     for i, task in enumerate(config.tasks):
         run_dir = os.path.join(workdir, f"seed_{seed}", task)
-        pretrain(pretrain_config(config, task, seed, atlas, os.path.join(workdir, "data")), run_dir, atlas)
+        if not pretrain(pretrain_config(config, task, seed, atlas, os.path.join(workdir, "data")), run_dir, atlas):
+            return None
         rows += knn_scores(evaluate(run_dir, ("knn",)), i == 0, seed=seed, setting="zero-shot atlas")
         rows += knn_scores(evaluate(run_dir, ("knn",), store=target.path, outdir=os.path.join(run_dir, "target")),
                           i == 0, seed=seed, setting="zero-shot target")
         tuned = finetune(run_dir, target.path, list(config.fractions), steps=config.finetune.train.steps,
                          seed=seed, base=config.finetune, arms=ARMS if i == 0 else ("pretrained",))
+        if not tuned:
+            return None
         for r in tuned:
             rows.append({"seed": seed, "setting": f"fine-tune {r['label_fraction']:g}", "method": r["method"],
                          **{k: r[k] for k in SCORES if k in r}})
@@ -159,12 +165,20 @@ def plot(scores: pd.DataFrame, path: str) -> None:
     plt.close(fig)
 
 
-def reproduce(config: ml_collections.ConfigDict, workdir: str) -> pd.DataFrame:
-    """Run the whole study (see the module docstring); returns the summary table."""
+def reproduce(config: ml_collections.ConfigDict, workdir: str) -> pd.DataFrame | None:
+    """Run the whole study (see the module docstring); returns the summary table, or None if a
+    run stopped early (rerunning resumes)."""
     started = time.perf_counter()
     spec = AtlasSpec(**config.atlas.to_dict())
     atlas, target = prepare_data(spec, os.path.join(workdir, "data"))
-    rows = [r for seed in config.seeds for r in run_seed(config, workdir, seed, atlas, target)]
+    rows = []
+    for seed in config.seeds:
+        seed_rows = run_seed(config, workdir, seed, atlas, target)
+        if seed_rows is None:
+            print("a run stopped early (preempted or interrupted): nothing was scored for it; rerun the same "
+                  "command to resume")
+            return None
+        rows += seed_rows
     scores = pd.DataFrame(rows)
     scores.to_csv(os.path.join(workdir, "scores.csv"), index=False)
     minutes = (time.perf_counter() - started) / 60

@@ -68,3 +68,13 @@ def test_knn_scores_keep_only_knn_rows():
     kept = knn_scores(rows, baselines=True, seed=3)
     assert [r["method"] for r in kept] == ["sscell masked", "PCA(64) log1p"] and all(r["seed"] == 3 for r in kept)
     assert [r["method"] for r in knn_scores(rows, baselines=False)] == ["sscell masked"]
+
+
+def test_a_run_that_stops_early_is_not_scored(tmp_path, monkeypatch):
+    """A pretraining run stopped by a preemption or Ctrl-C (train_in_workdir returns False) ends
+    the study with nothing scored for it, so a rerun resumes instead of reporting a partial run."""
+    import sscell.reproduce
+
+    monkeypatch.setattr(sscell.reproduce, "train_in_workdir", lambda config, workdir, store: False)
+    assert reproduce(tiny_study(tmp_path), str(tmp_path / "run")) is None
+    assert not (tmp_path / "run" / "scores.csv").exists() and not (tmp_path / "docs").exists()
