@@ -63,6 +63,7 @@ def test_importing_sscell_loads_nothing_heavy():
     assert out.strip() == "[]"
 
 
+@pytest.mark.slow
 def test_an_h5ad_without_obs_columns_is_embedded_as_the_encoder_computes(masked_run, atlas, tiny_store, tmp_path):
     workdir, config = masked_run
     cells = bare(atlas)

@@ -118,6 +118,7 @@ def test_loader_ships_flat_peaks_aligned_with_the_rows_and_resumes_exactly(atlas
         np.testing.assert_array_equal(resumed[name], values)
 
 
+@pytest.mark.slow
 def test_tfidf_target_and_loss_match_numpy(atlas, store):
     config = default_config()
     config.data.update(store=store.path, modality=ATAC_KEY, train_datasets=("dataset_1",))

@@ -170,6 +170,7 @@ def test_sigkill_mid_stream_leaves_nothing_and_a_rerun_finishes(tmp_path):  # mu
     ("no matching cells", "no cells match"),
     ("not soma", "cannot open it as a SOMA experiment"),
 ])
+@pytest.mark.slow
 def test_malformed_experiment_one_line_and_nothing_left(tmp_path, case, match):
     adata = census_adata(n_cells=60, seed=5)
     if case == "non-integer":

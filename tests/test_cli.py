@@ -8,6 +8,8 @@ import pytest
 
 from sscell.errors import exit_on_error
 
+pytestmark = pytest.mark.slow
+
 TINY = ["--config.data.synthetic.n_cells=1600", "--config.data.synthetic.n_genes=96",
         "--config.data.synthetic.n_datasets=2", "--config.model.hidden=(32,32)", "--config.model.latent=8",
         "--config.train.steps=20", "--config.train.batch_size=64", "--config.train.log_every=5",
@@ -29,7 +31,6 @@ def quickstart_run(tmp_path_factory):
     return workdir, result
 
 
-@pytest.mark.slow
 def test_quickstart_trains_and_evaluates(quickstart_run):
     workdir, result = quickstart_run
     for name in ("atlas.h5ad", "store", "config.json", "metrics.jsonl", "results.md", "results.csv",
@@ -93,7 +94,6 @@ def test_evaluating_an_empty_workdir(tmp_path):
     one_line_error(sscell(f"--workdir={tmp_path}", module="sscell.evaluation"), "holds no sscell run")
 
 
-@pytest.mark.slow
 def test_a_failed_check_writes_nothing_and_the_corrected_rerun_trains(quickstart_run, tmp_path):
     store = quickstart_run[0] / "store"
     run = tmp_path / "run"
@@ -116,7 +116,6 @@ def test_ctrl_c_ends_a_command_with_one_line_and_code_130(capsys):
     assert ended.value.code == 130 and capsys.readouterr().err == "interrupted\n"
 
 
-@pytest.mark.slow
 def test_finetune_takes_config_overrides_without_a_config_file(tmp_path):
     result = sscell("--help", module="sscell.evaluation.finetune")
     assert "override any field with --config.FIELD=VALUE, e.g. --config.train.batch_size=64" in " ".join(

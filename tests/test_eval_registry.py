@@ -95,6 +95,7 @@ def test_a_result_table_task_restores_no_checkpoint(run, tmp_path):
         evaluate(str(tmp_path), tasks="finetune,knn")
 
 
+@pytest.mark.slow
 def test_the_baselines_cache_gives_what_a_fresh_embedding_gives(run, tiny_store, tmp_path):
     workdir, config = run
     settings = eval_settings(config)

@@ -306,6 +306,7 @@ def s3_endpoint(monkeypatch, tmp_path):
     server.stop()
 
 
+@pytest.mark.slow
 def test_store_on_s3_reads_and_trains_like_the_local_store(s3_endpoint, tiny_store, tiny_config, tmp_path):
     import boto3
 

@@ -225,6 +225,7 @@ def test_supervised_loss_is_balanced_cross_entropy():
     assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads)) and sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads)) > 0
 
 
+@pytest.mark.slow
 def test_byol_target_moves_only_when_accumulated_gradients_are_applied():
     config = small_config("byol")
     task = get_task("byol")

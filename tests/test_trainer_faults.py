@@ -140,6 +140,7 @@ def test_a_second_run_in_a_busy_workdir_is_refused_until_the_first_dies(tiny_sto
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.slow
 def test_ctrl_c_while_converting_ends_with_one_line_and_code_130(tmp_path):
     process = subprocess.Popen(
         [sys.executable, "-m", "sscell.main", "--config=experiments/quickstart.py", f"--workdir={tmp_path}",

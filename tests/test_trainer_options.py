@@ -72,6 +72,7 @@ def test_nonfinite_step_stops_the_run_and_keeps_the_last_good_checkpoint(poisone
     assert [r["step"] for r in read_metrics(tmp_path)] == [5, 10]
 
 
+@pytest.mark.slow
 def test_skip_nonfinite_leaves_the_state_unchanged_and_continues(poisoned_config, tiny_store, tmp_path):
     poisoned_config.train.update(skip_nonfinite=2, checkpoint_every=1, keep_checkpoints=20)
     final = train(poisoned_config, str(tmp_path), tiny_store).state
@@ -143,6 +144,7 @@ def test_a_schedule_that_ends_learning_early_is_warned_about():
     assert schedule_warning(train_config(schedule="warmup_cosine"), steps_per_epoch=2) is None
 
 
+@pytest.mark.slow
 def test_the_learning_rate_is_logged_and_a_fast_decay_warned(tiny_config, tiny_store, tmp_path, capsys):
     tiny_config.train.update(lr=0.01, lr_decay=0.5, lr_decay_steps=4, steps=20, log_every=3)
     train(tiny_config, str(tmp_path), tiny_store)
