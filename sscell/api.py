@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 import zarr
 
-from sscell import bundle
+from sscell.bundle import HEADLINE, is_bundle, read_bundle, write_bundle
 from sscell.data.inputs import H5adInput
 from sscell.data.loader import label_names, select_rows
 from sscell.data.store import Store, resolved_location
@@ -190,7 +190,7 @@ class Model:
             if "cell_type_ontology_term_id" in self.classes:
                 meta["class_ontology_term_ids"] = [None if pd.isna(v) else str(v)
                                                    for v in self.classes["cell_type_ontology_term_id"]]
-        return str(bundle.write_bundle(path, params=self.params, genes=self.genes, config=config, meta=meta))
+        return str(write_bundle(path, params=self.params, genes=self.genes, config=config, meta=meta))
 
 
 def class_table(store: Store) -> pd.DataFrame:
@@ -216,7 +216,7 @@ def _about(config: ml_collections.ConfigDict, workdir: str, store: Store) -> dic
     training = {"store": resolved_location(store.path), "inputs": [str(i) for i in inputs], "cells": store.n_cells,
                 "train_cells": len(trained), "genes": store.n_genes, "datasets": list(store.datasets)}
     rows = read_results(workdir, "results")
-    results = ({"method": rows[0]["method"], **{k: float(rows[0][k]) for k in bundle.HEADLINE
+    results = ({"method": rows[0]["method"], **{k: float(rows[0][k]) for k in HEADLINE
                                                 if k in rows[0] and pd.notna(rows[0][k])}} if rows else None)
     return {"training": training, "results": results}
 
@@ -229,7 +229,7 @@ def _from_workdir(workdir: str, which: str | None) -> Model:
 
 
 def _from_bundle(path: str) -> Model:
-    params, genes, config, meta = bundle.read_bundle(path)
+    params, genes, config, meta = read_bundle(path)
     classes = None
     if meta.get("classes") is not None:
         classes = pd.DataFrame({"cell_type": meta["classes"]})
@@ -243,7 +243,7 @@ def load(path: str | os.PathLike, checkpoint: str | None = None) -> Model:
     """The trained model of a run's workdir (its "latest" or "best" `checkpoint`, default the
     run's eval.checkpoint) or of a bundle written by `Model.export`."""
     path = str(path)
-    if bundle.is_bundle(path):
+    if is_bundle(path):
         if checkpoint is not None:
             raise SscellError(f"{path} is a bundle, which holds one checkpoint; drop the checkpoint choice")
         return _from_bundle(path)
