@@ -160,7 +160,7 @@ def _read_obs(path: Path, group: h5py.Group, required: tuple[str, ...]) -> tuple
     ids = Column(group[group.attrs["_index"]])
     missing = [c for c in required if c not in group]
     if missing:
-        without_donors = " or pass --split=cells to split cells without donors" if "donor_id" in missing else ""
+        without_donors = " or split a new store by cell (--split=cells) to do without donors" if "donor_id" in missing else ""
         raise SscellError(f"{path}: obs lacks required column(s) {', '.join(missing)}; "
                           f"add them (CELLxGENE names) before converting{without_donors}")
     columns = {}
