@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 import pandas as pd
 import safetensors.numpy
+from flax import traverse_util
 
 from sscell.atomic import atomic_folder
 from sscell.config import CONFIG_FILE, load_config, save_config
@@ -32,27 +33,9 @@ HEADLINE = ("knn_macro_f1", "knn_micro_f1", "probe_macro_f1", "recon_ev_weighted
             "finetune_macro_f1")
 
 
-def flatten(params: dict, prefix: str = "") -> dict[str, np.ndarray]:
-    """{"encoder/dense_0/kernel": array, ...} of a nested parameter dict."""
-    flat = {}
-    for key, value in params.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}/"))
-        else:
-            flat[f"{prefix}{key}"] = np.asarray(value)
-    return flat
-
-
-def unflatten(flat: dict[str, np.ndarray]) -> dict:
-    """The nested parameter dict of `flatten`'s output."""
-    params: dict = {}
-    for key, value in flat.items():
-        *parents, name = key.split("/")
-        node = params
-        for parent in parents:
-            node = node.setdefault(parent, {})
-        node[name] = value
-    return params
+def flatten(params: dict) -> dict[str, np.ndarray]:
+    """{"encoder/dense_0/kernel": array, ...} of a nested parameter dict (safetensors' flat layout)."""
+    return {key: np.asarray(value) for key, value in traverse_util.flatten_dict(params, sep="/").items()}
 
 
 def is_bundle(path: str | os.PathLike) -> bool:
@@ -121,7 +104,7 @@ def read_bundle(path: str | os.PathLike) -> tuple[dict, pd.DataFrame, ml_collect
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise SscellError(f"{path}: bundle format {meta.get('format')} version {meta.get('version')}, this sscell "
                           f"reads {FORMAT} version {VERSION}; export it again with this sscell")
-    params = unflatten(safetensors.numpy.load_file(path / PARAMS_FILE))
+    params = traverse_util.unflatten_dict(safetensors.numpy.load_file(path / PARAMS_FILE), sep="/")
     with open(path / GENES_FILE) as f:
         index_name = f.readline().split(",", 1)[0].strip()
     genes = pd.read_csv(path / GENES_FILE, index_col=0, dtype={index_name: str}, keep_default_na=False,

@@ -188,6 +188,20 @@ def _read_split(path: Path, group: h5py.Group, column: str) -> np.ndarray:
     return np.asarray([SPLITS.index(str(v)) for v in values.categories], np.int8)[values.codes]
 
 
+def keyed_by_gene(var: pd.DataFrame, gene_column: str | None, where: str, what: str) -> pd.DataFrame:
+    """`var` indexed by its gene ids as strings: the index, or the column `gene_column`; refuses a
+    missing column or a duplicated id (`where`: the input, `what`: which var, for the message)."""
+    if gene_column is not None:
+        if gene_column not in var:
+            raise SscellError(f"{where}: {what} has no column {gene_column!r} (columns: {list(var.columns)})")
+        var.index = pd.Index(var[gene_column].astype(str))
+    var.index = var.index.astype(str)
+    if var.index.has_duplicates:
+        raise SscellError(f"{where}: gene id {var.index[var.index.duplicated()][0]!r} appears more than once "
+                          f"in {what}{'.' + gene_column if gene_column else ''}; gene ids must be unique")
+    return var
+
+
 def open_input(path: str | os.PathLike, stack: contextlib.ExitStack, *, gene_column: str | None = None,
                round_counts: bool = False, split_column: str | None = None,
                required_obs: tuple[str, ...] = REQUIRED_OBS) -> H5adInput:
@@ -228,14 +242,7 @@ def open_input(path: str | os.PathLike, stack: contextlib.ExitStack, *, gene_col
     if counts.shape != (len(obs), len(var)):
         raise SscellError(f"{path}: counts in {source} have shape {counts.shape}, obs x {var_key} is "
                           f"{(len(obs), len(var))}; the file is inconsistent")
-    if gene_column is not None:
-        if gene_column not in var:
-            raise SscellError(f"{path}: {var_key} has no column {gene_column!r} (columns: {list(var.columns)})")
-        var.index = pd.Index(var[gene_column].astype(str))
-    var.index = var.index.astype(str)
-    if var.index.has_duplicates:
-        raise SscellError(f"{path}: gene id {var.index[var.index.duplicated()][0]!r} appears more than once "
-                          f"in {var_key}{'.' + gene_column if gene_column else ''}; gene ids must be unique")
+    var = keyed_by_gene(var, gene_column, str(path), var_key)
     key, values, names = found or (modalities.PROTEIN_KEY, None, None)
     return H5adInput(path, counts, source, obs, ids, var, round_counts, given_split=given_split,
                      modality=values, modality_names=names, modality_key=key)

@@ -32,6 +32,7 @@ import anndata
 import numpy as np
 import scipy.sparse as sp
 
+from sscell.atomic import atomic_file
 from sscell.data.genes import highly_variable_genes
 from sscell.errors import SscellError, exit_on_error
 
@@ -254,15 +255,6 @@ def figure(arrays: dict[str, dict[str, np.ndarray]]):
     return fig
 
 
-def _write_atomically(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def compare(real: str | os.PathLike, synthetic: Sequence[str | os.PathLike], output: str | os.PathLike,
             seed: int = 0) -> dict[str, dict[str, float]]:
     """Measure the real file and each synthetic one (matched to it), write stats.md, stats.json
@@ -281,10 +273,12 @@ def compare(real: str | os.PathLike, synthetic: Sequence[str | os.PathLike], out
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     table = markdown_table(rows) + "\n" + "\n".join(f"- {n}: {notes[n]}" for n in names) + "\n"
-    _write_atomically(output / "stats.md", lambda p: p.write_text(table))
-    _write_atomically(output / "stats.json", lambda p: p.write_text(json.dumps(
-        {n: {**rows[n], "matched": notes[n]} for n in names}, indent=1)))
-    _write_atomically(output / "realism.png", lambda p: figure(arrays).savefig(p, dpi=110, format="png"))
+    with atomic_file(output / "stats.md") as tmp:
+        tmp.write_text(table)
+    with atomic_file(output / "stats.json") as tmp:
+        tmp.write_text(json.dumps({n: {**rows[n], "matched": notes[n]} for n in names}, indent=1))
+    with atomic_file(output / "realism.png") as tmp:
+        figure(arrays).savefig(tmp, dpi=110, format="png")
     return rows
 
 

@@ -27,7 +27,7 @@ import scipy.sparse
 from pandas.api.types import union_categoricals
 
 from sscell.data.h5columns import categorical_of_strings
-from sscell.data.inputs import OPTIONAL_OBS, REQUIRED_OBS, H5adInput
+from sscell.data.inputs import OPTIONAL_OBS, REQUIRED_OBS, H5adInput, keyed_by_gene
 from sscell.errors import SscellError
 
 CENSUS_OBS = ("suspension_type", "tissue_general", "disease", "sex", "development_stage",
@@ -255,10 +255,7 @@ def open_soma_input(uri: str, stack: contextlib.ExitStack, *, organism: str = "H
                           f"(columns: {list(var.columns)}); pass --gene-column")
     var = var.sort_values("soma_joinid")
     var_joinids = var.pop("soma_joinid").to_numpy()
-    var.index = pd.Index(var[id_column].astype(str))
-    if var.index.has_duplicates:
-        raise SscellError(f"{where}: gene id {var.index[var.index.duplicated()][0]!r} appears more than once in "
-                          f"var.{id_column}; gene ids must be unique")
+    var = keyed_by_gene(var, id_column, where, "var")
     presence, presence_datasets = None, {}
     if PRESENCE in ms:
         if datasets is None:

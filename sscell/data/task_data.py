@@ -9,7 +9,7 @@ import numpy as np
 
 from sscell.data.gmt import read_gmt
 from sscell.data.loader import LABEL_COLUMNS, label_codes, label_names, select_rows
-from sscell.data.modality import SparseModalityReader, open_modality
+from sscell.data.modality import ModalityReader, SparseModalityReader, open_modality
 from sscell.data.store import Store, runs
 from sscell.data.synthetic import programmes_path, tf_targets_path
 from sscell.errors import SscellError
@@ -97,10 +97,8 @@ def inverse_document_frequency(store: Store, reader: SparseModalityReader, datas
     return np.log1p(len(rows) / np.maximum(document_frequency(reader, rows), 1)).astype(np.float32)
 
 
-def model_info(config, store: Store) -> TaskInfo:
-    """The data facts a run's model is shaped by (`TaskInfo` without training statistics): genes,
-    cell types, the measured-gene table and the width of the second modality `data.modality`.
-    A sparse modality's IDF weighs the loss's targets, not the model: it is ones here."""
+def _shape_facts(config, store: Store) -> tuple[TaskInfo, ModalityReader | SparseModalityReader | None]:
+    """(`model_info`, the reader of `data.modality` or None)."""
     n_types = max(1, len(label_names(store, "cell_type"))) if LABEL_COLUMNS["cell_type"] in store.labels else 1
     modality = config.data.get("modality", "")
     reader = open_modality(store, modality) if modality else None
@@ -108,7 +106,14 @@ def model_info(config, store: Store) -> TaskInfo:
                     modality_features=reader.n_features if reader else 0)
     if isinstance(reader, SparseModalityReader):
         info = dataclasses.replace(info, modality_idf=np.ones(reader.n_features, np.float32))
-    return info
+    return info, reader
+
+
+def model_info(config, store: Store) -> TaskInfo:
+    """The data facts a run's model is shaped by (`TaskInfo` without training statistics): genes,
+    cell types, the measured-gene table and the width of the second modality `data.modality`.
+    A sparse modality's IDF weighs the loss's targets, not the model: it is ones here."""
+    return _shape_facts(config, store)[0]
 
 
 def task_info(config, store: Store, programmes: str = "") -> TaskInfo:
@@ -120,14 +125,13 @@ def task_info(config, store: Store, programmes: str = "") -> TaskInfo:
     (WORKDIR/atlas.programmes.gmt, or atlas.tf_targets.gmt for GP -> TF); a task that needs
     programmes fails when neither exists.
     """
-    info = model_info(config, store)
+    info, reader = _shape_facts(config, store)
     start, stop = store.split_range("train")
     rows = select_rows(store, "train", datasets=tuple(config.data.train_datasets),
                        fraction=config.data.train_fraction, seed=config.seed)  # the cells trained on
     counts = np.bincount(label_codes(store, start, stop)["cell_type"][rows - start], minlength=info.n_cell_types)
     info = dataclasses.replace(info, class_counts=counts)
-    if len(info.modality_idf):
-        reader = open_modality(store, config.data.modality)
+    if isinstance(reader, SparseModalityReader):
         info = dataclasses.replace(info, modality_idf=inverse_document_frequency(store, reader,
                                                                                  tuple(config.data.train_datasets)))
     if not programmes:

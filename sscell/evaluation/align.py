@@ -21,7 +21,7 @@ import anndata
 import numpy as np
 import pandas as pd
 
-from sscell.data.inputs import H5adInput, open_input
+from sscell.data.inputs import H5adInput, keyed_by_gene, open_input
 from sscell.data.loader import shard_nonzeros
 from sscell.errors import SscellError
 
@@ -95,15 +95,7 @@ def anndata_input(adata: anndata.AnnData, *, gene_column: str | None = None, rou
         counts, source, var = adata.X, "X", adata.var
     if adata.n_obs == 0:
         raise SscellError("AnnData: holds no cells")
-    var = var.copy()
-    if gene_column is not None:
-        if gene_column not in var:
-            raise SscellError(f"AnnData: {source}'s var has no column {gene_column!r} (columns: {list(var.columns)})")
-        var.index = pd.Index(var[gene_column].astype(str))
-    var.index = var.index.astype(str)
-    if var.index.has_duplicates:
-        raise SscellError(f"AnnData: gene {var.index[var.index.duplicated()][0]!r} appears more than once in the "
-                          f"var of {source}; make the names unique (adata.var_names_make_unique())")
+    var = keyed_by_gene(var.copy(), gene_column, "AnnData", f"the var of {source}")
     obs = pd.DataFrame(index=pd.RangeIndex(adata.n_obs))
     return H5adInput(IN_MEMORY, counts, source, obs, None, var, round_counts)
 
