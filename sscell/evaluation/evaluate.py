@@ -32,7 +32,7 @@ from sscell.data.store import open_store
 from sscell.evaluation.cells import BaselineCache, Cells, Evaluator, Reconstructions
 from sscell.evaluation.figures import plot_bars
 from sscell.evaluation.ontology import store_descendants
-from sscell.evaluation.report import _markdown, plot_loss_curves, write_results
+from sscell.evaluation.report import markdown_table, plot_loss_curves, write_results
 from sscell.evaluation.run import open_run
 from sscell.evaluation.tasks import EvalTask, Inputs, Outcome, load_tasks
 from sscell.evaluation.tasks.knn import knn_reference_splits
@@ -150,7 +150,7 @@ def headline_table(rows: list[dict], tasks: tuple[EvalTask, ...]) -> str:
     shown = [r for r in rows if any(c in r for c in columns)]
     if not shown:
         return "(no headline columns: see the full table)"
-    return _markdown(shown, ["method", *columns])
+    return markdown_table(shown, ["method", *columns])
 
 
 def _write(outdir: str, workdir: str, tasks: tuple[EvalTask, ...], outcome: Outcome) -> None:

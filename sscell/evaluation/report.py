@@ -33,7 +33,7 @@ def write_results(rows: list[dict], workdir: str | os.PathLike, name: str = "res
     table = pd.DataFrame(rows)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    markdown = _markdown(rows, list(table.columns))
+    markdown = markdown_table(rows, list(table.columns))
     with atomic_file(workdir / f"{name}.csv") as tmp:
         table.to_csv(tmp, index=False)
     with atomic_file(workdir / f"{name}.md") as tmp:
@@ -41,7 +41,7 @@ def write_results(rows: list[dict], workdir: str | os.PathLike, name: str = "res
     return markdown
 
 
-def _markdown(rows: list[dict], columns: list[str]) -> str:
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
     """A GitHub-style markdown table (pandas' to_markdown would need the tabulate package).
 
     Cells come from the rows themselves, so integers stay integers where pandas would have
