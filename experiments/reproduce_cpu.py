@@ -20,13 +20,16 @@ from sscell.config import default_config
 from sscell.evaluation.finetune import finetune_config
 
 
-def get_config():
+def get_config(atlas: str = "default"):
+    """`atlas`: "default" (the fast linear generator) or "calibrated" (fitted to real PBMCs, with
+    trajectories, cell cycle and donor effects that are not a shift: docs/realism.md), which also
+    runs the experiments testing the open findings (docs/reproduction.md)."""
     config = ml_collections.ConfigDict()
     config.atlas = ml_collections.ConfigDict(dict(
         n_cells=100_000, n_genes=2_000, n_datasets=6, donors_per_dataset=5, seed=0, target_cells=10_000,
         target_cell_types=("CD4-positive, alpha-beta T cell", "CD8-positive, alpha-beta T cell", "B cell",
                            "natural killer cell", "classical monocyte", "dendritic cell"),
-        target_batch_effect=0.9))
+        target_batch_effect=0.9, realism=atlas))
     config.tasks = ("masked", "gp_masked", "byol", "barlow_twins", "supervised")
     config.seeds = (0, 1, 2)
     config.fractions = (0.01, 0.1, 1.0)
@@ -51,4 +54,26 @@ def get_config():
                           val_batches=4)
     config.finetune = finetune
     config.report_dir = "docs"
+    config.report_name = "reproduce_cpu" if atlas == "default" else f"reproduce_{atlas}"  # .md, .csv, .png
+    if atlas != "default":
+        add_finding_experiments(config)
     return config
+
+
+def add_finding_experiments(config: ml_collections.ConfigDict) -> None:
+    """Variants testing the open findings (docs/reproduction.md), each a task of its own:
+    BYOL without the negative-binomial resampling that mimics the generator's own noise, and
+    Barlow Twins at batches above its 512-wide projector (at 256 cells the cross-correlation
+    matrix has rank <= 256 and cannot reach the identity), the same epochs as the others."""
+    byol = config.task_overrides.byol.loss.to_dict()
+    config.task_overrides.byol_no_nb = {"loss": {**byol, "name": "byol", "aug_nb_prob": 0.0}}
+    steps, batch = config.pretrain.train.steps, config.pretrain.train.batch_size
+    for size in (1_024, 8_192):
+        barlow = config.task_overrides.barlow_twins.to_dict()
+        every = steps * batch // size // 2
+        barlow["loss"] = {**barlow["loss"], "name": "barlow_twins"}
+        barlow["train"] = {**barlow["train"], "batch_size": size, "steps": steps * batch // size,
+                           "warmup_steps": barlow["train"]["warmup_steps"] * batch // size,
+                           "val_every": every, "checkpoint_every": every}
+        config.task_overrides[f"barlow_twins_batch{size}"] = barlow
+    config.tasks = (*config.tasks, "byol_no_nb", "barlow_twins_batch1024", "barlow_twins_batch8192")

@@ -27,6 +27,7 @@ import jax
 import ml_collections
 import numpy as np
 import pandas as pd
+import scipy.stats
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -69,16 +70,24 @@ def prepare_data(spec: AtlasSpec, folder: str) -> tuple[Store, Store]:
 
 def pretrain_config(config: ml_collections.ConfigDict, task: str, seed: int, store: Store,
                     data_folder: str) -> ml_collections.ConfigDict:
-    """The pretraining run of `task` with `seed`: `config.pretrain` with the task's overrides."""
+    """The pretraining run of `task` with `seed`: `config.pretrain` with the task's overrides.
+
+    A task is a loss name, or a variant of one: a name whose overrides set `loss.name`
+    (e.g. "byol_no_nb" = BYOL without negative-binomial resampling), run and reported under its own name."""
     run = config.pretrain.copy_and_resolve_references()
     run.seed = seed
     run.loss.name = task
     run.data.store = os.path.abspath(store.path)
-    gmt = tf_targets_path if task == "gp_to_tf" else programmes_path
-    run.loss.gmt = os.path.abspath(str(gmt(os.path.join(data_folder, "atlas.h5ad"))))
     for section, fields in config.task_overrides.get(task, {}).items():
         run[section].update(fields)
+    gmt = tf_targets_path if run.loss.name == "gp_to_tf" else programmes_path
+    run.loss.gmt = os.path.abspath(str(gmt(os.path.join(data_folder, "atlas.h5ad"))))
     return run
+
+
+def named_as(rows: list[dict], loss: str, task: str) -> list[dict]:
+    """`rows` with the run's methods ("sscell <loss>") named after its task ("sscell <task>")."""
+    return [{**r, "method": r["method"].replace(f"sscell {loss}", f"sscell {task}")} for r in rows]
 
 
 def pretrain(run: ml_collections.ConfigDict, workdir: str, store: Store) -> bool:
@@ -108,18 +117,20 @@ def run_seed(config: ml_collections.ConfigDict, workdir: str, seed: int, atlas: 
     rows = []
     for i, task in enumerate(config.tasks):
         run_dir = os.path.join(workdir, f"seed_{seed}", task)
-        if not pretrain(pretrain_config(config, task, seed, atlas, os.path.join(workdir, "data")), run_dir, atlas):
+        run = pretrain_config(config, task, seed, atlas, os.path.join(workdir, "data"))
+        if not pretrain(run, run_dir, atlas):
             return None
-        rows += knn_scores(evaluate(run_dir, ("knn",)), i == 0, seed=seed, setting="zero-shot atlas")
-        rows += knn_scores(evaluate(run_dir, ("knn",), store=target.path, outdir=os.path.join(run_dir, "target")),
-                          i == 0, seed=seed, setting="zero-shot target")
+        task_rows = knn_scores(evaluate(run_dir, ("knn",)), i == 0, seed=seed, setting="zero-shot atlas")
+        task_rows += knn_scores(evaluate(run_dir, ("knn",), store=target.path, outdir=os.path.join(run_dir, "target")),
+                                i == 0, seed=seed, setting="zero-shot target")
         tuned = finetune(run_dir, target.path, list(config.fractions), steps=config.finetune.train.steps,
                          seed=seed, base=config.finetune, arms=ARMS if i == 0 else ("pretrained",))
         if not tuned:
             return None
         for r in tuned:
-            rows.append({"seed": seed, "setting": f"fine-tune {r['label_fraction']:g}", "method": r["method"],
-                         **{k: r[k] for k in SCORES if k in r}})
+            task_rows.append({"seed": seed, "setting": f"fine-tune {r['label_fraction']:g}", "method": r["method"],
+                              **{k: r[k] for k in SCORES if k in r}})
+        rows += named_as(task_rows, run.loss.name, task)
     return rows
 
 
@@ -134,6 +145,38 @@ def summarise(scores: pd.DataFrame) -> pd.DataFrame:
                     for m, s in zip(mean[c], sd[c])]
     table["seeds"] = n
     return table.reset_index()
+
+
+def setting_score(setting: str) -> str:
+    """The headline score of a setting: kNN macro F1 zero-shot, the study's transfer measure when fine-tuned."""
+    return "knn_macro_f1" if setting.startswith("zero-shot") else "finetune_knn_macro_f1_ontology"
+
+
+def paired_comparisons(scores: pd.DataFrame, reference: str) -> pd.DataFrame:
+    """Per setting, `reference` (a task) minus every other method on the setting's headline score,
+    paired by seed: mean difference, 95% t-interval and paired t-test p over the seeds both ran.
+    An interval that excludes 0 names the better method; one that includes it: "not distinguishable"."""
+    rows = []
+    for setting, part in scores.groupby("setting", sort=False):
+        column = setting_score(setting)
+        by_method = part.pivot_table(index="seed", columns="method", values=column)[list(dict.fromkeys(part.method))]
+        ours = next((m for m in by_method if m in (f"sscell {reference}", f"fine-tuned from sscell {reference}")), None)
+        if ours is None:
+            continue
+        for other in by_method:
+            pair = by_method[[ours, other]].dropna()
+            if other == ours or len(pair) < 2:
+                continue
+            diff = pair[ours] - pair[other]
+            mean, sd, n = diff.mean(), diff.std(ddof=1), len(diff)
+            half = scipy.stats.t.ppf(0.975, n - 1) * sd / np.sqrt(n)
+            p = scipy.stats.ttest_1samp(diff, 0.0).pvalue if sd > 0 else np.nan
+            verdict = ("not distinguishable" if mean - half <= 0 <= mean + half
+                       else (ours if mean > 0 else other) + " ahead")
+            rows.append({"setting": setting, "score": column, "comparison": f"{ours} - {other}",
+                         "difference": f"{mean:+.3f}", "95% interval": f"[{mean - half:+.3f}, {mean + half:+.3f}]",
+                         "p (paired t)": "" if np.isnan(p) else f"{p:.3f}", "seeds": n, "verdict": verdict})
+    return pd.DataFrame(rows)
 
 
 def plot(scores: pd.DataFrame, path: str) -> None:
@@ -186,20 +229,26 @@ def reproduce(config: ml_collections.ConfigDict, workdir: str) -> pd.DataFrame |
     header = (f"Generated by `python -m sscell.reproduce`: atlas {atlas.n_cells} cells x {atlas.n_genes} genes, "
               f"target {target.n_cells} cells; seeds {list(config.seeds)}; {hardware}; "
               f"{minutes:.0f} min (this invocation).")
-    return report(scores, config.report_dir, header)
+    return report(scores, config.report_dir, header, config.get("report_name", "reproduce_cpu"), config.tasks[0])
 
 
-def report(scores: pd.DataFrame, report_dir: str, header: str) -> pd.DataFrame:
-    """Write the summary of `scores` (mean +- sd over seeds), its figure and `header` into
-    `report_dir`/reproduce_cpu.{md,csv,png}; returns the summary table."""
+def report(scores: pd.DataFrame, report_dir: str, header: str, name: str = "reproduce_cpu",
+           reference: str = "masked") -> pd.DataFrame:
+    """Write the summary of `scores` (mean +- sd over seeds), the paired comparisons with the
+    `reference` task, the figure and `header` into `report_dir`/`name`.{md,csv,png} (comparisons
+    also in `name`_comparisons.csv); returns the summary table."""
     table = summarise(scores)
     os.makedirs(report_dir, exist_ok=True)
-    plot(scores, os.path.join(report_dir, "reproduce_cpu.png"))
-    markdown = write_results(table.to_dict("records"), report_dir, "reproduce_cpu")
-    path = os.path.join(report_dir, "reproduce_cpu.md")
+    plot(scores, os.path.join(report_dir, f"{name}.png"))
+    markdown = write_results(table.to_dict("records"), report_dir, name)
+    compared = paired_comparisons(scores, reference)
+    paired = (write_results(compared.to_dict("records"), report_dir, f"{name}_comparisons")
+              if len(compared) else "(one seed: no paired comparisons)")
+    path = os.path.join(report_dir, f"{name}.md")
     with atomic_file(path) as tmp:
-        tmp.write_text(f"{header}\n\n{markdown}\n![scores](reproduce_cpu.png)\n")
-    print(f"\n{header}\n\n{markdown}\nwritten to {report_dir}/reproduce_cpu.md, .csv, .png")
+        tmp.write_text(f"{header}\n\n{markdown}\n## {reference} vs every other method, paired by seed\n\n"
+                       f"{paired}\n![scores]({name}.png)\n")
+    print(f"\n{header}\n\n{markdown}\n{paired}\nwritten to {report_dir}/{name}.md, .csv, .png")
     return table
 
 

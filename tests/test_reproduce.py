@@ -1,5 +1,6 @@
 """The CPU-scale reproduction pipeline, end to end on a tiny atlas: every setting scored, mean +- sd right."""
 import importlib.util
+import json
 import os
 import pathlib
 
@@ -7,7 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sscell.reproduce import knn_scores, reproduce
+import scipy.stats
+
+from sscell.reproduce import knn_scores, paired_comparisons, reproduce
 
 pytestmark = pytest.mark.slow
 
@@ -21,7 +24,8 @@ def tiny_study(tmp_path):
     config = module.get_config()
     config.atlas.update(n_cells=1600, n_genes=96, n_datasets=2, donors_per_dataset=4, target_cells=600,
                         target_cell_types=("B cell", "natural killer cell", "classical monocyte"))
-    config.tasks = ("masked", "supervised")
+    config.tasks = ("masked", "supervised", "masked_r25")
+    config.task_overrides.masked_r25 = {"loss": {"name": "masked", "mask_rate": 0.25}}  # a variant of a loss
     config.seeds = (0, 1)
     config.fractions = (1.0,)
     config.pretrain.model.update(hidden=(32, 32), latent=8)
@@ -44,9 +48,14 @@ def test_reproduce_scores_every_setting_and_summarises_over_seeds(tmp_path):
     assert settings == {"zero-shot atlas", "zero-shot target", "fine-tune 1"}
     for setting in ("zero-shot atlas", "zero-shot target"):
         methods = set(scores[scores.setting == setting].method)
-        assert {"sscell masked", "sscell supervised"} < methods and any(m.startswith("PCA") for m in methods)
+        assert {"sscell masked", "sscell supervised", "sscell masked_r25"} < methods
+        assert any(m.startswith("PCA") for m in methods)
     tuned = set(scores[scores.setting == "fine-tune 1"].method)
-    assert tuned == {"fine-tuned from sscell masked", "fine-tuned from sscell supervised", "supervised from scratch"}
+    assert tuned == {"fine-tuned from sscell masked", "fine-tuned from sscell supervised",
+                     "fine-tuned from sscell masked_r25", "supervised from scratch"}
+    # the variant ran as its own run, with its loss and overrides
+    variant = json.loads((tmp_path / "run" / "seed_0" / "masked_r25" / "config.json").read_text())
+    assert variant["loss"]["name"] == "masked" and variant["loss"]["mask_rate"] == 0.25
     assert (scores.groupby(["setting", "method"]).size() == 2).all()  # one row per seed, baselines once
     assert scores.filter(like="macro_f1").stack().between(0, 1).all()
     # the study's transfer figure (ontology-corrected kNN on the fine-tuned embeddings) beside the head's
@@ -59,6 +68,8 @@ def test_reproduce_scores_every_setting_and_summarises_over_seeds(tmp_path):
     report = (tmp_path / "docs" / "reproduce_cpu.md").read_text()
     assert "seeds [0, 1]" in report and "sscell masked" in report
     assert os.path.getsize(tmp_path / "docs" / "reproduce_cpu.png") > 0
+    assert "masked vs every other method, paired by seed" in report
+    assert (tmp_path / "docs" / "reproduce_cpu_comparisons.csv").exists()
 
 
 def test_knn_scores_keep_only_knn_rows():
@@ -78,3 +89,25 @@ def test_a_run_that_stops_early_is_not_scored(tmp_path, monkeypatch):
     monkeypatch.setattr(sscell.reproduce, "train_in_workdir", lambda config, workdir, store: False)
     assert reproduce(tiny_study(tmp_path), str(tmp_path / "run")) is None
     assert not (tmp_path / "run" / "scores.csv").exists() and not (tmp_path / "docs").exists()
+
+
+def test_paired_comparisons_match_a_t_interval_over_seed_differences():
+    rng = np.random.default_rng(0)
+    masked = rng.uniform(0.7, 0.9, 5)
+    rows = [{"seed": s, "setting": "zero-shot target", "method": m, "knn_macro_f1": v}
+            for s in range(5) for m, v in (("sscell masked", masked[s]), ("PCA(64) log1p", 0.6),
+                                          ("sscell byol", masked[s] + (-1) ** s * 0.01))]
+    rows += [{"seed": s, "setting": "fine-tune 0.01", "method": m, "finetune_knn_macro_f1_ontology": v}
+             for s in range(5) for m, v in (("fine-tuned from sscell masked", 0.9 + 0.01 * s),
+                                           ("supervised from scratch", 0.5 + 0.02 * s))]
+    table = paired_comparisons(pd.DataFrame(rows), "masked").set_index("comparison")
+
+    diff = masked - 0.6
+    half = scipy.stats.t.ppf(0.975, 4) * diff.std(ddof=1) / np.sqrt(5)
+    pca = table.loc["sscell masked - PCA(64) log1p"]
+    assert pca["difference"] == f"{diff.mean():+.3f}" and pca["seeds"] == 5
+    assert pca["95% interval"] == f"[{diff.mean() - half:+.3f}, {diff.mean() + half:+.3f}]"
+    assert pca["verdict"] == "sscell masked ahead"
+    assert table.loc["sscell masked - sscell byol", "verdict"] == "not distinguishable"  # +-0.01 around 0
+    tuned = table.loc["fine-tuned from sscell masked - supervised from scratch"]
+    assert tuned["score"] == "finetune_knn_macro_f1_ontology" and tuned["difference"] == "+0.380"
