@@ -13,8 +13,11 @@ Figures: `cells_per_s` of each loader (sscell per prefetch thread count); `train
 of the study's model (config defaults) fed one in-memory batch vs the real loader, with
 `waiting_share` the share of wall time the loop waited for a batch and `stall` the throughput
 lost to the loader (waiting plus the loader's threads competing for the same CPU cores);
-`codecs`: per X compressor (`convert --codec`), its bytes per cell and, per thread count, the
-raw read-and-decode cells/s of the loader's rows next to the loader's (`loader_over_raw`);
+`codecs`: per X compressor (`convert --codec`), its bytes per cell and, per thread count t, in
+a process pinned to t cores (tensorstore decoding on those t, t prefetch threads), the raw
+read-and-decode cells/s of the loader's rows next to the loader's (`loader_over_raw`), each the
+best of `--rounds` interleaved rounds, with the cores each kept busy (`*_cores_busy`: on shared
+cores, what it got) and its cells per CPU second;
 `shipped_bytes`: host-to-device bytes per cell of the loader's flat CSR batches (per data
 shard count) against the padded-row layout they replaced (cells x a power-of-two width >= the
 fullest row); `memory`: peak RSS (Linux VmHWM) of a process that opens a store and loads
@@ -58,13 +61,20 @@ def dataset(workdir: Path, cells: int, genes: int, codec: str = "lz4") -> tuple[
 
 def rate(batches, cells: int) -> float:
     """Cells/s of an iterator of batches (each a sized row collection), after its first batch."""
+    return rate_and_cores(batches, cells)[0]
+
+
+def rate_and_cores(batches, cells: int) -> tuple[float, float]:
+    """`rate`, and the CPU cores this process kept busy meanwhile (its CPU seconds, every thread,
+    per second): on shared cores, what it got of the cores it may use."""
     next(batches)
-    seen, start = 0, time.perf_counter()
+    seen, start, cpu = 0, time.perf_counter(), time.process_time()
     for batch in batches:
         seen += batch.shape[0] if hasattr(batch, "shape") else len(batch["cell"])
         if seen >= cells:
             break
-    return seen / (time.perf_counter() - start)
+    wall = time.perf_counter() - start
+    return seen / wall, (time.process_time() - cpu) / wall
 
 
 def sscell_rates(store_path: Path, batch_size: int, cells: int, threads: list[int],
@@ -94,7 +104,11 @@ def codec_rates(store_path: Path, batch_size: int, cells: int, threads: list[int
 
 @contextlib.contextmanager
 def pinned(threads: int) -> Iterator[None]:
-    """This thread (and the processes it starts) on the first `threads` of its cores meanwhile."""
+    """This thread (and the processes it starts) on the first `threads` of its cores meanwhile
+    (Linux; elsewhere on every core)."""
+    if not hasattr(os, "sched_setaffinity"):
+        yield
+        return
     cores = sorted(os.sched_getaffinity(0))
     os.sched_setaffinity(0, cores[:threads])
     try:
@@ -117,13 +131,16 @@ def codec_probe(store_path: str, batch_size: int, cells: int, threads: int, roun
         return {"cell": rows}
 
     steps = -(-cells // batch_size) + 1  # rate() skips the first
-    best = {"raw": 0.0, "loader": 0.0}
+    best = {"raw": (0.0, 0.0), "loader": (0.0, 0.0)}
     for first in range(0, rounds * steps, steps):
         for name, batch in (("raw", raw), ("loader", loader.batch)):
-            best[name] = max(best[name], rate(prefetched(batch, first, first + steps, threads), cells))
-    return {"cores": available_cores(), "tensorstore_threads": available_cores(), "prefetch_threads": threads,
-            "raw_cells_per_s": best["raw"], "loader_cells_per_s": best["loader"],
-            "loader_over_raw": best["loader"] / best["raw"]}
+            best[name] = max(best[name], rate_and_cores(prefetched(batch, first, first + steps, threads), cells))
+    (raw_rate, raw_cores), (loader_rate, loader_cores) = best["raw"], best["loader"]
+    return {"cores": available_cores(), "tensorstore_threads": store.decode_threads, "prefetch_threads": threads,
+            "raw_cells_per_s": raw_rate, "loader_cells_per_s": loader_rate, "loader_over_raw": loader_rate / raw_rate,
+            "raw_cores_busy": raw_cores, "loader_cores_busy": loader_cores,
+            "raw_cells_per_cpu_s": raw_rate / raw_cores, "loader_cells_per_cpu_s": loader_rate / loader_cores,
+            "load_average": os.getloadavg()[0]}
 
 
 def anndata_backed_rate(h5ad: Path, batch_size: int, cells: int) -> float:
@@ -285,7 +302,7 @@ def main() -> None:
     parser.add_argument("--skip", nargs="*", default=[],
                         choices=["anndata", "scdataset", "annbatch", "bytes", "train_step", "memory", "codecs"])
     parser.add_argument("--codecs", nargs="*", default=["lz4", "zstd"], help="X compressors to compare (raw vs loader)")
-    parser.add_argument("--rounds", type=int, default=5,
+    parser.add_argument("--rounds", type=int, default=10,
                         help="interleaved raw / loader rounds per codec and thread count (the best counts)")
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)  # internal: measure one store, print JSON
     parser.add_argument("--codec-probe", help=argparse.SUPPRESS)  # internal: raw vs loader on one store

@@ -362,6 +362,11 @@ class CsrRows:
         """The stored column (gene) indices' dtype (uint16 or uint32)."""
         return np.dtype(self._indices.dtype.numpy_dtype)
 
+    @property
+    def decode_threads(self) -> int:
+        """The threads tensorstore decodes chunks on (its context's data_copy_concurrency)."""
+        return self._data.spec(retain_context=True).to_json()["context"]["data_copy_concurrency"]["limit"]
+
     def _nonzero_bounds(self, ranges: Sequence[tuple[int, int]]) -> np.ndarray:
         """(ranges, 2) int64: where each [start, stop) range of rows begins and ends in the nonzeros."""
         rows = np.asarray(ranges, np.int64).reshape(-1, 2)
