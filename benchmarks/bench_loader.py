@@ -13,8 +13,11 @@ Figures: `cells_per_s` of each loader (sscell per prefetch thread count); `train
 of the study's model (config defaults) fed one in-memory batch vs the real loader, with
 `waiting_share` the share of wall time the loop waited for a batch and `stall` the throughput
 lost to the loader (waiting plus the loader's threads competing for the same CPU cores);
-`codecs`: per X compressor (`convert --codec`), its bytes per cell and, per thread count, the
-raw read-and-decode cells/s of the loader's rows next to the loader's (`loader_over_raw`);
+`codecs`: per X compressor (`convert --codec`), its bytes per cell and, per thread count t, in
+a process pinned to t cores (tensorstore decoding on those t, t prefetch threads), the raw
+read-and-decode cells/s of the loader's rows next to the loader's (`loader_over_raw`), each the
+best of `--rounds` interleaved rounds, with the cores each kept busy (`*_cores_busy`: on shared
+cores, what it got) and its cells per CPU second;
 `shipped_bytes`: host-to-device bytes per cell of the loader's flat CSR batches (per data
 shard count) against the padded-row layout they replaced (cells x a power-of-two width >= the
 fullest row); `memory`: peak RSS (Linux VmHWM) of a process that opens a store and loads
@@ -24,7 +27,7 @@ per cell the store and loader hold (indptr, label codes, selected rows).
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
+import contextlib
 import itertools
 import json
 import os
@@ -32,13 +35,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from sscell.data.convert import convert
-from sscell.data.loader import CellLoader
-from sscell.data.store import open_store, runs
+from sscell.data.loader import CellLoader, prefetched
+from sscell.data.store import available_cores, open_store, runs
 from sscell.data.synthetic import AtlasSpec, write_atlas
 from sscell.errors import exit_on_error
 
@@ -57,13 +61,20 @@ def dataset(workdir: Path, cells: int, genes: int, codec: str = "lz4") -> tuple[
 
 def rate(batches, cells: int) -> float:
     """Cells/s of an iterator of batches (each a sized row collection), after its first batch."""
+    return rate_and_cores(batches, cells)[0]
+
+
+def rate_and_cores(batches, cells: int) -> tuple[float, float]:
+    """`rate`, and the CPU cores this process kept busy meanwhile (its CPU seconds, every thread,
+    per second): on shared cores, what it got of the cores it may use."""
     next(batches)
-    seen, start = 0, time.perf_counter()
+    seen, start, cpu = 0, time.perf_counter(), time.process_time()
     for batch in batches:
         seen += batch.shape[0] if hasattr(batch, "shape") else len(batch["cell"])
         if seen >= cells:
             break
-    return seen / (time.perf_counter() - start)
+    wall = time.perf_counter() - start
+    return seen / wall, (time.process_time() - cpu) / wall
 
 
 def sscell_rates(store_path: Path, batch_size: int, cells: int, threads: list[int],
@@ -77,27 +88,59 @@ def sscell_rates(store_path: Path, batch_size: int, cells: int, threads: list[in
     return result
 
 
-def codec_rates(store_path: Path, batch_size: int, cells: int, threads: list[int]) -> dict:
-    """Per prefetch thread count: cells/s of the codec's raw reads (the loader's batches' runs of
-    rows read and decoded by tensorstore, nothing laid out) next to the loader's cells/s, their
-    ratio, and the store's X bytes per cell."""
-    store = open_store(store_path)
+def codec_rates(store_path: Path, batch_size: int, cells: int, threads: list[int], rounds: int) -> dict:
+    """Per thread count t: `codec_probe` in a fresh process pinned to t cores, and the store's X
+    bytes per cell."""
     x_bytes = sum(f.stat().st_size for f in (Path(store_path) / "X").rglob("*") if f.is_file())
-    result = {"x_bytes_per_cell": x_bytes / store.n_cells, "threads": {}}
+    result = {"x_bytes_per_cell": x_bytes / open_store(store_path).n_cells, "threads": {}}
     for t in threads:
-        loader = CellLoader(store, "train", batch_size, seed=t, prefetch=t)
-
-        def raw(step: int, loader: CellLoader = loader) -> dict:
-            rows = loader.rows[loader.local_selection(step)]
-            store.read_nonzeros(runs(rows))
-            return {"cell": rows}
-
-        with concurrent.futures.ThreadPoolExecutor(t) as pool:
-            raw_rate = rate(iter(pool.map(raw, range(cells // batch_size + 2))), cells)
-        loader_rate = rate(loader.iterate(0, 10**9), cells)
-        result["threads"][str(t)] = {"raw_cells_per_s": raw_rate, "loader_cells_per_s": loader_rate,
-                                     "loader_over_raw": loader_rate / raw_rate}
+        with pinned(t):  # the child inherits this thread's affinity
+            run = subprocess.run([sys.executable, "-m", "benchmarks.bench_loader", "--codec-probe", str(store_path),
+                                  "--batch-size", str(batch_size), "--read-cells", str(cells), "--threads", str(t),
+                                  "--rounds", str(rounds)], capture_output=True, text=True, check=True)
+        result["threads"][str(t)] = json.loads(run.stdout)
     return result
+
+
+@contextlib.contextmanager
+def pinned(threads: int) -> Iterator[None]:
+    """This thread (and the processes it starts) on the first `threads` of its cores meanwhile
+    (Linux; elsewhere on every core)."""
+    if not hasattr(os, "sched_setaffinity"):
+        yield
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, cores[:threads])
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, cores)
+
+
+def codec_probe(store_path: str, batch_size: int, cells: int, threads: int, rounds: int) -> dict:
+    """Cells/s of the codec's raw reads (the loader's batches' runs of rows read and decoded by
+    tensorstore into one array, nothing laid out) and of the loader, each on `threads` prefetch
+    threads with tensorstore decoding on this process's cores (`available_cores`: pin it to
+    `threads` cores): the best of `rounds` interleaved rounds, each reading the same steps."""
+    store = open_store(store_path)
+    loader = CellLoader(store, "train", batch_size, seed=0, prefetch=threads)
+
+    def raw(step: int) -> dict:
+        rows = loader.rows[loader.local_selection(step)]
+        store.read_nonzeros(runs(rows))
+        return {"cell": rows}
+
+    steps = -(-cells // batch_size) + 1  # rate() skips the first
+    best = {"raw": (0.0, 0.0), "loader": (0.0, 0.0)}
+    for first in range(0, rounds * steps, steps):
+        for name, batch in (("raw", raw), ("loader", loader.batch)):
+            best[name] = max(best[name], rate_and_cores(prefetched(batch, first, first + steps, threads), cells))
+    (raw_rate, raw_cores), (loader_rate, loader_cores) = best["raw"], best["loader"]
+    return {"cores": available_cores(), "tensorstore_threads": store.decode_threads, "prefetch_threads": threads,
+            "raw_cells_per_s": raw_rate, "loader_cells_per_s": loader_rate, "loader_over_raw": loader_rate / raw_rate,
+            "raw_cores_busy": raw_cores, "loader_cores_busy": loader_cores,
+            "raw_cells_per_cpu_s": raw_rate / raw_cores, "loader_cells_per_cpu_s": loader_rate / loader_cores,
+            "load_average": os.getloadavg()[0]}
 
 
 def anndata_backed_rate(h5ad: Path, batch_size: int, cells: int) -> float:
@@ -259,11 +302,18 @@ def main() -> None:
     parser.add_argument("--skip", nargs="*", default=[],
                         choices=["anndata", "scdataset", "annbatch", "bytes", "train_step", "memory", "codecs"])
     parser.add_argument("--codecs", nargs="*", default=["lz4", "zstd"], help="X compressors to compare (raw vs loader)")
+    parser.add_argument("--rounds", type=int, default=10,
+                        help="interleaved raw / loader rounds per codec and thread count (the best counts)")
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)  # internal: measure one store, print JSON
+    parser.add_argument("--codec-probe", help=argparse.SUPPRESS)  # internal: raw vs loader on one store
     args = parser.parse_args()
     with exit_on_error():
         if args.memory_probe:
             print(json.dumps(memory_probe(args.memory_probe, args.batch_size, args.memory_batches)))
+            return
+        if args.codec_probe:
+            print(json.dumps(codec_probe(args.codec_probe, args.batch_size, args.read_cells, args.threads[0],
+                                         args.rounds)))
             return
         with tempfile.TemporaryDirectory() as tmp:
             workdir = Path(args.workdir or tmp)
@@ -290,7 +340,8 @@ def main() -> None:
                     result["ratios"].update({f"sscell_best_over_annbatch_chunk{c}": best / v,
                                              f"sscell_block{c}_over_annbatch_chunk{c}": same / v})
             if "codecs" not in args.skip:
-                result["codecs"] = {c: codec_rates(dataset(workdir, args.cells, args.genes, c)[1], b, n, args.threads)
+                result["codecs"] = {c: codec_rates(dataset(workdir, args.cells, args.genes, c)[1], b, n, args.threads,
+                                                 args.rounds)
                                     for c in args.codecs}
             if "bytes" not in args.skip:
                 result["shipped_bytes"] = [shipped_bytes(store, b, 20, s) for s in (1, 8)]

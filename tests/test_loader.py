@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from test_preprocess import reference_dense
 
-from sscell.data.loader import CellLoader, nnz_bucket, select_rows, sequential_batches
+from sscell.data.loader import CellLoader, nnz_bucket, read_shards, select_rows, sequential_batches
 from sscell.errors import SscellError
 from sscell.training.train import make_loader
 
@@ -40,6 +40,23 @@ def test_two_hosts_split_each_global_batch(tiny_store, shards):
     # one padded size for the whole epoch: the bucket of the fullest shard of any host and step
     epoch = [h.batch(step) for h in hosts for step in range(single.steps_per_epoch)]
     assert {b["genes"].shape[1] for b in epoch} == {nnz_bucket(max(b["indptr"][:, -1].max() for b in epoch))}
+
+
+@pytest.mark.parametrize("shards", [1, 2, 4])
+def test_read_shards_places_each_run_in_its_shard(tiny_store, shards):
+    """Rows in runs of uneven lengths that cross shard boundaries, read straight into the
+    layout: every cell holds its own row's counts (scipy), and the padding holds zeros."""
+    lengths = [5, 9, 3, 11, 4, 8]  # 40 rows: runs end at 5, 14, 17, 28, 32; shards of 10 or 20 rows
+    starts = np.random.default_rng(shards).choice(tiny_store.n_cells - 11, len(lengths), replace=False)
+    rows = np.concatenate([np.arange(a, a + n) for a, n in zip(starts, lengths)])
+    expected = tiny_store.read_rows(0, tiny_store.n_cells)[rows].toarray()
+    fullest = max(np.diff(tiny_store.indptr)[rows].reshape(shards, -1).sum(1))
+    batch = read_shards(tiny_store, rows, shards, fullest + 7)
+    np.testing.assert_array_equal(reference_dense(batch, tiny_store.n_genes), expected)
+    for s, total in enumerate(batch["indptr"][:, -1]):
+        assert not batch["genes"][s, total:].any() and not batch["counts"][s, total:].any()
+    with pytest.raises(ValueError, match="does not fit size"):
+        read_shards(tiny_store, rows, shards, fullest - 1)
 
 
 def test_shards_change_the_layout_not_the_cells(tiny_store):
@@ -152,13 +169,13 @@ def test_subset_reads_no_other_rows(tiny_store, monkeypatch):
     """Every range handed to the store lies inside the selection, and each selected cell is
     read once per epoch."""
     read = []
-    original = tiny_store.read_nonzeros
+    original = tiny_store.read_nonzeros_into  # read_nonzeros reads through it too
 
-    def recording(ranges):
+    def recording(ranges, *args):
         read.extend(ranges)
-        return original(ranges)
+        return original(ranges, *args)
 
-    monkeypatch.setattr(tiny_store, "read_nonzeros", recording)
+    monkeypatch.setattr(tiny_store, "read_nonzeros_into", recording)
     for subset in (SUBSET, {"fraction": 0.2}, {"datasets": ["dataset_0"]}):
         read.clear()
         loader = CellLoader(tiny_store, "train", batch_size=32, seed=0, block_cells=16, **subset)

@@ -39,18 +39,20 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
 
 import numpy as np
 
 from sscell.data.modality import SparseModalityReader, open_modality
 from sscell.data.preprocess import BATCH_FIELD, PEAK_FIELDS
-from sscell.data.store import Store, runs
+from sscell.data.store import CsrRows, Store, runs
 from sscell.errors import SscellError
 
 LABEL_COLUMNS = {"cell_type": "cell_type", "donor": "donor_id", "dataset": "dataset_id"}
 FRACTION_GRANULE = 64  # a fraction keeps whole 64-row windows of the split (contiguous reads)
 _FRACTION_STREAM = 2**40  # rng key of the fraction draw, apart from the (seed, epoch) keys
+T = TypeVar("T")
 
 
 def label_codes(store: Store, start: int, stop: int) -> dict[str, np.ndarray]:
@@ -111,6 +113,17 @@ def nnz_bucket(n: int) -> int:
     return -(-n // step) * step
 
 
+def shard_indptr(lengths: np.ndarray, shards: int) -> np.ndarray:
+    """(shards, cells / shards + 1) int32 indptr of cells of `lengths` nonzeros cut into `shards`
+    equal groups of consecutive cells."""
+    cells = len(lengths)
+    if cells % shards:
+        raise ValueError(f"{cells} cells do not split into {shards} equal shards")
+    indptr = np.zeros((shards, cells // shards + 1), np.int32)
+    np.cumsum(np.asarray(lengths).reshape(shards, -1), axis=1, out=indptr[:, 1:])
+    return indptr
+
+
 def shard_nonzeros(data: np.ndarray, indices: np.ndarray, lengths: np.ndarray, shards: int = 1,
                    size: int | None = None) -> dict[str, np.ndarray]:
     """{"genes", "counts", "indptr"} of cells in the flat layout of the module docstring.
@@ -120,16 +133,33 @@ def shard_nonzeros(data: np.ndarray, indices: np.ndarray, lengths: np.ndarray, s
     `shards` equal groups of consecutive cells. Dtypes are kept; `size` defaults to
     `nnz_bucket` of the fullest shard.
     """
-    cells = len(lengths)
-    if cells % shards:
-        raise ValueError(f"{cells} cells do not split into {shards} equal shards")
-    indptr = np.zeros((shards, cells // shards + 1), np.int32)
-    np.cumsum(np.asarray(lengths).reshape(shards, -1), axis=1, out=indptr[:, 1:])
+    indptr = shard_indptr(lengths, shards)
     totals = indptr[:, -1]
     size = nnz_bucket(totals.max(initial=0)) if size is None else size
     genes, counts = np.zeros((shards, size), indices.dtype), np.zeros((shards, size), data.dtype)
     for s, (lo, hi) in enumerate(zip(np.cumsum(totals) - totals, np.cumsum(totals))):
         genes[s, :hi - lo], counts[s, :hi - lo] = indices[lo:hi], data[lo:hi]
+    return {"genes": genes, "counts": counts, "indptr": indptr}
+
+
+def read_shards(reader: CsrRows, rows: np.ndarray, shards: int, size: int) -> dict[str, np.ndarray]:
+    """`shard_nonzeros` of store `rows` (any order) read from `reader` (a store or a sparse
+    modality), padded to `size`: each run of consecutive rows is copied from its read straight
+    to its place in its shard, the one pass over the nonzeros a batch needs."""
+    indptr = shard_indptr(reader.indptr[rows + 1] - reader.indptr[rows], shards)
+    totals = indptr[:, -1]
+    if totals.max(initial=0) > size:
+        raise ValueError(f"a shard of {totals.max()} nonzeros does not fit size {size}")
+    shard_cells = len(rows) // shards
+    ranges = runs(rows, shard_cells)
+    cells = np.array([stop - start for start, stop in ranges], np.int64)
+    first = np.cumsum(cells) - cells  # each run's first position in `rows`
+    shard = first // shard_cells
+    genes, counts = np.empty((shards, size), reader.indices_dtype), np.empty((shards, size), reader.data_dtype)
+    reader.read_nonzeros_into(ranges, shard * size + indptr[shard, first % shard_cells], counts.reshape(-1),
+                              genes.reshape(-1))
+    for s, total in enumerate(totals.tolist()):
+        genes[s, total:], counts[s, total:] = 0, 0
     return {"genes": genes, "counts": counts, "indptr": indptr}
 
 
@@ -225,14 +255,11 @@ class CellLoader:
         """This process's slice of global batch `step` in the flat sharded layout, with labels."""
         selection = self.local_selection(step)
         rows = self.rows[selection]
-        data, indices = self.store.read_nonzeros(runs(rows))
-        lengths = self.store.indptr[rows + 1] - self.store.indptr[rows]
         labels = self.cell_labels(selection)
         epoch = step // self.steps_per_epoch
-        nonzeros = shard_nonzeros(data, indices, lengths, self.shards, self.epoch_size(epoch))
+        nonzeros = read_shards(self.store, rows, self.shards, self.epoch_size(epoch))
         if isinstance(self.modality, SparseModalityReader):
-            peaks = shard_nonzeros(*self.modality.read_nonzeros(runs(rows)), self.modality.lengths(rows), self.shards,
-                                   self.epoch_size(epoch, True))
+            peaks = read_shards(self.modality, rows, self.shards, self.epoch_size(epoch, True))
             labels.update(zip(PEAK_FIELDS, (peaks["genes"], peaks["counts"], peaks["indptr"])))
         elif self.modality is not None:
             labels[BATCH_FIELD] = self.modality.read(runs(rows))
@@ -240,14 +267,20 @@ class CellLoader:
 
     def iterate(self, start_step: int, stop_step: int) -> Iterator[dict[str, np.ndarray]]:
         """Batches for steps [start_step, stop_step), `prefetch` steps read ahead on as many threads."""
-        with concurrent.futures.ThreadPoolExecutor(max(1, self.prefetch)) as pool:
-            pending = collections.deque()
-            next_step = start_step
-            while pending or next_step < stop_step:
-                while next_step < stop_step and len(pending) < self.prefetch + 1:
-                    pending.append(pool.submit(self.batch, next_step))
-                    next_step += 1
-                yield pending.popleft().result()
+        return prefetched(self.batch, start_step, stop_step, self.prefetch)
+
+
+def prefetched(batch: Callable[[int], T], start_step: int, stop_step: int, threads: int) -> Iterator[T]:
+    """batch(step) for steps [start_step, stop_step) in order, `threads` steps read ahead on as
+    many threads (the calls overlap: tensorstore reads and numpy copies release the GIL)."""
+    with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
+        pending = collections.deque()
+        next_step = start_step
+        while pending or next_step < stop_step:
+            while next_step < stop_step and len(pending) < threads + 1:
+                pending.append(pool.submit(batch, next_step))
+                next_step += 1
+            yield pending.popleft().result()
 
 
 def sequential_batches(store: Store, start: int, stop: int, batch_size: int, shards: int = 1

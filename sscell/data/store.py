@@ -65,10 +65,16 @@ LABEL_OBS_COLUMNS = ("split", "cell_type", "cell_type_ontology_term_id", "donor_
 REMOTE = {"gs": ("gcs", "gcsfs"), "s3": ("s3", "s3fs")}  # URL scheme: tensorstore kvstore driver, fsspec package
 
 
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity: taskset, a cgroup cpuset), else all."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def tensorstore_context() -> ts.Context:
-    """Threads for blosc decode on every core, many file reads in flight; no chunk cache."""
+    """Threads for blosc decode on every core this process may use, many file reads in flight;
+    no chunk cache."""
     return ts.Context({
-        "data_copy_concurrency": {"limit": os.cpu_count() or 1},
+        "data_copy_concurrency": {"limit": available_cores()},
         "file_io_concurrency": {"limit": 64},
     })
 
@@ -323,10 +329,14 @@ class StoreWriter:
         root.attrs["sscell"] = self.attrs
 
 
-def runs(rows: np.ndarray) -> list[tuple[int, int]]:
+def runs(rows: np.ndarray, cut_every: int = 0) -> list[tuple[int, int]]:
     """[start, stop) ranges of the runs of consecutive values in `rows`, in order (what
-    `CsrRows.read_nonzeros` and the modality readers take)."""
-    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    `CsrRows.read_nonzeros` and the modality readers take); with `cut_every`, a run also ends
+    at every multiple of `cut_every` positions of `rows` (so no run spans two shards)."""
+    step = np.diff(rows) != 1
+    if cut_every:
+        step[cut_every - 1::cut_every] = True
+    breaks = np.flatnonzero(step) + 1
     firsts, lasts = rows[np.r_[0, breaks]], rows[np.r_[breaks, len(rows)] - 1]
     return [(int(a), int(b) + 1) for a, b in zip(firsts, lasts)] if len(rows) else []
 
@@ -352,30 +362,51 @@ class CsrRows:
         """The stored column (gene) indices' dtype (uint16 or uint32)."""
         return np.dtype(self._indices.dtype.numpy_dtype)
 
-    def _read(self, ranges: Sequence[tuple[int, int]]) -> list[tuple[ts.Future, ts.Future]]:
-        """(values, column indices) read futures of each [start, stop) range, all issued at once."""
-        futures = []
-        for start, stop in ranges:
-            if not 0 <= start <= stop <= self.n_cells:
-                raise SscellError(f"rows [{start}, {stop}) are outside the store's {self.n_cells} cells ({self.path})")
-            lo, hi = self.indptr[start], self.indptr[stop]
-            futures.append((self._data[lo:hi].read(), self._indices[lo:hi].read()))
-        return futures
+    @property
+    def decode_threads(self) -> int:
+        """The threads tensorstore decodes chunks on (its context's data_copy_concurrency)."""
+        return self._data.spec(retain_context=True).to_json()["context"]["data_copy_concurrency"]["limit"]
+
+    def _nonzero_bounds(self, ranges: Sequence[tuple[int, int]]) -> np.ndarray:
+        """(ranges, 2) int64: where each [start, stop) range of rows begins and ends in the nonzeros."""
+        rows = np.asarray(ranges, np.int64).reshape(-1, 2)
+        outside = (rows[:, 0] < 0) | (rows[:, 0] > rows[:, 1]) | (rows[:, 1] > self.n_cells)
+        if outside.any():
+            start, stop = rows[np.argmax(outside)]
+            raise SscellError(f"rows [{start}, {stop}) are outside the store's {self.n_cells} cells ({self.path})")
+        return self.indptr[rows]
+
+    def _read(self, bounds: np.ndarray) -> list[tuple[ts.Future, ts.Future]]:
+        """(values, column indices) read futures of each [lo, hi) of nonzeros, all issued at once."""
+        return [(self._data[lo:hi].read(), self._indices[lo:hi].read()) for lo, hi in bounds.tolist()]
 
     def read_blocks(self, ranges: Sequence[tuple[int, int]]) -> list[scipy.sparse.csr_matrix]:
         """One csr per [start, stop) range; all reads are issued before any is awaited."""
         return [
             scipy.sparse.csr_matrix((data.result(), indices.result(), self.indptr[start:stop + 1] - self.indptr[start]),
                                     shape=(stop - start, self.n_columns))
-            for (start, stop), (data, indices) in zip(ranges, self._read(ranges))
+            for (start, stop), (data, indices) in zip(ranges, self._read(self._nonzero_bounds(ranges)))
         ]
 
     def read_nonzeros(self, ranges: Sequence[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
         """(values, column indices) of the rows of every [start, stop) range, concatenated in range
         order, in the stored dtypes (row lengths: `indptr`); all reads are issued before any is awaited."""
-        futures = self._read(ranges)
-        empty = (np.zeros(0, self.data_dtype), np.zeros(0, self.indices_dtype))
-        return tuple(np.concatenate([f[k].result() for f in futures] or [empty[k]]) for k in (0, 1))
+        bounds = self._nonzero_bounds(ranges)
+        sizes = bounds[:, 1] - bounds[:, 0]
+        values, indices = np.empty(sizes.sum(), self.data_dtype), np.empty(sizes.sum(), self.indices_dtype)
+        self.read_nonzeros_into(ranges, np.cumsum(sizes) - sizes, values, indices)
+        return values, indices
+
+    def read_nonzeros_into(self, ranges: Sequence[tuple[int, int]], offsets: np.ndarray, values: np.ndarray,
+                           indices: np.ndarray) -> None:
+        """Copy the (values, column indices) of the rows of range i to values / indices[offsets[i]:]
+        (1-D arrays of the stored dtypes), each as soon as its read is done; all reads are issued
+        before any is awaited. One copy from tensorstore's results to their place: a concatenated
+        intermediate would cost another pass over the batch, in freshly mapped pages."""
+        bounds = self._nonzero_bounds(ranges)
+        for (lo, hi), offset, futures in zip(bounds.tolist(), np.asarray(offsets).tolist(), self._read(bounds)):
+            for future, out in zip(futures, (values, indices)):
+                out[offset:offset + hi - lo] = future.result()
 
 
 @dataclasses.dataclass(eq=False)
