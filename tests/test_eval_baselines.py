@@ -15,6 +15,7 @@ from sscell.evaluation.baselines import load_baselines, registered
 from sscell.evaluation.cells import Evaluator
 from sscell.evaluation.evaluate import CACHE_DIR, eval_settings, evaluate
 from sscell.evaluation.run import open_run
+from sscell.evaluation.tasks import integration as integration_task
 from sscell.training.train import train
 
 SKIP_LINE = "scVI skipped: scvi-tools is not installed (pip install -e '.[baselines]')"
@@ -111,3 +112,14 @@ def test_without_scvi_tools_scvi_is_skipped_and_the_others_are_scored(run, tmp_p
     assert all(r["knn_macro_f1"] > 0 for r in rows)
     assert SKIP_LINE in capsys.readouterr().out
     assert SKIP_LINE in (copy / "results.md").read_text() and SKIP_LINE in (copy / "per_class_f1.md").read_text()
+
+
+@pytest.mark.slow
+def test_integration_leaves_out_gene_space_embeddings(run, tmp_path, capsys, monkeypatch):
+    workdir, _ = run
+    monkeypatch.setattr(integration_task, "MAX_DIMS", 39)  # the HVG baseline's 40 genes are too many
+    rows = evaluate(str(workdir), tasks="integration", baselines="pca,hvg", outdir=str(tmp_path))
+    assert [r["method"] for r in rows] == ["sscell masked (step 20)", "PCA(8) log1p", "HVG(40) log1p"]
+    assert [any(k.startswith("scib_") for k in r) for r in rows] == [True, True, False]
+    assert "integration: HVG(40) log1p not scored: more than 39 dimensions" in capsys.readouterr().out
+    assert set(pd.read_csv(tmp_path / "integration.csv")["method"]) == {r["method"] for r in rows[:2]}

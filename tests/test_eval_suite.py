@@ -1,5 +1,6 @@
 """The evaluation of a tiny trained run end to end, and embeddings of an .h5ad / a store written as AnnData."""
 import csv
+import importlib.util
 
 import anndata
 import numpy as np
@@ -44,8 +45,9 @@ def read_csv(path):
 def test_every_task_writes_sane_outputs(trained_run, capsys):
     workdir, _ = trained_run
     rows = evaluate(str(workdir))
+    scvi = importlib.util.find_spec("scvi") is not None  # CI's newest-releases check installs no extras
     assert [r["method"] for r in rows] == ["sscell masked (step 30)", "PCA(8) log1p", "PCA(8) HVG(48)",
-                                           "HVG(48) log1p", "scVI(30) HVG(48)"]
+                                           "HVG(48) log1p"] + (["scVI(30) HVG(48)"] if scvi else [])
     written = read_csv(workdir / "results.csv")
     assert [r["method"] for r in written] == [r["method"] for r in rows]
     for row in rows:
@@ -73,7 +75,7 @@ def test_every_task_writes_sane_outputs(trained_run, capsys):
                  *(f"bars_{t}.png" for t in ("knn", "linear_probe", "reconstruction", "integration"))):
         assert (workdir / name).read_bytes().startswith(PNG), name
     out = capsys.readouterr().out
-    assert "knn_macro_f1" in out and "results.md" in out
+    assert "knn_macro_f1" in out and "results.md" in out and ("scVI skipped" in out) != scvi
 
 
 def test_selected_tasks_only(trained_run):
