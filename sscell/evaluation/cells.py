@@ -159,6 +159,7 @@ class Evaluator:
         self.fitted: dict[str, Fitted] = {}
         self.skipped: dict[str, str] = {}  # label -> why
         self.ran: dict[str, BaselineRun] = {}  # name -> its run on the last split embedded (method, fit time)
+        self.fit_seconds: dict[str, float] = {}  # name -> the fit time first seen (one per baseline, every split)
         model, n_genes, rate = run.model, run.store.n_genes, settings.mask_rate
 
         def inputs(batch, table):
@@ -252,7 +253,8 @@ class Evaluator:
             cached[name] = BaselineRun(fitted.method, fitted.fit_seconds, np.concatenate(embedded[name]), recon)
             if self.cache and baseline.cached:
                 self.cache.write(baseline, split, limit, reconstruct, cached[name])
-        self.ran = {name: run for name, run in cached.items() if run is not None}
+        self.ran = {name: dataclasses.replace(run, fit_seconds=self.fit_seconds.setdefault(name, run.fit_seconds))
+                    for name, run in cached.items() if run is not None}  # a split cached, another fitted anew
         if reconstruct:
             reconstructions.known.update({r.method: r.recon for name, r in self.ran.items() if name not in fresh
                                           and r.recon})
