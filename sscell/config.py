@@ -110,8 +110,14 @@ def default_config() -> ml_collections.ConfigDict:
         knn_reference="val",    # kNN reference cells: val (the study's) | train | train+val; queries: test cells
         knn_reference_cells=20_000,  # training cells in a train / train+val reference (0: all)
         knn_method="auto",      # exact (blocked, JAX) | approximate (faiss HNSW) | auto (by size and device)
-        hvg_genes=2000,         # the PCA-on-highly-variable-genes baseline's genes
-        baseline_cells=20_000,  # validation cells the PCA baselines are fitted on
+        # baselines scored next to the model (sscell/evaluation/baselines/): pca (log1p counts; the
+        # integration scores' unintegrated reference) | pca_hvg | hvg (the HVGs' log1p values) | scvi
+        # (needs pip install -e '.[baselines]'; skipped, and said so, without it)
+        baselines=("pca", "pca_hvg", "hvg", "scvi"),
+        hvg_genes=2000,         # the highly variable genes of the pca_hvg, hvg and scvi baselines
+        baseline_cells=20_000,  # validation cells the baselines' genes and PCAs are chosen and fitted on
+        scvi_cells=20_000,      # training cells scVI is trained on (its raw counts of the HVGs)
+        scvi_epochs=20,         # scVI's training epochs (scvi-tools' default: 400 below 20k cells, fewer above)
         probe_cells=20_000,     # training cells the linear probe is fitted on
         mask_rate=0.5,          # share of measured genes hidden for the masked reconstruction
         integration_cells=3_000,  # held-out (val + test) cells scored with scib-metrics

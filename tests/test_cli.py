@@ -14,7 +14,8 @@ TINY = ["--config.data.synthetic.n_cells=1600", "--config.data.synthetic.n_genes
         "--config.data.synthetic.n_datasets=2", "--config.model.hidden=(32,32)", "--config.model.latent=8",
         "--config.train.steps=20", "--config.train.batch_size=64", "--config.train.log_every=5",
         "--config.train.val_every=10", "--config.train.checkpoint_every=10", "--config.eval.pca_components=8",
-        "--config.eval.tasks=('knn','reconstruction')"]
+        "--config.eval.tasks=('knn','reconstruction')",
+        "--config.eval.scvi_epochs=3"]
 
 
 def sscell(*args, module="sscell.main"):
@@ -38,7 +39,7 @@ def test_quickstart_trains_and_evaluates(quickstart_run):
         assert (workdir / name).exists(), name
     with open(workdir / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [r["method"].split()[0] for r in rows] == ["sscell", "PCA(8)", "PCA(8)"]
+    assert [r["method"].split()[0] for r in rows] == ["sscell", "PCA(8)", "PCA(8)", "HVG(96)", "scVI(30)"]
     assert all(0 < float(r["knn_macro_f1"]) <= 1 for r in rows)
     assert "knn_macro_f1" in result.stdout and "PCA(8)" in result.stdout
 

@@ -15,6 +15,7 @@ import pytest
 from sscell.config import default_config, save_config
 from sscell.data.loader import label_codes
 from sscell.errors import SscellError
+from sscell.evaluation.baselines import load_baselines
 from sscell.evaluation.cells import BaselineCache, Evaluator
 from sscell.evaluation.embed import embed
 from sscell.evaluation.evaluate import CACHE_DIR, eval_settings, evaluate
@@ -36,7 +37,8 @@ def run(tiny_store, tmp_path_factory):
     config.model.update(hidden=(32, 32), latent=8, dtype="float32")
     config.train.update(steps=20, batch_size=64, log_every=10, val_every=10, val_batches=2, checkpoint_every=10,
                         lr_decay_epochs=100)
-    config.eval.update(batch_size=256, pca_components=8, hvg_genes=48, module=EXAMPLE)
+    config.eval.update(batch_size=256, pca_components=8, hvg_genes=48, module=EXAMPLE,
+                       baselines=("pca", "pca_hvg"))
     workdir = tmp_path_factory.mktemp("registry")
     save_config(config, workdir)
     train(config, str(workdir), tiny_store)
@@ -52,7 +54,7 @@ def test_the_example_task_runs_through_the_command_and_matches_numpy(run, tiny_s
     assert done.returncode == 0, done.stderr
     assert "| method | nn_accuracy |" in done.stdout  # the headline summary
     results = pd.read_csv(workdir / "results.csv")
-    assert list(results.columns) == ["method", "nn_accuracy"] and len(results) == 3
+    assert list(results.columns) == ["method", "fit_seconds", "nn_accuracy"] and len(results) == 3
     # numpy: the model's embeddings (the embed command), each test cell takes its nearest validation cell's type
     embed(str(workdir), tiny_store.path, str(tmp_path / "embedded.h5ad"))
     z = anndata.read_h5ad(tmp_path / "embedded.h5ad").obsm["X_sscell"].astype(np.float64)
@@ -101,24 +103,28 @@ def test_the_baselines_cache_gives_what_a_fresh_embedding_gives(run, tiny_store,
     settings = eval_settings(config)
     first = evaluate(str(workdir), tasks="knn,reconstruction", outdir=str(tmp_path / "first"))
     cache = BaselineCache(workdir / CACHE_DIR, tiny_store, settings, config.seed)
-    test_file = cache.path("test", 0, True)
-    assert test_file.exists() and cache.path("val", 0, False).exists()
+    pca, pca_hvg = load_baselines(settings.baselines)
+    test_file = cache.path(pca, "test", 0, True)
+    assert test_file.exists() and cache.path(pca_hvg, "val", 0, False).exists()
     again = evaluate(str(workdir), tasks="knn,reconstruction", outdir=str(tmp_path / "again"))
-    assert again == first  # every score, from the cache
+    assert again == first  # every score and fit time, from the cache
 
     fresh = Evaluator(open_run(workdir), tiny_store, settings, first[0]["method"], False)  # no cache
     for split in ("val", "test"):
-        cached, _ = cache.read(split, 0, split == "test")
         computed = fresh.cells(split, 0).embeddings
-        assert list(cached) == list(computed)[1:]  # the baselines (the model's embedding is never cached)
-        for name, embedding in cached.items():
-            np.testing.assert_array_equal(embedding, computed[name])
+        for baseline in (pca, pca_hvg):  # the model's embedding is never cached
+            cached = cache.read(baseline, split, 0, split == "test")
+            np.testing.assert_array_equal(cached.embedding, computed[cached.method])
+            if split == "val":  # the first split embedded: the rows' fit time (earlier tests may have cached it)
+                assert cached.fit_seconds == next(r["fit_seconds"] for r in first if r["method"] == cached.method)
 
     test_file.write_bytes(b"not an npz")  # damaged: recomputed and rewritten
     assert evaluate(str(workdir), tasks="knn,reconstruction", outdir=str(tmp_path / "third")) == first
-    assert cache.read("test", 0, True) is not None
-    settings.pca_components = 4  # other settings, another file
-    assert BaselineCache(workdir / CACHE_DIR, tiny_store, settings, config.seed).path("test", 0, True) != test_file
+    assert cache.read(pca, "test", 0, True) is not None
+    settings.pca_components = 4  # a setting PCA depends on: another file
+    assert BaselineCache(workdir / CACHE_DIR, tiny_store, settings, config.seed).path(pca, "test", 0, True) != test_file
+    settings.update(pca_components=8, scvi_epochs=1)  # one it does not depend on: the same file
+    assert BaselineCache(workdir / CACHE_DIR, tiny_store, settings, config.seed).path(pca, "test", 0, True) == test_file
 
 
 def test_open_run_restores_the_parameters_a_full_train_state_restore_gives(run, tiny_store):
@@ -153,6 +159,6 @@ def test_identical_embeddings_are_scored_once_with_the_same_scores(run, tmp_path
         save_config(config, workdir)
     pca, hvg = rows[1], rows[2]
     assert (pca["method"], hvg["method"]) == ("PCA(8) log1p", "PCA(8) HVG(96)")
-    assert {k: v for k, v in hvg.items() if k != "method"} == {
-        k: v for k, v in pca.items() if k != "method" and not k.startswith("recon_")}
+    assert {k: v for k, v in hvg.items() if k not in ("method", "fit_seconds")} == {
+        k: v for k, v in pca.items() if k not in ("method", "fit_seconds") and not k.startswith("recon_")}
     assert "recon_ev_weighted" in pca and pca["probe_macro_f1"] > 0

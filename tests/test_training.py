@@ -69,13 +69,19 @@ def test_resume_continues_and_equals_an_uninterrupted_run(tiny_config, tiny_stor
 
 
 def test_resume_after_a_crash_drops_metrics_past_the_checkpoint(tiny_config, tiny_store, tmp_path):
+    """...and the training wall time continues from the last kept record's."""
     train(tiny_config, str(tmp_path), tiny_store)
-    with open(tmp_path / "metrics.jsonl", "a") as f:  # a run that logged step 35 and died
-        f.write(json.dumps({"step": 35, "train/loss": 1.0}) + "\n")
+    records = read_metrics(tmp_path)
+    seconds = [r["train/wall_s"] for r in records]
+    assert 0 < seconds[0] and seconds == sorted(seconds)
+    records[-1]["train/wall_s"] = 1e4  # step 30, the checkpoint: as if the first session had taken that long
+    records.append({"step": 35, "train/loss": 1.0, "train/wall_s": 2e4})  # a run that logged step 35 and died
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     tiny_config.train.steps = 40
     train(tiny_config, str(tmp_path), tiny_store)
-    steps = [r["step"] for r in read_metrics(tmp_path)]
-    assert steps == list(range(5, 41, 5))
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records] == list(range(5, 41, 5))
+    assert 1e4 < records[-2]["train/wall_s"] < records[-1]["train/wall_s"] < 2e4
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,11 @@
-"""`python -m sscell.evaluation --workdir=DIR [--tasks=knn,umap] [--module=my.tasks] [--knn_reference=train+val]
-[--store=STORE --outdir=DIR]`: evaluate a trained run."""
+"""`python -m sscell.evaluation --workdir=DIR [--tasks=knn,umap] [--baselines=pca,scvi] [--module=my.tasks]
+[--knn_reference=train+val] [--store=STORE --outdir=DIR]`: evaluate a trained run."""
 from __future__ import annotations
 
 from absl import app, flags, logging
 
 from sscell.errors import exit_on_error
+from sscell.evaluation.baselines import registered as registered_baselines
 from sscell.evaluation.evaluate import evaluate
 from sscell.evaluation.tasks import registered
 from sscell.evaluation.tasks.knn import KNN_REFERENCES
@@ -12,6 +13,8 @@ from sscell.evaluation.tasks.knn import KNN_REFERENCES
 _WORKDIR = flags.DEFINE_string("workdir", None, "Work directory of a run made by python -m sscell.main.")
 _TASKS = flags.DEFINE_list("tasks", None, f"Evaluation tasks among {','.join(registered())} and those of "
                            "--module (default: the run's eval.tasks).")
+_BASELINES = flags.DEFINE_list("baselines", None, f"Baselines among {','.join(registered_baselines())} "
+                               "(default: the run's eval.baselines).")
 _MODULE = flags.DEFINE_string("module", None, "A module registering evaluation tasks of your own, imported first "
                               "(default: the run's eval.module).")
 _KNN_REFERENCE = flags.DEFINE_string("knn_reference", None, f"kNN reference cells: {' | '.join(KNN_REFERENCES)} "
@@ -26,7 +29,8 @@ def main(argv: list[str]) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)
     with exit_on_error():
-        evaluate(_WORKDIR.value, _TASKS.value, _STORE.value, _OUTDIR.value, _KNN_REFERENCE.value, _MODULE.value)
+        evaluate(_WORKDIR.value, _TASKS.value, _STORE.value, _OUTDIR.value, _KNN_REFERENCE.value, _MODULE.value,
+                 _BASELINES.value)
 
 
 if __name__ == "__main__":

@@ -5,11 +5,14 @@ reconstruction, integration, umap, and the finetune / crossmodal tables; a task 
 through `eval.module`, docs/extending.md) say what they need, and only that is prepared: the
 run's `eval.checkpoint` checkpoint (parameters alone, `sscell.evaluation.run.open_run`) embeds
 the validation and test cells (and, for the linear probe or a training-cell kNN reference, a
-sample of training cells); two baselines embed the same cells: PCA of log1p-normalised counts
-and PCA of the highly variable genes' (both fitted on validation cells; cached in
-WORKDIR/eval_cache, `sscell.evaluation.cells.BaselineCache`). Each task then scores every method
-on the same cells; methods with identical embeddings (PCA of the HVGs when every gene is one) are
-scored once.
+sample of training cells); the baselines (`eval.baselines`, registered in
+`sscell.evaluation.baselines`: PCA of log1p-normalised counts, PCA of the highly variable genes,
+the highly variable genes themselves, scVI when scvi-tools is installed) embed the same cells
+(cached in WORKDIR/eval_cache, `sscell.evaluation.cells.BaselineCache`). Each task then scores
+every method on the same cells; methods with identical embeddings (PCA of the HVGs when every
+gene is one) are scored once. `fit_seconds` holds each baseline's fit time and, on the model's
+row, the run's training wall time (`train/wall_s` in metrics.jsonl); which baselines ran, and
+why any did not, is printed and written under every markdown table.
 
 Writes into the workdir (or `outdir`): results.{csv,md} (one row per method, then the rows of
 the finetune / crossmodal tables), per_class_f1.{csv,md}, integration.{csv,md},
@@ -29,6 +32,8 @@ import pandas as pd
 from sscell.config import default_config, load_config
 from sscell.data.loader import label_names
 from sscell.data.store import open_store
+from sscell.errors import SscellError
+from sscell.evaluation.baselines import load_baselines
 from sscell.evaluation.cells import BaselineCache, Cells, Evaluator, Reconstructions
 from sscell.evaluation.figures import plot_bars
 from sscell.evaluation.ontology import store_descendants
@@ -36,6 +41,7 @@ from sscell.evaluation.report import markdown_table, plot_loss_curves, write_res
 from sscell.evaluation.run import open_run
 from sscell.evaluation.tasks import EvalTask, Inputs, Outcome, load_tasks
 from sscell.evaluation.tasks.knn import knn_reference_splits
+from sscell.training.metric_writer import TRAIN_SECONDS, last_value
 from sscell.training.state import check_same_genes
 
 __all__ = ["eval_settings", "evaluate", "headline_table"]
@@ -70,10 +76,11 @@ def aliases(splits: list[Cells | None], methods: list[str]) -> dict[str, str]:
 
 
 def evaluate(workdir: str, tasks=None, store: str | None = None, outdir: str | None = None,
-             knn_reference: str | None = None, module: str | None = None) -> list[dict]:
+             knn_reference: str | None = None, module: str | None = None, baselines=None) -> list[dict]:
     """Run the evaluation tasks (default `eval.tasks`) on `workdir`'s `eval.checkpoint` checkpoint;
     returns the result rows (the model's first). `knn_reference` overrides `eval.knn_reference`,
-    `module` `eval.module` (a module registering tasks of your own).
+    `module` `eval.module` (a module registering tasks of your own), `baselines` (names or a
+    comma-separated string) `eval.baselines`.
 
     `store` evaluates the cells of another store with the run's gene vocabulary (e.g. a
     transfer target) instead of the run's own; outputs go to `outdir` (default: the workdir).
@@ -86,6 +93,9 @@ def evaluate(workdir: str, tasks=None, store: str | None = None, outdir: str | N
     if knn_reference is not None:
         settings.knn_reference = knn_reference
     knn_reference_splits(settings.knn_reference)  # a bad choice fails before anything is computed
+    if baselines is not None:
+        settings.baselines = tuple(b.name for b in load_baselines(baselines))
+    check_baselines(settings.baselines, selected)
     needs = set().union(*(t.needs for t in selected))
     outdir = outdir or workdir
     os.makedirs(outdir, exist_ok=True)
@@ -103,13 +113,15 @@ def evaluate(workdir: str, tasks=None, store: str | None = None, outdir: str | N
     if not rows:
         print(f"Evaluated {', '.join(t.name for t in selected)}: nothing to report (no result files yet)")
         return rows
-    write_results(rows, outdir)
-    _write(outdir, workdir, selected, outcome)
+    footer = "\n".join(outcome.footnotes)
+    write_results(rows, outdir, footer=footer)
+    _write(outdir, workdir, selected, outcome, footer)
     types = f"; {len(inputs.type_names)} cell types" if inputs.type_names else ""
     ontology = "; ontology-aware F1 with the Cell Ontology" if inputs.descendants is not None else ""
     print(f"\nEvaluated {', '.join(t.name for t in selected)} in {time.perf_counter() - started:.0f} s{types}{ontology}"
           + "".join(f"\n- {line}" for line in outcome.described)
-          + f"\n\n{headline_table(rows, selected)}" + "".join(f"\n{note}" for note in outcome.notes)
+          + f"\n\n{headline_table(rows, selected)}" + "".join(f"\n{note}" for note in outcome.footnotes
+                                                               + outcome.notes)
           + f"\nfull table: {os.path.join(outdir, 'results.md')} (and .csv); also written: {', '.join(outcome.files)}")
     return rows
 
@@ -136,33 +148,55 @@ def _embed(workdir: str, store: str | None, tasks: tuple[EvalTask, ...], needs: 
     train_cells = train_cells_needed(tasks, settings)
     inputs.train = evaluator.cells("train", train_cells) if train_cells is not None else None
     inputs.methods = list(inputs.test.embeddings)
-    inputs.unintegrated = evaluator.baseline_names[0]
+    inputs.unintegrated = evaluator.baseline_methods.get("pca", "")
     inputs.aliases = aliases([inputs.val, inputs.test, inputs.train], inputs.methods)
     inputs.type_names = label_names(evaluated, "cell_type")
     inputs.descendants = store_descendants(evaluated) if "ontology" in needs else None
     outcome.rows.update({m: {"method": m} for m in inputs.methods})
+    trained = last_value(os.path.join(workdir, "metrics.jsonl"), TRAIN_SECONDS)  # None: recorded before it was
+    outcome.rows[method]["fit_seconds"] = float("nan") if trained is None else trained
+    for run in evaluator.ran.values():
+        outcome.rows[run.method]["fit_seconds"] = run.fit_seconds
+    outcome.footnotes += baselines_summary(evaluator, trained)
+
+
+def check_baselines(names, tasks: tuple[EvalTask, ...]) -> None:
+    """Refuse unknown `eval.baselines`, and integration scores without their unintegrated reference."""
+    load_baselines(names)
+    if any(t.name == "integration" for t in tasks) and "pca" not in names:
+        raise SscellError("the integration task needs the pca baseline (its unintegrated reference) in "
+                          "eval.baselines; add it or leave integration out of eval.tasks")
+
+
+def baselines_summary(evaluator: Evaluator, trained: float | None) -> list[str]:
+    """Which baselines ran, with their fit times next to the model's training time, and why any did not."""
+    ran = ", ".join(f"{run.method} {run.fit_seconds:.1f} s" for run in evaluator.ran.values()) or "none"
+    training = "not recorded" if trained is None else f"{trained:.0f} s"
+    return ([f"baselines (eval.baselines): {ran} to fit; sscell: {training} of training (fit_seconds)"]
+            + [f"{label} skipped: {why}" for label, why in evaluator.skipped.items()])
 
 
 def headline_table(rows: list[dict], tasks: tuple[EvalTask, ...]) -> str:
     """A markdown table of the selected tasks' headline columns (e.g. kNN and probe macro F1,
     masked EV, scIB total) for every method that has one."""
     columns = [c for t in tasks for c in t.headline if any(c in r for r in rows)]
+    columns += ["fit_seconds"] if columns and any("fit_seconds" in r for r in rows) else []
     shown = [r for r in rows if any(c in r for c in columns)]
     if not shown:
         return "(no headline columns: see the full table)"
     return markdown_table(shown, ["method", *columns])
 
 
-def _write(outdir: str, workdir: str, tasks: tuple[EvalTask, ...], outcome: Outcome) -> None:
-    """The side tables and figures into `outdir` (results.csv/md are written by the caller); the
-    loss curves of the run in `workdir`."""
+def _write(outdir: str, workdir: str, tasks: tuple[EvalTask, ...], outcome: Outcome, footer: str) -> None:
+    """The side tables (`footer` under each markdown table) and figures into `outdir`
+    (results.csv/md are written by the caller); the loss curves of the run in `workdir`."""
     if outcome.per_class:
         table = pd.DataFrame(outcome.per_class)
         table.index.name = "cell_type"
-        write_results(table.reset_index().to_dict("records"), outdir, "per_class_f1")
+        write_results(table.reset_index().to_dict("records"), outdir, "per_class_f1", footer)
         outcome.files.append("per_class_f1.csv/.md")
     for name, table_rows in outcome.tables.items():
-        write_results(table_rows, outdir, name)
+        write_results(table_rows, outdir, name, footer)
         outcome.files.append(f"{name}.csv/.md")
     for task in tasks:
         if task.bars and any(c in row for row in outcome.rows.values() for c in task.columns):

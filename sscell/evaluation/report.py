@@ -22,8 +22,8 @@ def read_results(workdir: str | os.PathLike, name: str) -> list[dict]:
     return pd.read_csv(path).to_dict("records") if path.exists() else []
 
 
-def write_results(rows: list[dict], workdir: str | os.PathLike, name: str = "results") -> str:
-    """Write `rows` to workdir/name.csv and workdir/name.md; return the markdown table.
+def write_results(rows: list[dict], workdir: str | os.PathLike, name: str = "results", footer: str = "") -> str:
+    """Write `rows` to workdir/name.csv and workdir/name.md (`footer` under the table); return the markdown.
 
     Columns appear in first-seen order across rows; in the markdown, floats have 3 decimals
     and missing values show as "-". Both files are replaced atomically.
@@ -33,7 +33,7 @@ def write_results(rows: list[dict], workdir: str | os.PathLike, name: str = "res
     table = pd.DataFrame(rows)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    markdown = markdown_table(rows, list(table.columns))
+    markdown = markdown_table(rows, list(table.columns)) + (f"\n{footer}\n" if footer else "")
     with atomic_file(workdir / f"{name}.csv") as tmp:
         table.to_csv(tmp, index=False)
     with atomic_file(workdir / f"{name}.md") as tmp:

@@ -1,4 +1,7 @@
-"""Metrics of a run: one JSON object per line in `metrics.jsonl`, plus TensorBoard events."""
+"""Metrics of a run: one JSON object per line in `metrics.jsonl`, plus TensorBoard events.
+
+`train/wall_s` (TRAIN_SECONDS) is the run's training wall time so far, summed over the sessions
+that trained it (a resumed session continues from the last kept record's)."""
 from __future__ import annotations
 
 import json
@@ -10,19 +13,36 @@ from tensorboardX import SummaryWriter
 
 from sscell.atomic import atomic_file
 
+TRAIN_SECONDS = "train/wall_s"
+
+
+def last_value(path: str | os.PathLike, key: str) -> float | None:
+    """`key`'s value in the last record of the metrics.jsonl at `path` that has it (None: none has)."""
+    if not os.path.exists(path):
+        return None
+    value = None
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                value = json.loads(line).get(key, value)
+    return value
+
 
 class MetricWriter:
     """Appends `{"step": s, name: value, ...}` records; on resume drops records past `resume_step`.
 
     In a multi-host run only process 0 writes; the others' writer does nothing.
+    `earlier_seconds`: the training wall time the kept records counted (TRAIN_SECONDS; 0 for a new run).
     """
 
     def __init__(self, workdir: str | os.PathLike, resume_step: int = 0):
         self.enabled = jax.process_index() == 0
         self.path = os.path.join(workdir, "metrics.jsonl")
+        self.earlier_seconds = 0.0
         if not self.enabled:
             return
         self._truncate_after(resume_step)
+        self.earlier_seconds = last_value(self.path, TRAIN_SECONDS) or 0.0
         self._file = open(self.path, "a")
         self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
 

@@ -28,7 +28,7 @@ from sscell.models.precision import resolve_dtype
 from sscell.training import checkpoint
 from sscell.training.device_resident import resident_data, train_batches
 from sscell.training.mesh import batch_sharded, global_batch, local_data_shards, make_mesh, state_shardings
-from sscell.training.metric_writer import MetricWriter
+from sscell.training.metric_writer import TRAIN_SECONDS, MetricWriter
 from sscell.training.optimizer import learning_rate, make_optimizer, make_schedule, schedule_warning
 from sscell.training.state import abstract_state, check_init_from, create_state, pretrained_encoder
 from sscell.training.step import make_eval_step, make_train_step
@@ -191,8 +191,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, store: Store, devices
     Runs on a `config.mesh` mesh over `devices` (default: all). Checkpoints, metrics.jsonl and
     TensorBoard events go to `workdir`. On SIGTERM / preemption it finishes the step, saves and
     returns early (not finished, the state's step below `train.steps`); on Ctrl-C it does the same,
-    then raises `Interrupted`. Rerunning resumes.
+    then raises `Interrupted`. Rerunning resumes. Every metrics record holds the run's training wall
+    time so far (`train/wall_s`, from this call's start, plus the earlier sessions' of a resumed run).
     """
+    started = time.perf_counter()
     setup = build(config, store)
     task, info, model, optimizer, steps_per_epoch, init_extra = setup
     mesh = make_mesh(config.mesh, devices)
@@ -266,6 +268,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, store: Store, devices
                 bad = next((k for k, v in record.items() if k.startswith("val/") and not math.isfinite(v)), None)
                 if bad:
                     raise _nonfinite_error(bad, record[bad], step, manager.latest_step())
+            record[TRAIN_SECONDS] = writer.earlier_seconds + time.perf_counter() - started
             writer.write(step, record)
             progress.set_postfix(loss=f"{record.get('train/loss', math.nan):.4f}", lr=f"{record['train/lr']:.2e}",
                                  cells_s=f"{record['train/cells_per_s']:.0f}", refresh=False)

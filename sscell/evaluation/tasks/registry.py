@@ -6,7 +6,7 @@ model and the baselines), and optionally per-class F1, side tables, figures and 
 describing what it scored. It declares with `register(name, ...)`:
 
 - `needs`: what the evaluation must prepare for it, a subset of NEEDS:
-  "embeddings" (the run's checkpoint and the PCA baselines embed the validation and test cells;
+  "embeddings" (the run's checkpoint and the baselines embed the validation and test cells;
   their labels, donors and datasets come with them), "reconstructions" (the decoder's outputs
   on the test cells, all and masked genes: `inputs.reconstructions`), "ontology" (the Cell
   Ontology's descendants of the store's cell types: `inputs.descendants`). A task needing
@@ -73,7 +73,8 @@ class Inputs:
 @dataclasses.dataclass
 class Outcome:
     """What the tasks produce: result columns per method, rows appended after them, per-class
-    F1 columns, side tables, figures written, what was scored (one line per task) and notes."""
+    F1 columns, side tables, figures written, what was scored (one line per task), notes, and
+    footnotes (printed, and written under every markdown table)."""
 
     rows: dict[str, dict]
     extra_rows: list[dict] = dataclasses.field(default_factory=list)
@@ -82,6 +83,7 @@ class Outcome:
     files: list[str] = dataclasses.field(default_factory=list)
     described: list[str] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)
+    footnotes: list[str] = dataclasses.field(default_factory=list)  # under every table: which baselines ran
 
     def score(self, task: str, method: str, true: np.ndarray, pred: np.ndarray, type_names: list[str],
               descendants: dict | None) -> None:
