@@ -356,6 +356,7 @@ def main() -> None:
             result = {"cells": args.cells, "genes": args.genes, "threads": {"torch": torch.get_num_threads(),
                       "xla": threads}, "torch": torch.__version__, "jax": jax.__version__,
                       "devices": str(jax.devices()), "torch_device": torch_device(),
+                      "malloc_settings": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
                       "steps_per_round": args.steps, "rounds": args.rounds, "batch_sizes": {}}
             for b in args.batch_sizes:
                 result["batch_sizes"][str(b)] = race_batch_size(store, h5ad, b, names, args.batches, args.steps,
