@@ -213,12 +213,18 @@ def dense_counts(h5ad: Path, batch_size: int, n_batches: int) -> list[np.ndarray
 
 def race(contenders: dict[str, Callable[[int], None]], matmul: dict[str, Callable[[], float]], batch_size: int,
          steps: int, rounds: int, flops: int) -> dict:
-    """Cells/s of each contender and matmul FLOP/s of each framework, `rounds` times interleaved.
+    """Cells/s of each contender and matmul FLOP/s of each framework, `rounds` times interleaved
+    (a contender whose first step fails is left out, its error under "failed").
 
     The matmul rates are measured in this process, with the threads the contenders use, after
     each round; MFU divides a contender's model FLOP/s by the best rate over the rounds."""
-    for run in contenders.values():  # compile and warm up
-        run(1)
+    failed = {}
+    for name, run in list(contenders.items()):  # compile and warm up
+        try:
+            run(1)
+        except Exception as error:  # noqa: BLE001 - e.g. torch.compile without triton: the others still race
+            failed[name] = f"{type(error).__name__}: {error}"[:1000]
+            del contenders[name]
     times: dict[str, list[float]] = {name: [] for name in contenders}
     peaks: dict[str, list[float]] = {name: [] for name in matmul}
     for _ in range(rounds):
@@ -243,7 +249,7 @@ def race(contenders: dict[str, Callable[[int], None]], matmul: dict[str, Callabl
         measured = [matmul_peak[m] for m in matmuls if m in matmul_peak]
         return achieved[name] / max(measured) if measured else None
 
-    return {"cells_per_s": {name: statistics.median(r) for name, r in rate.items()},
+    return {"cells_per_s": {name: statistics.median(r) for name, r in rate.items()}, "failed": failed,
             "cells_per_s_rounds": rate, "ratios": ratios,
             "flops": {"model_flops_per_cell": flops, "achieved_flop_per_s": achieved,
                       "matmul_flop_per_s": matmul_peak,
