@@ -7,9 +7,9 @@ Made for a lent machine with one GPU, no network and a few minutes (under 8 at f
     python -m benchmarks.gpu_check --dry                          # the same code paths, tiny, on CPU
     bash benchmarks/gpu_check.sh WHEELS_DIR                       # first installs the missing packages
 
-Sections: `environment` (versions, devices, memory); `train_step` (sscell's step in bfloat16 and
-float32 per batch size on in-memory batches: cells/s, model FLOP/s and MFU against a jax matmul
-of the same precision); `loader` (host loader cells/s per prefetch thread count); `stall`
+Sections: `environment` (versions, devices, memory); `train_step` (`bench_train`'s race per batch
+size: sscell in bfloat16 and float32 on in-memory batches and bfloat16 on device-resident ones,
+the PyTorch reference on the same device; cells/s, ratios, MFU); `loader` (host loader cells/s per prefetch thread count); `stall`
 (steps/s fed one in-memory batch vs the streamed loader and vs device-resident data:
 `bench_loader.train_step_rates`); `main_run` (`python -m sscell.main` on the generated store for
 a few hundred steps, then its evaluation: wall time, last train and validation metrics, result
