@@ -9,8 +9,8 @@ Made for a lent machine with one GPU, no network and a few minutes (under 8 at f
 
 Sections: `environment` (versions, devices, memory); `train_step` (`bench_train`'s race per batch
 size: sscell in bfloat16 and float32 on in-memory batches and bfloat16 on device-resident ones,
-the PyTorch reference on the same device; cells/s, ratios, MFU); `loader` (host loader cells/s per prefetch thread count); `stall`
-(steps/s fed one in-memory batch vs the streamed loader and vs device-resident data:
+the PyTorch reference on the same device; cells/s, ratios, MFU); `loader` (host loader cells/s
+per prefetch thread count); `stall` (steps/s fed one in-memory batch vs the streamed loader and vs device-resident data:
 `bench_loader.train_step_rates`); `main_run` (`python -m sscell.main` on the generated store for
 a few hundred steps, then its evaluation: wall time, last train and validation metrics, result
 files). The JSON is rewritten after every section, and a failed section records its error and
