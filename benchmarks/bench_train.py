@@ -256,7 +256,8 @@ def race(contenders: dict[str, Callable[[int], None]], matmul: dict[str, Callabl
                       "matmul_measured": "in this process after each round, with the contenders' threads; "
                                          "best of the rounds",
                       "mfu": {name: share(name, [framework[name]]) for name in contenders},
-                      "mfu_vs_jax_matmul": {p.strip("_") or "float32": {name: share(name, [f"jax{p}"]) for name in contenders}
+                      "mfu_vs_jax_matmul": {p.strip("_") or "float32": {name: share(name, [f"jax{p}"])
+                                                                          for name in contenders}
                                             for p in ("_bf16", "")},
                       "mfu_vs_best_matmul": {name: share(name, [f"jax{precision[name]}", f"torch{precision[name]}"])
                                              for name in contenders}}}
@@ -279,7 +280,9 @@ def race_batch_size(store: Path, h5ad: Path, batch_size: int, names: list[str], 
     for name in names:
         if name in SSCELL:
             overrides, data = SSCELL[name]
-            overrides = {**model, **overrides, **({"sparse_nonzeros": sparse_nonzeros} if name == "sscell_sparse" else {})}
+            overrides = {**model, **overrides}
+            if name == "sscell_sparse":
+                overrides["sparse_nonzeros"] = sparse_nonzeros
             contenders[name] = sscell_contender(store, batch_size, n_batches, data, **overrides)
         else:
             contenders[name] = torch_contender(counts, "compile" in name, "bf16" in name, device, **model)
