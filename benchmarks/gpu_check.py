@@ -7,10 +7,10 @@ Made for a lent machine with one GPU, no network and a few minutes (under 8 at f
     python -m benchmarks.gpu_check --dry                          # the same code paths, tiny, on CPU
     bash benchmarks/gpu_check.sh WHEELS_DIR                       # first installs the missing packages
 
-Sections: `environment` (versions, devices, memory); `train_step` (sscell's step in bfloat16 and
-float32 per batch size on in-memory batches: cells/s, model FLOP/s and MFU against a jax matmul
-of the same precision); `loader` (host loader cells/s per prefetch thread count); `stall`
-(steps/s fed one in-memory batch vs the streamed loader and vs device-resident data:
+Sections: `environment` (versions, devices, memory); `train_step` (`bench_train`'s race per batch
+size: sscell in bfloat16 and float32 on in-memory batches and bfloat16 on device-resident ones,
+the PyTorch reference on the same device; cells/s, ratios, MFU); `loader` (host loader cells/s
+per prefetch thread count); `stall` (steps/s fed one in-memory batch vs the streamed loader and vs device-resident data:
 `bench_loader.train_step_rates`); `main_run` (`python -m sscell.main` on the generated store for
 a few hundred steps, then its evaluation: wall time, last train and validation metrics, result
 files). The JSON is rewritten after every section, and a failed section records its error and
@@ -30,14 +30,18 @@ import traceback
 from pathlib import Path
 
 from benchmarks.bench_loader import sscell_rates, train_step_rates
-from benchmarks.bench_train import flops_per_cell, sscell_contender
+from benchmarks.bench_train import race_batch_size
 from sscell.errors import exit_on_error
 
 # (cells, genes) of the generated store and the sizes of each section.
-FULL = dict(cells=60_000, genes=19_331, batch_sizes=(1024, 8192), race_steps=20, threads=(4, 8, 16),
+FULL = dict(cells=60_000, genes=19_331, batch_sizes=(1024, 8192), race_steps=10, race_rounds=2,
+            contenders=("sscell_bf16", "sscell_float32", "sscell_bf16_resident", "torch_eager", "torch_compile",
+                        "torch_compile_bf16"), threads=(4, 8, 16),
             read_cells=60_000, loader_batch=1024, stall_batch=8192, stall_steps=20, main_steps=300, main_batch=8192,
             model={})
-DRY = dict(cells=1_200, genes=200, batch_sizes=(64,), race_steps=2, threads=(1, 2), read_cells=256,
+DRY = dict(cells=1_200, genes=200, batch_sizes=(64,), race_steps=2, race_rounds=1,
+           contenders=("sscell_bf16", "sscell_float32", "sscell_bf16_resident", "torch_eager"), threads=(1, 2),
+           read_cells=256,
            loader_batch=32, stall_batch=64, stall_steps=2, main_steps=6, main_batch=64,
            model=dict(hidden=(32, 32), latent=8))
 EVAL_TASKS = ("knn", "linear_probe", "reconstruction")  # no scib-metrics / umap-learn wheels needed
@@ -59,44 +63,13 @@ def _on_path(program: str) -> bool:
     return any(os.access(os.path.join(p, program), os.X_OK) for p in os.environ.get("PATH", "").split(os.pathsep))
 
 
-def jax_matmul_flops(batch_size: int, n_genes: int, width: int, dtype: str) -> float:
-    """FLOP/s of one (batch x genes) @ (genes x width) jax matmul in `dtype` (float32 results), best of 3."""
-    import jax
-    import jax.numpy as jnp
-
-    key_a, key_b = jax.random.split(jax.random.key(0))
-    a = jax.random.normal(key_a, (batch_size, n_genes), dtype)
-    b = jax.random.normal(key_b, (n_genes, width), dtype)
-    product = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
-    product(a, b).block_until_ready()
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        product(a, b).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return 2 * batch_size * n_genes * width / best
-
-
-def train_step(store: Path, genes: int, batch_sizes: tuple[int, ...], steps: int, overrides: dict) -> dict:
-    """Cells/s, FLOP/s and MFU of sscell's train step (config defaults, `config.model` updated
-    with `overrides`) in bfloat16 and float32."""
-    from sscell.config import default_config
-
-    model = default_config().model
-    model.update(overrides)
-    flops = flops_per_cell(genes, tuple(model.hidden), model.latent)
-    result = {}
-    for batch_size in batch_sizes:
-        for dtype in ("bfloat16", "float32"):
-            run = sscell_contender(store, batch_size, 2, **overrides, dtype=dtype)
-            run(2)  # compile and warm up
-            start = time.perf_counter()
-            run(steps)
-            cells_per_s = steps * batch_size / (time.perf_counter() - start)
-            peak = jax_matmul_flops(batch_size, genes, model.hidden[0], dtype)
-            result[f"{batch_size}_{dtype}"] = {"cells_per_s": cells_per_s, "flop_per_s": cells_per_s * flops,
-                                               "matmul_flop_per_s": peak, "mfu": cells_per_s * flops / peak}
-    return result
+def train_step(store: Path, h5ad: Path, batch_sizes: tuple[int, ...], contenders: tuple[str, ...], steps: int,
+               rounds: int, overrides: dict) -> dict:
+    """`bench_train.race_batch_size` per batch size: sscell's step in bfloat16 and float32 on
+    in-memory batches and bfloat16 on device-resident ones, the PyTorch reference on the same
+    device; cells/s, ratios, MFU against matmuls measured in the same process."""
+    return {str(b): race_batch_size(store, h5ad, b, list(contenders), 2, steps, rounds, **overrides)
+            for b in batch_sizes}
 
 
 def main_run(store: Path, workdir: Path, steps: int, batch_size: int, model: dict) -> dict:
@@ -139,12 +112,12 @@ def check(out: Path, workdir: Path, dry: bool) -> dict:
     section("environment", environment)
     paths = {}
     section("data", lambda: {"store": str(paths.setdefault(
-        "store", dataset(workdir, sizes["cells"], sizes["genes"])[1]))})
-    store = paths.get("store")
-    if store is None:
+        "data", dataset(workdir, sizes["cells"], sizes["genes"]))[1])})
+    if "data" not in paths:
         return report
-    section("train_step", lambda: train_step(store, sizes["genes"], sizes["batch_sizes"], sizes["race_steps"],
-                                             sizes["model"]))
+    h5ad, store = paths["data"]
+    section("train_step", lambda: train_step(store, h5ad, sizes["batch_sizes"], sizes["contenders"],
+                                             sizes["race_steps"], sizes["race_rounds"], sizes["model"]))
     section("loader", lambda: {"batch_size": sizes["loader_batch"], "cells_per_s": sscell_rates(
         store, sizes["loader_batch"], sizes["read_cells"], list(sizes["threads"]))})
     section("stall", lambda: {source: train_step_rates(store, sizes["stall_batch"], sizes["stall_steps"],

@@ -45,12 +45,13 @@ def make_step(model: torch.nn.Module, lr: float, weight_decay: float, grad_clip:
               compile_loss: bool, bfloat16: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
     """`step(counts) -> loss`: one AdamW update of `model`; the loss (forward and backward)
     compiled by `torch.compile` when `compile_loss`, its matmuls in bfloat16 under
-    `torch.autocast` (PyTorch's mixed precision; parameters stay float32) when `bfloat16`."""
+    `torch.autocast` (PyTorch's mixed precision; parameters stay float32) when `bfloat16`; on
+    the device `counts` (and the model) are on."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
     loss_fn = torch.compile(masked_loss) if compile_loss else masked_loss
 
     def step(counts: torch.Tensor) -> torch.Tensor:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bfloat16):
+        with torch.autocast(counts.device.type, dtype=torch.bfloat16, enabled=bfloat16):
             loss, _ = loss_fn(model, counts, mask_rate)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -24,8 +24,12 @@ def test_dry_gpu_check_completes_every_section(tmp_path):
     report = json.loads(out.read_text())
     assert not [name for name, value in report.items() if isinstance(value, dict) and "error" in value]
     assert report["environment"]["backend"] == "cpu"
-    for value in report["train_step"].values():
-        assert value["cells_per_s"] > 0 and value["mfu"] > 0
+    race = report["train_step"]["64"]
+    assert race["torch_device"] == "cpu"  # the PyTorch reference runs where jax does
+    assert set(race["cells_per_s"]) == {"sscell_bf16", "sscell_float32", "sscell_bf16_resident", "torch_eager"}
+    assert all(rate > 0 for rate in race["cells_per_s"].values())
+    assert all(share > 0 for share in race["flops"]["mfu"].values())
+    assert all(share > 0 for shares in race["flops"]["mfu_vs_jax_matmul"].values() for share in shares.values())
     assert set(report["loader"]["cells_per_s"]) == {"1", "2"}
     assert report["stall"]["resident"]["data"] == "device_resident"
     assert report["stall"]["streamed"]["data"] == "streamed"
