@@ -111,8 +111,8 @@ def run_seed(config: ml_collections.ConfigDict, workdir: str, seed: int, atlas: 
     """Every score of one seed: per task, zero-shot kNN on atlas and target, then fine-tuning;
     None if a run stopped early (preemption or Ctrl-C: nothing of it is scored, rerunning resumes).
 
-    Baselines (PCA, training from scratch) do not depend on the task: they are scored with the
-    first task only.
+    Baselines (`eval.baselines`: PCA, HVG expression, scVI; training from scratch) do not depend on
+    the task: they are fitted and scored with the first task only.
     """
     rows = []
     for i, task in enumerate(config.tasks):
@@ -120,9 +120,11 @@ def run_seed(config: ml_collections.ConfigDict, workdir: str, seed: int, atlas: 
         run = pretrain_config(config, task, seed, atlas, os.path.join(workdir, "data"))
         if not pretrain(run, run_dir, atlas):
             return None
-        task_rows = knn_scores(evaluate(run_dir, ("knn",)), i == 0, seed=seed, setting="zero-shot atlas")
-        task_rows += knn_scores(evaluate(run_dir, ("knn",), store=target.path, outdir=os.path.join(run_dir, "target")),
-                                i == 0, seed=seed, setting="zero-shot target")
+        baselines = None if i == 0 else ()  # the run's eval.baselines, fitted once per seed
+        task_rows = knn_scores(evaluate(run_dir, ("knn",), baselines=baselines), i == 0, seed=seed,
+                               setting="zero-shot atlas")
+        task_rows += knn_scores(evaluate(run_dir, ("knn",), store=target.path, outdir=os.path.join(run_dir, "target"),
+                                         baselines=baselines), i == 0, seed=seed, setting="zero-shot target")
         tuned = finetune(run_dir, target.path, list(config.fractions), steps=config.finetune.train.steps,
                          seed=seed, base=config.finetune, arms=ARMS if i == 0 else ("pretrained",))
         if not tuned:

@@ -31,7 +31,7 @@ def tiny_study(tmp_path):
     config.pretrain.model.update(hidden=(32, 32), latent=8)
     config.pretrain.train.update(steps=20, batch_size=64, log_every=10, val_every=10, checkpoint_every=10,
                                  val_batches=2)
-    config.pretrain.eval.update(pca_components=8, batch_size=256, hvg_genes=50)
+    config.pretrain.eval.update(pca_components=8, batch_size=256, hvg_genes=50, scvi_epochs=2)
     config.finetune.train.update(steps=10, batch_size=64, log_every=5, val_every=5, checkpoint_every=5,
                                  val_batches=1)
     config.finetune.eval.update(batch_size=256)
