@@ -7,7 +7,6 @@ import pathlib
 import numpy as np
 import pandas as pd
 import pytest
-
 import scipy.stats
 
 from sscell.reproduce import knn_scores, paired_comparisons, reproduce
