@@ -33,7 +33,8 @@ through gcsfs / s3fs (`pip install 'sscell[remote]'`) reads obs, var and varm.
 Chunking of data/indices/indptr (1-D, zarr v3 `sharding_indexed`, blosc lz4 + byte shuffle per
 inner chunk, all readable by zarr-python too): inner chunks hold about 128 cells' worth of
 nonzeros (a power of two between 2**12 and 2**20 elements, chosen from the mean nonzeros per
-cell), so a loader block of 64-512 cells decodes little beyond what it needs; shards hold
+cell, so 90-180 cells): a loader block of 512 cells decodes ~1.3x the cells it needs, one of
+64 cells (the default) ~3.5x, a cost docs/performance.md measures against the raw read; shards hold
 2**24 elements (32 MiB of uint16 before compression), so 20 M cells of ~2,000 nonzeros make a
 few thousand shard files per array rather than millions of chunk files.
 """
