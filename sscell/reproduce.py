@@ -46,7 +46,7 @@ from sscell.training.workdir_run import train_in_workdir
 # type counts as correct. finetune_knn_macro_f1_ontology is the study's transfer figure (kNN on the
 # fine-tuned embeddings); finetune_macro_f1 scores the classifier head.
 SCORES = ("knn_macro_f1", "knn_micro_f1", "knn_macro_f1_ontology", "finetune_knn_macro_f1_ontology",
-          "finetune_macro_f1", "finetune_micro_f1")
+          "finetune_macro_f1", "finetune_micro_f1", "fit_seconds")  # fit_seconds: training or baseline fit time
 
 
 def prepare_data(spec: AtlasSpec, folder: str) -> tuple[Store, Store]:

@@ -48,7 +48,9 @@ def test_reproduce_scores_every_setting_and_summarises_over_seeds(tmp_path):
     for setting in ("zero-shot atlas", "zero-shot target"):
         methods = set(scores[scores.setting == setting].method)
         assert {"sscell masked", "sscell supervised", "sscell masked_r25"} < methods
-        assert any(m.startswith("PCA") for m in methods)
+        assert any(m.startswith("PCA") for m in methods) and any(m.startswith("HVG") for m in methods)
+        assert any(m.startswith("scVI") for m in methods) == (importlib.util.find_spec("scvi") is not None)
+        assert scores[scores.setting == setting].fit_seconds.gt(0).all()  # training / fit time on every row
     tuned = set(scores[scores.setting == "fine-tune 1"].method)
     assert tuned == {"fine-tuned from sscell masked", "fine-tuned from sscell supervised",
                      "fine-tuned from sscell masked_r25", "supervised from scratch"}
