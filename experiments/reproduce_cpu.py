@@ -77,3 +77,7 @@ def add_finding_experiments(config: ml_collections.ConfigDict) -> None:
                            "val_every": every, "checkpoint_every": every}
         config.task_overrides[f"barlow_twins_batch{size}"] = barlow
     config.tasks = (*config.tasks, "byol_no_nb", "barlow_twins_batch1024", "barlow_twins_batch8192")
+    # masked pretraining below PCA here: undertrained, or the wrong likelihood for NB counts? (not in
+    # config.tasks: one seed, --config.tasks='("masked","masked_long","masked_nb")' --config.seeds='(0,)')
+    config.task_overrides.masked_long = {"loss": {"name": "masked"}, "train": {"steps": 4 * steps}}
+    config.task_overrides.masked_nb = {"loss": {"name": "masked", "likelihood": "nb"}}
