@@ -171,8 +171,9 @@ def check_baselines(names, tasks: tuple[EvalTask, ...]) -> None:
 def baselines_summary(evaluator: Evaluator, trained: float | None) -> list[str]:
     """Which baselines ran, with their fit times next to the model's training time, and why any did not."""
     ran = ", ".join(f"{run.method} {run.fit_seconds:.1f} s" for run in evaluator.ran.values()) or "none"
-    training = "not recorded" if trained is None else f"{trained:.0f} s"
-    return ([f"baselines (eval.baselines): {ran} to fit; sscell: {training} of training (fit_seconds)"]
+    training = "training time not recorded (a run older than train/wall_s)" if trained is None else (
+        f"{trained:.0f} s of training")
+    return ([f"baselines (eval.baselines): {ran} to fit; sscell: {training} (fit_seconds)"]
             + [f"{label} skipped: {why}" for label, why in evaluator.skipped.items()])
 
 
