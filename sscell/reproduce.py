@@ -238,9 +238,12 @@ def report(scores: pd.DataFrame, report_dir: str, header: str, name: str = "repr
            reference: str = "masked") -> pd.DataFrame:
     """Write the summary of `scores` (mean +- sd over seeds), the paired comparisons with the
     `reference` task, the figure and `header` into `report_dir`/`name`.{md,csv,png} (comparisons
-    also in `name`_comparisons.csv); returns the summary table."""
+    also in `name`_comparisons.csv, the scores of every seed in `name`_seeds.csv); returns the
+    summary table."""
     table = summarise(scores)
     os.makedirs(report_dir, exist_ok=True)
+    with atomic_file(os.path.join(report_dir, f"{name}_seeds.csv")) as tmp:  # every seed's scores, for pairing
+        scores.to_csv(tmp, index=False)
     plot(scores, os.path.join(report_dir, f"{name}.png"))
     markdown = write_results(table.to_dict("records"), report_dir, name)
     compared = paired_comparisons(scores, reference)

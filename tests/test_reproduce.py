@@ -71,6 +71,7 @@ def test_reproduce_scores_every_setting_and_summarises_over_seeds(tmp_path):
     assert os.path.getsize(tmp_path / "docs" / "reproduce_cpu.png") > 0
     assert "masked vs every other method, paired by seed" in report
     assert (tmp_path / "docs" / "reproduce_cpu_comparisons.csv").exists()
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "docs" / "reproduce_cpu_seeds.csv"), scores)
 
 
 def test_knn_scores_keep_only_knn_rows():
