@@ -62,9 +62,10 @@ def get_config(atlas: str = "default"):
 
 def add_finding_experiments(config: ml_collections.ConfigDict) -> None:
     """Variants testing the open findings (docs/reproduction.md), each a task of its own:
-    BYOL without the negative-binomial resampling that mimics the generator's own noise, and
+    BYOL without the negative-binomial resampling that mimics the generator's own noise;
     Barlow Twins at batches above its 512-wide projector (at 256 cells the cross-correlation
-    matrix has rank <= 256 and cannot reach the identity), the same epochs as the others."""
+    matrix has rank <= 256 and cannot reach the identity), the same epochs as the others;
+    masked pretraining for 4x the steps, and with the negative-binomial likelihood."""
     byol = config.task_overrides.byol.loss.to_dict()
     config.task_overrides.byol_no_nb = {"loss": {**byol, "name": "byol", "aug_nb_prob": 0.0}}
     steps, batch = config.pretrain.train.steps, config.pretrain.train.batch_size
@@ -76,8 +77,8 @@ def add_finding_experiments(config: ml_collections.ConfigDict) -> None:
                            "warmup_steps": barlow["train"]["warmup_steps"] * batch // size,
                            "val_every": every, "checkpoint_every": every}
         config.task_overrides[f"barlow_twins_batch{size}"] = barlow
-    config.tasks = (*config.tasks, "byol_no_nb", "barlow_twins_batch1024", "barlow_twins_batch8192")
-    # masked pretraining below PCA here: undertrained, or the wrong likelihood for NB counts? (not in
-    # config.tasks: one seed, --config.tasks='("masked","masked_long","masked_nb")' --config.seeds='(0,)')
+    # masked pretraining far below PCA here at 3,000 steps: undertrained, or the wrong likelihood for NB counts?
     config.task_overrides.masked_long = {"loss": {"name": "masked"}, "train": {"steps": 4 * steps}}
     config.task_overrides.masked_nb = {"loss": {"name": "masked", "likelihood": "nb"}}
+    config.tasks = (*config.tasks, "byol_no_nb", "barlow_twins_batch1024", "barlow_twins_batch8192", "masked_long",
+                    "masked_nb")
