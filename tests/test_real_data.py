@@ -2,6 +2,7 @@
 CELLxGENE-like file -> store split by cell -> tiny pretraining -> embeddings -> kNN vs PCA ->
 fine-tuning -> predicted cell types."""
 import csv
+import importlib.util
 import os
 import subprocess
 import sys
@@ -81,9 +82,11 @@ def test_pbmc68k_converts_pretrains_embeds_finetunes_and_predicts(tmp_path):
     assert "reference = " in run.stdout and "(eval.knn_reference=train+val)" in run.stdout
     with open(workdir / "results.csv") as f:
         rows = {r["method"].split()[0]: r for r in csv.DictReader(f)}
-    assert set(rows) == {"sscell", "PCA(32)"}
+    baselines = {"PCA(32)", "HVG(765)"} | ({"scVI(30)"} if importlib.util.find_spec("scvi") else set())
+    assert set(rows) == {"sscell"} | baselines  # keyed by the first word: both PCAs are "PCA(32)"
     n_types = pbmc68k().obs["cell_type"].nunique()
-    for name, row in rows.items():  # well above chance (1 / 10 types) for the model and for PCA (~0.6 measured)
+    for name in ("sscell", "PCA(32)"):  # well above chance (1 / 10 types) for the model and for PCA (~0.6 measured)
+        row = rows[name]
         assert 3 / n_types < float(row["knn_macro_f1"]) <= 1, name
         assert int(row["knn_reference_cells"]) > 500  # ~85% of 700 cells: the train and val splits
 
