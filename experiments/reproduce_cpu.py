@@ -11,6 +11,9 @@ macro F1; transfer = kNN on the fine-tuned embeddings, ontology-corrected): mask
 vs scratch at 1% labels 0.910 vs 0.630; zero-shot on the target masked 0.902 vs PCA 0.843; BYOL
 matches masking here and Barlow Twins trails it; docs/reproduction.md says what reproduces the
 study and what does not, and why.
+`:calibrated` (python -m sscell.reproduce --config=experiments/reproduce_cpu.py:calibrated) runs it on
+the atlas calibrated to real cells, with the experiments testing the open findings as tasks of their
+own; it writes docs/reproduce_calibrated.{md,csv,png} (about 2 hours on 2 shared cores, float32).
 Bigger: --config.atlas.n_cells=1000000 --config.pretrain.train.steps=20000
 --config.pretrain.model.hidden='(512,512,256,256)'; fewer seeds: --config.seeds='(0,)'.
 """
