@@ -9,7 +9,7 @@ import tempfile
 import jax
 import pytest
 
-from sscell.config import default_config
+from sscell.config import default_config, save_config
 from sscell.data.convert import convert
 from sscell.data.store import open_store
 from sscell.data.synthetic import AtlasSpec, write_atlas
@@ -70,6 +70,22 @@ def tiny_config(tiny_store):
     config.train.update(steps=30, batch_size=64, log_every=5, val_every=10, val_batches=2,
                         checkpoint_every=10, lr_decay_epochs=100)
     config.eval.update(batch_size=128, pca_components=8)
+    return config
+
+
+def train_tiny_run(store, workdir, **eval_settings):
+    """Train a float32 run 20 steps on `store` in `workdir` (config saved there); `eval_settings`
+    over small evaluation defaults. Returns the config."""
+    from sscell.training.train import train
+
+    config = default_config()
+    config.data.store = store.path
+    config.model.update(hidden=(32, 32), latent=8, dtype="float32")
+    config.train.update(steps=20, batch_size=64, log_every=10, val_every=10, val_batches=2, checkpoint_every=10,
+                        lr_decay_epochs=100)
+    config.eval.update(batch_size=256, pca_components=8, **eval_settings)
+    save_config(config, workdir)
+    train(config, str(workdir), store)
     return config
 
 

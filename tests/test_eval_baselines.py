@@ -6,8 +6,9 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import train_tiny_run  # tests/ is on sys.path (rootdir conftest)
 
-from sscell.config import default_config, save_config
+from sscell.config import default_config
 from sscell.data.genes import highly_variable_genes
 from sscell.data.loader import label_codes
 from sscell.errors import SscellError
@@ -16,7 +17,6 @@ from sscell.evaluation.cells import Evaluator
 from sscell.evaluation.evaluate import CACHE_DIR, eval_settings, evaluate
 from sscell.evaluation.run import open_run
 from sscell.evaluation.tasks import integration as integration_task
-from sscell.training.train import train
 
 SKIP_LINE = "scVI skipped: scvi-tools is not installed (pip install -e '.[baselines]')"
 
@@ -24,16 +24,8 @@ SKIP_LINE = "scVI skipped: scvi-tools is not installed (pip install -e '.[baseli
 @pytest.fixture(scope="module")
 def run(tiny_store, tmp_path_factory):
     """A run trained 20 steps on the tiny store; scVI fitted on 600 training cells for 3 epochs."""
-    config = default_config()
-    config.data.store = tiny_store.path
-    config.model.update(hidden=(32, 32), latent=8, dtype="float32")
-    config.train.update(steps=20, batch_size=64, log_every=10, val_every=10, val_batches=2, checkpoint_every=10,
-                        lr_decay_epochs=100)
-    config.eval.update(batch_size=256, pca_components=8, hvg_genes=40, scvi_cells=600, scvi_epochs=3)
     workdir = tmp_path_factory.mktemp("baselines")
-    save_config(config, workdir)
-    train(config, str(workdir), tiny_store)
-    return workdir, config
+    return workdir, train_tiny_run(tiny_store, workdir, hvg_genes=40, scvi_cells=600, scvi_epochs=3)
 
 
 def log1p_input(store, split: str) -> np.ndarray:

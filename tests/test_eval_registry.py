@@ -11,8 +11,9 @@ import jax
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import train_tiny_run  # tests/ is on sys.path (rootdir conftest)
 
-from sscell.config import default_config, save_config
+from sscell.config import save_config
 from sscell.data.loader import label_codes
 from sscell.errors import SscellError
 from sscell.evaluation.baselines import load_baselines
@@ -23,7 +24,7 @@ from sscell.evaluation.run import open_run
 from sscell.training import checkpoint
 from sscell.training.mesh import make_mesh, replicated
 from sscell.training.state import abstract_state
-from sscell.training.train import build, train
+from sscell.training.train import build
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = "sscell.evaluation.example_task"
@@ -32,17 +33,9 @@ EXAMPLE = "sscell.evaluation.example_task"
 @pytest.fixture(scope="module")
 def run(tiny_store, tmp_path_factory):
     """A run trained 20 steps on the tiny store that names the example task module."""
-    config = default_config()
-    config.data.store = tiny_store.path
-    config.model.update(hidden=(32, 32), latent=8, dtype="float32")
-    config.train.update(steps=20, batch_size=64, log_every=10, val_every=10, val_batches=2, checkpoint_every=10,
-                        lr_decay_epochs=100)
-    config.eval.update(batch_size=256, pca_components=8, hvg_genes=48, module=EXAMPLE,
-                       baselines=("pca", "pca_hvg"))
     workdir = tmp_path_factory.mktemp("registry")
-    save_config(config, workdir)
-    train(config, str(workdir), tiny_store)
-    return workdir, config
+    return workdir, train_tiny_run(tiny_store, workdir, hvg_genes=48, module=EXAMPLE,
+                                             baselines=("pca", "pca_hvg"))
 
 
 @pytest.mark.slow
