@@ -229,6 +229,7 @@ class Evaluator:
         fresh = {b.name: (b, fitted) for b in self.baselines if cached[b.name] is None
                  and (fitted := self._fit(b)) is not None}
         model, labels, embedded = [], {name: [] for name in LABELS}, {name: [] for name in fresh}
+        reconstructing = [(b, fitted) for b, fitted in fresh.values() if b.reconstructs] if reconstruct else []
         for batch, n, out in self._batches(split, limit, "reconstruct" if reconstruct else "embed"):
             x = out["x"][:n]
             model.append(out["z"][:n])
@@ -241,11 +242,11 @@ class Evaluator:
                 hidden, measured = out["hidden"][:n], out["measured"][:n]
                 reconstructions.update(self.method, "all", x, out["x_hat"][:n], measured)
                 reconstructions.update(self.method, "masked", x, out["x_hat_masked"][:n], hidden)
-                masked_input = np.asarray(mask_input(x, hidden, self.settings.mask_rate))
-                for baseline, fitted in fresh.values():
-                    if baseline.reconstructs:
-                        reconstructions.update(fitted.method, "all", x, fitted.reconstruct(x), measured)
-                        reconstructions.update(fitted.method, "masked", x, fitted.reconstruct(masked_input), hidden)
+                if reconstructing:  # else (e.g. PCA read from the cache) no masked input is needed
+                    masked_input = np.asarray(mask_input(x, hidden, self.settings.mask_rate))
+                for _, fitted in reconstructing:
+                    reconstructions.update(fitted.method, "all", x, fitted.reconstruct(x), measured)
+                    reconstructions.update(fitted.method, "masked", x, fitted.reconstruct(masked_input), hidden)
         if not labels["cell_type"]:
             raise SscellError(f"the store has no {split} cells to evaluate; convert it with a {split} split")
         for name, (baseline, fitted) in fresh.items():
