@@ -13,11 +13,13 @@ Figures: `cells_per_s` of each loader (sscell per prefetch thread count); `train
 of the study's model (config defaults) fed one in-memory batch vs the real loader, with
 `waiting_share` the share of wall time the loop waited for a batch and `stall` the throughput
 lost to the loader (waiting plus the loader's threads competing for the same CPU cores);
-`codecs`: per X compressor (`convert --codec`), its bytes per cell and, per thread count t, in
+`codecs`: per X compressor (`convert --codec`) and chunk size (`--chunk-cells`: the default
+and the 128 cells of stores written before 2026-12-05), its bytes per cell and, per thread count t, in
 a process pinned to t cores (tensorstore decoding on those t, t prefetch threads), the raw
 read-and-decode cells/s of the loader's rows next to the loader's (`loader_over_raw`), each the
 best of `--rounds` interleaved rounds, with the cores each kept busy (`*_cores_busy`: on shared
-cores, what it got) and its cells per CPU second;
+cores, what it got) and its cells per CPU second, with freed memory retained as training runs
+(`sscell.allocator`) and again with glibc's defaults (`default_allocator`);
 `shipped_bytes`: host-to-device bytes per cell of the loader's flat CSR batches (per data
 shard count) against the padded-row layout they replaced (cells x a power-of-two width >= the
 fullest row); `memory`: peak RSS (Linux VmHWM) of a process that opens a store and loads
@@ -40,22 +42,24 @@ from pathlib import Path
 
 import numpy as np
 
+from sscell.allocator import retain_freed_memory
 from sscell.data.convert import convert
 from sscell.data.loader import CellLoader, prefetched
-from sscell.data.store import available_cores, open_store, runs
+from sscell.data.store import CELLS_PER_CHUNK, available_cores, open_store, runs
 from sscell.data.synthetic import AtlasSpec, write_atlas
 from sscell.errors import exit_on_error
 
 
-def dataset(workdir: Path, cells: int, genes: int, codec: str = "lz4") -> tuple[Path, Path]:
-    """(.h5ad, store with X compressed by `codec`) of a synthetic atlas in `workdir`, generated
-    and converted unless present."""
+def dataset(workdir: Path, cells: int, genes: int, codec: str = "lz4",
+            chunk_cells: int = CELLS_PER_CHUNK) -> tuple[Path, Path]:
+    """(.h5ad, store with X compressed by `codec` in chunks of `chunk_cells` cells) of a synthetic
+    atlas in `workdir`, generated and converted unless present."""
     h5ad = workdir / f"atlas_{cells}x{genes}.h5ad"
-    store = workdir / (f"store_{cells}x{genes}" + ("" if codec == "lz4" else f"_{codec}"))
+    store = workdir / f"store_{cells}x{genes}_{codec}_chunk{chunk_cells}"
     if not h5ad.exists():
         write_atlas(AtlasSpec(n_cells=cells, n_genes=genes), h5ad)
     if not store.exists():
-        convert([h5ad], store, seed=0, codec=codec)
+        convert([h5ad], store, seed=0, codec=codec, chunk_cells=chunk_cells)
     return h5ad, store
 
 
@@ -89,16 +93,20 @@ def sscell_rates(store_path: Path, batch_size: int, cells: int, threads: list[in
 
 
 def codec_rates(store_path: Path, batch_size: int, cells: int, threads: list[int], rounds: int) -> dict:
-    """Per thread count t: `codec_probe` in a fresh process pinned to t cores, and the store's X
-    bytes per cell."""
+    """Per thread count t: `codec_probe` in a fresh process pinned to t cores, with freed memory
+    retained as training does (`sscell.allocator`) and, under "default_allocator", without; and
+    the store's X bytes per cell."""
     x_bytes = sum(f.stat().st_size for f in (Path(store_path) / "X").rglob("*") if f.is_file())
     result = {"x_bytes_per_cell": x_bytes / open_store(store_path).n_cells, "threads": {}}
     for t in threads:
-        with pinned(t):  # the child inherits this thread's affinity
-            run = subprocess.run([sys.executable, "-m", "benchmarks.bench_loader", "--codec-probe", str(store_path),
-                                  "--batch-size", str(batch_size), "--read-cells", str(cells), "--threads", str(t),
-                                  "--rounds", str(rounds)], capture_output=True, text=True, check=True)
-        result["threads"][str(t)] = json.loads(run.stdout)
+        probes = []
+        for flags in ([], ["--default-allocator"]):
+            with pinned(t):  # the child inherits this thread's affinity
+                run = subprocess.run([sys.executable, "-m", "benchmarks.bench_loader", "--codec-probe", str(store_path),
+                                      "--batch-size", str(batch_size), "--read-cells", str(cells), "--threads", str(t),
+                                      "--rounds", str(rounds), *flags], capture_output=True, text=True, check=True)
+            probes.append(json.loads(run.stdout))
+        result["threads"][str(t)] = {**probes[0], "default_allocator": probes[1]}
     return result
 
 
@@ -117,11 +125,13 @@ def pinned(threads: int) -> Iterator[None]:
         os.sched_setaffinity(0, cores)
 
 
-def codec_probe(store_path: str, batch_size: int, cells: int, threads: int, rounds: int) -> dict:
+def codec_probe(store_path: str, batch_size: int, cells: int, threads: int, rounds: int, retain: bool = True) -> dict:
     """Cells/s of the codec's raw reads (the loader's batches' runs of rows read and decoded by
     tensorstore into one array, nothing laid out) and of the loader, each on `threads` prefetch
     threads with tensorstore decoding on this process's cores (`available_cores`: pin it to
-    `threads` cores): the best of `rounds` interleaved rounds, each reading the same steps."""
+    `threads` cores): the best of `rounds` interleaved rounds, each reading the same steps.
+    `retain`: first keep freed memory in the process, as training does (`retain_freed_memory`)."""
+    retained = retain and retain_freed_memory()
     store = open_store(store_path)
     loader = CellLoader(store, "train", batch_size, seed=0, prefetch=threads)
 
@@ -137,6 +147,7 @@ def codec_probe(store_path: str, batch_size: int, cells: int, threads: int, roun
             best[name] = max(best[name], rate_and_cores(prefetched(batch, first, first + steps, threads), cells))
     (raw_rate, raw_cores), (loader_rate, loader_cores) = best["raw"], best["loader"]
     return {"cores": available_cores(), "tensorstore_threads": store.decode_threads, "prefetch_threads": threads,
+            "retained_freed_memory": retained,
             "raw_cells_per_s": raw_rate, "loader_cells_per_s": loader_rate, "loader_over_raw": loader_rate / raw_rate,
             "raw_cores_busy": raw_cores, "loader_cores_busy": loader_cores,
             "raw_cells_per_cpu_s": raw_rate / raw_cores, "loader_cells_per_cpu_s": loader_rate / loader_cores,
@@ -302,18 +313,24 @@ def main() -> None:
     parser.add_argument("--skip", nargs="*", default=[],
                         choices=["anndata", "scdataset", "annbatch", "bytes", "train_step", "memory", "codecs"])
     parser.add_argument("--codecs", nargs="*", default=["lz4", "zstd"], help="X compressors to compare (raw vs loader)")
+    parser.add_argument("--chunk-cells", type=int, nargs="*", default=[CELLS_PER_CHUNK, 128],
+                        help="X chunk sizes (cells) to compare, per codec")
     parser.add_argument("--rounds", type=int, default=10,
                         help="interleaved raw / loader rounds per codec and thread count (the best counts)")
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)  # internal: measure one store, print JSON
     parser.add_argument("--codec-probe", help=argparse.SUPPRESS)  # internal: raw vs loader on one store
+    parser.add_argument("--default-allocator", action="store_true",
+                        help="leave glibc's malloc as it is (training retains freed memory: sscell.allocator)")
     args = parser.parse_args()
+    if not args.default_allocator:  # as training runs (sscell.allocator)
+        retain_freed_memory()
     with exit_on_error():
         if args.memory_probe:
             print(json.dumps(memory_probe(args.memory_probe, args.batch_size, args.memory_batches)))
             return
         if args.codec_probe:
             print(json.dumps(codec_probe(args.codec_probe, args.batch_size, args.read_cells, args.threads[0],
-                                         args.rounds)))
+                                         args.rounds, retain=not args.default_allocator)))
             return
         with tempfile.TemporaryDirectory() as tmp:
             workdir = Path(args.workdir or tmp)
@@ -340,9 +357,10 @@ def main() -> None:
                     result["ratios"].update({f"sscell_best_over_annbatch_chunk{c}": best / v,
                                              f"sscell_block{c}_over_annbatch_chunk{c}": same / v})
             if "codecs" not in args.skip:
-                result["codecs"] = {c: codec_rates(dataset(workdir, args.cells, args.genes, c)[1], b, n, args.threads,
-                                                 args.rounds)
-                                    for c in args.codecs}
+                result["codecs"] = {
+                    c: {str(k): codec_rates(dataset(workdir, args.cells, args.genes, c, k)[1], b, n, args.threads,
+                                            args.rounds) for k in args.chunk_cells}
+                    for c in args.codecs}
             if "bytes" not in args.skip:
                 result["shipped_bytes"] = [shipped_bytes(store, b, 20, s) for s in (1, 8)]
             if "train_step" not in args.skip:

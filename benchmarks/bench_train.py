@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.bench_loader import dataset, train_step_rates
+from sscell.allocator import retain_freed_memory
 from sscell.errors import SscellError, exit_on_error
 
 # name: (config.model overrides, where the batches come from: `sscell_contender`'s `data`)
@@ -344,8 +345,11 @@ def main() -> None:
     parser.add_argument("--memory-steps", type=int, default=50)
     parser.add_argument("--skip", nargs="*", default=[],
                         choices=[*CONTENDERS, "train_step", "memory"])
+    parser.add_argument("--default-allocator", action="store_true",
+                        help="leave glibc's malloc as it is (training retains freed memory: sscell.allocator)")
     parser.add_argument("--rss-probe", help=argparse.SUPPRESS)  # internal: train on one store, print JSON
     args = parser.parse_args()
+    retained = not args.default_allocator and retain_freed_memory()  # first: before any thread allocates
     with exit_on_error():
         if args.rss_probe:
             print(json.dumps(rss_probe(args.rss_probe, args.memory_batch_size, args.memory_steps)))
@@ -365,6 +369,7 @@ def main() -> None:
             result = {"cells": args.cells, "genes": args.genes, "threads": {"torch": torch.get_num_threads(),
                       "xla": threads}, "torch": torch.__version__, "jax": jax.__version__,
                       "devices": str(jax.devices()), "torch_device": torch_device(),
+                      "retained_freed_memory": retained,
                       "malloc_settings": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
                       "steps_per_round": args.steps, "rounds": args.rounds, "batch_sizes": {}}
             for b in args.batch_sizes:

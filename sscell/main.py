@@ -17,6 +17,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from sscell.allocator import retain_freed_memory
 from sscell.config import save_config
 from sscell.data.prepare import prepare_store
 from sscell.data.store import open_store
@@ -87,6 +88,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def main(argv: list[str]) -> None:
     """Runs `run`; bad input ends with one `error: ...` line and exit code 2."""
+    retain_freed_memory()  # before the data and XLA threads allocate
     with exit_on_error():
         run(argv)
 

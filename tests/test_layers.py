@@ -1,7 +1,7 @@
 """sscell's modules import only downwards and never in a cycle.
 
-Layers, lowest first: errors / config -> data -> models -> losses -> training -> evaluation ->
-api / main. Every import counts, also one inside a function. Read with `ast` from the source
+Layers, lowest first: errors / config / atomic / allocator -> data -> models -> losses ->
+training -> evaluation -> api / main. Every import counts, also one inside a function. Read with `ast` from the source
 files, so the test imports nothing it checks.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "sscell"
 LAYERS = {  # module prefix -> rank (the longest matching prefix wins)
-    "sscell.errors": 0, "sscell.config": 0, "sscell.atomic": 0,
+    "sscell.errors": 0, "sscell.config": 0, "sscell.atomic": 0, "sscell.allocator": 0,
     "sscell.data": 1,
     "sscell.models": 2,
     "sscell.losses": 3,

@@ -63,7 +63,7 @@ from sscell.data import modality as modalities
 from sscell.data.cell_ids import all_in, as_utf8, check_unique, sorted_hashes
 from sscell.data.h5columns import categorical_of_strings
 from sscell.data.inputs import REQUIRED_OBS, H5adInput, align, id_kind, open_input, read_vocabulary, union_vocabulary
-from sscell.data.store import CODECS, SPLITS, Store, StoreWriter, count_dtype, index_dtype, open_store
+from sscell.data.store import CELLS_PER_CHUNK, CODECS, SPLITS, Store, StoreWriter, count_dtype, index_dtype, open_store
 from sscell.errors import SscellError, exit_on_error
 
 BUCKET_NONZEROS = 2**24  # a bucket is loaded whole in pass 3: ~2**24 x 4-8 bytes
@@ -535,7 +535,7 @@ def convert(inputs: Sequence[str | os.PathLike | InputOpener], output: str | os.
             append: bool = False, gene_column: str | None = None, round_counts: bool = False,
             split_column: str | None = None, split: str | None = None, seed: int = 0,
             split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15), block_cells: int = 8192,
-            bucket_nonzeros: int = BUCKET_NONZEROS, codec: str = "lz4") -> dict:
+            bucket_nonzeros: int = BUCKET_NONZEROS, codec: str = "lz4", chunk_cells: int = CELLS_PER_CHUNK) -> dict:
     """Write the cells of `inputs` (.h5ad files, directories of them, or `InputOpener`s) into a store at `output`.
 
     vocabulary: a text file of gene ids, one per line, fixing the store's genes and their order;
@@ -547,7 +547,8 @@ def convert(inputs: Sequence[str | os.PathLike | InputOpener], output: str | os.
     share rounded per input recorded in the store's attrs). split: "donor" (the default for a new
     store; needs >= 3 donor units) or "cells" (obs donor_id optional); an append follows the
     store's. split_column: an obs column of train/val/test values that overrides the split policy
-    for the inputs' cells. Returns the report.
+    for the inputs' cells. codec / chunk_cells: X's blosc compressor and cells per inner chunk
+    (`sscell.data.store`; an append keeps the store's). Returns the report.
     """
     t0 = time.perf_counter()
     output = Path(output)
@@ -558,8 +559,9 @@ def convert(inputs: Sequence[str | os.PathLike | InputOpener], output: str | os.
         raise SscellError(f"split_fractions {split_fractions} must be three non-negative numbers summing to 1")
     if split is not None and split not in SPLIT_POLICIES:
         raise SscellError(f"unknown split policy {split!r}; use one of {', '.join(SPLIT_POLICIES)}")
-    if block_cells < 1 or bucket_nonzeros < 1:
-        raise SscellError(f"block_cells ({block_cells}) and bucket_nonzeros ({bucket_nonzeros}) must be at least 1")
+    if min(block_cells, bucket_nonzeros, chunk_cells) < 1:
+        raise SscellError(f"block_cells ({block_cells}), bucket_nonzeros ({bucket_nonzeros}) and chunk_cells "
+                          f"({chunk_cells}) must be at least 1")
     if append and vocabulary:
         raise SscellError("--append keeps the store's genes (and grows them if it was made without --vocabulary); "
                           "drop --vocabulary")
@@ -588,7 +590,8 @@ def convert(inputs: Sequence[str | os.PathLike | InputOpener], output: str | os.
         attrs = {"inputs": [], "counts_source": [], "seed": seed, "split_fractions": list(split_fractions),
                  "vocabulary_file": str(vocabulary) if vocabulary else None, "split": policy,
                  "rounded_counts": dict(previous.get("rounded_counts", {})),
-                 "codec": previous.get("codec", "lz4") if append else codec}
+                 "codec": previous.get("codec", "lz4") if append else codec,
+                 "chunk_cells": previous.get("chunk_cells", CELLS_PER_CHUNK) if append else chunk_cells}
         added = 0
         if append:
             hashes, _ = sorted_hashes([old], block_cells)
@@ -670,13 +673,17 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="nonzeros per shuffle bucket (bounds memory of the write pass)")
     parser.add_argument("--codec", choices=CODECS, default="lz4",
                         help="X's blosc compressor: lz4 (fastest reads) or zstd (fewer bytes; docs/performance.md)")
+    parser.add_argument("--chunk-cells", type=int, default=CELLS_PER_CHUNK,
+                        help="cells' worth of nonzeros per compressed chunk of X: fewer decode less per random "
+                             "block, more compress a little better and mean fewer requests to object storage")
     args = parser.parse_args(argv)
     with exit_on_error():
         report = convert(args.inputs, args.output, vocabulary=args.vocabulary, append=args.append,
                          gene_column=args.gene_column, round_counts=args.round_counts,
                          split_column=args.split_column, split=args.split, seed=args.seed,
                          split_fractions=tuple(args.split_fractions), block_cells=args.block_cells,
-                         bucket_nonzeros=args.bucket_nonzeros, codec=args.codec)
+                         bucket_nonzeros=args.bucket_nonzeros, codec=args.codec,
+                         chunk_cells=args.chunk_cells)
     print(json.dumps(report, indent=2))
 
 

@@ -31,10 +31,12 @@ s3://BUCKET/PATH`) opens from its URL: tensorstore's gcs / s3 drivers read X, za
 through gcsfs / s3fs (`pip install 'sscell[remote]'`) reads obs, var and varm.
 
 Chunking of data/indices/indptr (1-D, zarr v3 `sharding_indexed`, blosc lz4 + byte shuffle per
-inner chunk, all readable by zarr-python too): inner chunks hold about 128 cells' worth of
-nonzeros (a power of two between 2**12 and 2**20 elements, chosen from the mean nonzeros per
-cell, so 90-180 cells): a loader block of 512 cells decodes ~1.3x the cells it needs, one of
-64 cells (the default) ~3.5x, a cost docs/performance.md measures against the raw read; shards hold
+inner chunk, all readable by zarr-python too): inner chunks hold about `chunk_cells` cells' worth
+of nonzeros (`convert --chunk-cells`, default CELLS_PER_CHUNK = 32, recorded in the attrs; a
+power of two between 2**12 and 2**20 elements, chosen from the mean nonzeros per cell, so 23-45
+cells at 32): a loader block of 64 cells (the default) decodes ~1.5x the cells it needs (~3.5x
+with 128-cell chunks, the layout before 2026-12-05, which reads ~1.4x slower a core:
+docs/performance.md); shards hold
 2**24 elements (32 MiB of uint16 before compression), so 20 M cells of ~2,000 nonzeros make a
 few thousand shard files per array rather than millions of chunk files.
 """
@@ -57,7 +59,7 @@ from sscell.errors import SscellError
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
 SHARD_ELEMENTS = 2**24
-CELLS_PER_CHUNK = 128
+CELLS_PER_CHUNK = 32  # cells' worth of nonzeros per inner chunk of X (convert --chunk-cells)
 ID_CHUNK = 2**16  # cell ids per chunk of obs/_index
 MODALITY_CHUNK_CELLS = 256  # rows per chunk of an obsm modality (a loader block reads one or two)
 _HOW_TO_CREATE = "create one with python -m sscell.data.convert"
@@ -80,10 +82,10 @@ def tensorstore_context() -> ts.Context:
     })
 
 
-def inner_chunk_elements(nnz: int, n_cells: int) -> int:
-    """Inner chunk size: about CELLS_PER_CHUNK cells' worth of nonzeros, a power of two."""
+def inner_chunk_elements(nnz: int, n_cells: int, chunk_cells: int = CELLS_PER_CHUNK) -> int:
+    """Inner chunk size: about `chunk_cells` cells' worth of nonzeros, a power of two."""
     per_cell = max(nnz / max(n_cells, 1), 1.0)
-    return 2 ** int(np.clip(round(np.log2(CELLS_PER_CHUNK * per_cell)), 12, 20))
+    return 2 ** int(np.clip(round(np.log2(chunk_cells * per_cell)), 12, 20))
 
 
 def count_dtype(max_count: int) -> np.dtype:
@@ -171,13 +173,14 @@ class CsrWriter:
     being written while the caller prepares the next block."""
 
     def __init__(self, parent: zarr.Group, name: str, path: Path, indptr: np.ndarray, n_columns: int,
-                 data_dtype: np.dtype, shard_elements: int, ctx: ts.Context, codec: str = "lz4"):
+                 data_dtype: np.dtype, shard_elements: int, ctx: ts.Context, codec: str = "lz4",
+                 chunk_cells: int = CELLS_PER_CHUNK):
         self.indptr = np.asarray(indptr, dtype=np.int64)
         self.shard_elements = shard_elements
         n_cells, nnz = len(self.indptr) - 1, int(self.indptr[-1])
         parent.create_group(name).attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0",
                                                 "shape": [n_cells, n_columns]})
-        chunks = (min(inner_chunk_elements(nnz, n_cells), shard_elements), shard_elements)
+        chunks = (min(inner_chunk_elements(nnz, n_cells, chunk_cells), shard_elements), shard_elements)
         self._data = _create_array(path / "data", nnz, data_dtype, chunks, ctx, codec)
         self._indices = _create_array(path / "indices", nnz, index_dtype(n_columns), chunks, ctx, codec)
         _create_array(path / "indptr", n_cells + 1, np.int64, chunks, ctx, codec).write(self.indptr).result()
@@ -243,9 +246,11 @@ class StoreWriter:
         self.attrs = {"format_version": FORMAT_VERSION, **attrs}
         ctx = tensorstore_context()
         codec = self.attrs.setdefault("codec", "lz4")
+        chunk_cells = self.attrs.setdefault("chunk_cells", CELLS_PER_CHUNK)
         if codec not in CODECS:
             raise SscellError(f"codec '{codec}' is not one of {', '.join(CODECS)}; choose one")
-        self._x = CsrWriter(root, "X", self.path / "X", indptr, n_genes, data_dtype, shard_elements, ctx, codec)
+        self._x = CsrWriter(root, "X", self.path / "X", indptr, n_genes, data_dtype, shard_elements, ctx, codec,
+                            chunk_cells)
         self.indptr, n_cells = self._x.indptr, len(self._x.indptr) - 1
         self.n_genes = n_genes
         self.data_dtype, self.indices_dtype = self._x.data_dtype, self._x.indices_dtype
@@ -261,7 +266,8 @@ class StoreWriter:
             obsm = root.create_group("obsm", attributes={"encoding-type": "dict", "encoding-version": "0.1.0"})
         if modality is not None and len(modality) == 3:
             self._modality = CsrWriter(obsm, modality[0], self.path / "obsm" / modality[0], modality[2],
-                                       len(modality[1]), np.dtype(np.float32), shard_elements, ctx, codec)
+                                       len(modality[1]), np.dtype(np.float32), shard_elements, ctx, codec,
+                                       chunk_cells)
         elif modality is not None:
             self._modality = obsm.create_array(
                 modality[0], shape=(n_cells, len(modality[1])), dtype=np.float32,

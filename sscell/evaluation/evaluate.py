@@ -29,6 +29,7 @@ import ml_collections
 import numpy as np
 import pandas as pd
 
+from sscell.allocator import retain_freed_memory
 from sscell.config import default_config, load_config
 from sscell.data.loader import label_names
 from sscell.data.store import open_store
@@ -85,8 +86,10 @@ def evaluate(workdir: str, tasks=None, store: str | None = None, outdir: str | N
     `store` evaluates the cells of another store with the run's gene vocabulary (e.g. a
     transfer target) instead of the run's own; outputs go to `outdir` (default: the workdir).
     The finetune / crossmodal tables are appended only when the run's own store is evaluated.
+    Freed host memory stays in the process from then on (`sscell.allocator`).
     """
     started = time.perf_counter()
+    retain_freed_memory()
     config = load_config(workdir)
     settings = eval_settings(config)
     selected = load_tasks(settings.tasks if tasks is None else tasks, settings.module if module is None else module)

@@ -19,6 +19,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
+from sscell.allocator import retain_freed_memory
 from sscell.data.loader import CellLoader, select_rows
 from sscell.data.store import Store
 from sscell.data.task_data import TaskInfo
@@ -193,8 +194,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, store: Store, devices
     returns early (not finished, the state's step below `train.steps`); on Ctrl-C it does the same,
     then raises `Interrupted`. Rerunning resumes. Every metrics record holds the run's training wall
     time so far (`train/wall_s`, from this call's start, plus the earlier sessions' of a resumed run).
+    Freed host memory stays in the process from then on (`sscell.allocator`).
     """
     started = time.perf_counter()
+    retain_freed_memory()
     setup = build(config, store)
     task, info, model, optimizer, steps_per_epoch, init_extra = setup
     mesh = make_mesh(config.mesh, devices)
