@@ -31,6 +31,7 @@ from pathlib import Path
 
 from benchmarks.bench_loader import sscell_rates, train_step_rates
 from benchmarks.bench_train import race_batch_size
+from sscell.allocator import retain_freed_memory
 from sscell.errors import exit_on_error
 
 # (cells, genes) of the generated store and the sizes of each section.
@@ -135,6 +136,7 @@ def main() -> None:
     parser.add_argument("--out", default="gpu_check.json", help="the JSON to write")
     parser.add_argument("--workdir", help="where to generate (and find) the data and run; default: a temporary one")
     args = parser.parse_args()
+    retain_freed_memory()  # as training runs (sscell.allocator)
     with exit_on_error(), tempfile.TemporaryDirectory(prefix="sscell-gpu-check-") as temporary:
         workdir = Path(args.workdir or temporary)
         workdir.mkdir(parents=True, exist_ok=True)

@@ -208,8 +208,8 @@ def test_auto_dtype_is_bfloat16_only_on_hardware_with_bfloat16_matrix_units():
     assert resolve_dtype("auto", FakeDevice("gpu", "7.0")) == "float32"  # V100: no bfloat16 tensor cores
     assert resolve_dtype("auto", FakeDevice("gpu", "gfx90a")) == "float32"  # ROCm: not measured
     cpuinfo = pathlib.Path("/proc/cpuinfo")
-    amx = cpuinfo.exists() and "amx_bf16" in cpuinfo.read_text().split()
-    assert resolve_dtype("auto", FakeDevice("cpu")) == ("bfloat16" if amx else "float32")
+    bf16 = cpuinfo.exists() and not {"amx_bf16", "avx512_bf16"}.isdisjoint(cpuinfo.read_text().split())
+    assert resolve_dtype("auto", FakeDevice("cpu")) == ("bfloat16" if bf16 else "float32")
     assert resolve_dtype("float32", FakeDevice("tpu")) == "float32"
     with pytest.raises(SscellError, match="unknown model.dtype 'fp16'; choose one of auto, float32, bfloat16"):
         resolve_dtype("fp16")

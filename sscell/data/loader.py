@@ -142,18 +142,22 @@ def shard_nonzeros(data: np.ndarray, indices: np.ndarray, lengths: np.ndarray, s
     return {"genes": genes, "counts": counts, "indptr": indptr}
 
 
-def read_shards(reader: CsrRows, rows: np.ndarray, shards: int, size: int) -> dict[str, np.ndarray]:
+def read_shards(reader: CsrRows, rows: np.ndarray, shards: int, size: int, cells: int | None = None
+                ) -> dict[str, np.ndarray]:
     """`shard_nonzeros` of store `rows` (any order) read from `reader` (a store or a sparse
     modality), padded to `size`: each run of consecutive rows is copied from its read straight
-    to its place in its shard, the one pass over the nonzeros a batch needs."""
-    indptr = shard_indptr(reader.indptr[rows + 1] - reader.indptr[rows], shards)
+    to its place in its shard, the one pass over the nonzeros a batch needs. `cells` (default
+    len(rows)) lays out that many cells, those past the rows empty (a fixed batch shape)."""
+    lengths = np.zeros(len(rows) if cells is None else cells, np.int64)
+    lengths[:len(rows)] = reader.indptr[rows + 1] - reader.indptr[rows]
+    indptr = shard_indptr(lengths, shards)
     totals = indptr[:, -1]
     if totals.max(initial=0) > size:
         raise ValueError(f"a shard of {totals.max()} nonzeros does not fit size {size}")
-    shard_cells = len(rows) // shards
+    shard_cells = len(lengths) // shards
     ranges = runs(rows, shard_cells)
-    cells = np.array([stop - start for start, stop in ranges], np.int64)
-    first = np.cumsum(cells) - cells  # each run's first position in `rows`
+    runs_cells = np.array([stop - start for start, stop in ranges], np.int64)
+    first = np.cumsum(runs_cells) - runs_cells  # each run's first position in `rows`
     shard = first // shard_cells
     genes, counts = np.empty((shards, size), reader.indices_dtype), np.empty((shards, size), reader.data_dtype)
     reader.read_nonzeros_into(ranges, shard * size + indptr[shard, first % shard_cells], counts.reshape(-1),
@@ -306,7 +310,6 @@ def row_batches(store: Store, rows: np.ndarray, batch_size: int, shards: int = 1
     for a in range(0, len(rows), batch_size):
         chunk = rows[a:a + batch_size]
         pad = batch_size - len(chunk)
-        data, indices = store.read_nonzeros(runs(chunk))
         batch = {name: np.pad(codes[chunk - first], (0, pad)) for name, codes in labels.items()}
-        nonzeros = shard_nonzeros(data, indices, padded[a:a + batch_size], shards, size)
+        nonzeros = read_shards(store, chunk, shards, size, batch_size)
         yield {**nonzeros, "cell": np.pad(chunk.astype(np.int32), (0, pad)), **batch}, len(chunk)
