@@ -7,6 +7,7 @@ The run's randomness needs no saving: it is `fold_in(key(config.seed), step)`.
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -23,8 +24,15 @@ def _best_metric(metrics: dict) -> float:
     return metrics[BEST_METRIC]
 
 
+def _not_untracked_save_warning(record: logging.LogRecord) -> bool:
+    """Drops orbax's warning for a save without metrics: sscell saves between validations on
+    purpose (those checkpoints are kept as the latest, never as the best)."""
+    return "Requested `tracked_metric`; did not provide metrics" not in record.getMessage()
+
+
 def checkpoint_manager(workdir: str | os.PathLike, every: int, keep: int) -> ocp.CheckpointManager:
     """A manager over `workdir/checkpoints` saving every `every` steps; keeps the last `keep` and the best."""
+    logging.getLogger("absl").addFilter(_not_untracked_save_warning)  # orbax logs through absl; added once
     policies = ocp.checkpoint_managers
     options = ocp.CheckpointManagerOptions(
         save_decision_policy=policies.FixedIntervalPolicy(every),
