@@ -6,11 +6,11 @@ Generates a 100,000-cell auxiliary atlas (2,000 genes, 6 datasets x 5 donors) an
 10,000-cell target dataset (its own 4 donors, a 3x stronger batch effect, 6 of the 10 cell
 types), pretrains each task on the atlas for 3,000 steps of 256 cells, scores zero-shot kNN and
 fine-tuning at 1%, 10% and 100% of the target's labels, and writes docs/reproduce_cpu.{md,csv,png}.
-Hardware: 2 CPU cores with AMX, about 36 min (2026-12-04, bfloat16). Measured (3 seeds, the study's
-macro F1; transfer = kNN on the fine-tuned embeddings, ontology-corrected): masked then fine-tuned
-vs scratch at 1% labels 0.910 vs 0.630; zero-shot on the target masked 0.902 vs PCA 0.843; BYOL
-matches masking here and Barlow Twins trails it; docs/reproduction.md says what reproduces the
-study and what does not, and why.
+Hardware: 2 CPU cores of an AMD EPYC, 28 min (2026-12-05, bfloat16, every baseline). Measured (3
+seeds, the study's macro F1; transfer = kNN on the fine-tuned embeddings, ontology-corrected):
+masked then fine-tuned vs scratch at 1% labels 0.908 vs 0.626; zero-shot on the target masked
+0.911 vs PCA 0.843 and scVI 0.921; BYOL matches masking here and Barlow Twins trails it;
+docs/reproduction.md says what reproduces the study and what does not, and why.
 `:calibrated` (python -m sscell.reproduce --config=experiments/reproduce_cpu.py:calibrated) runs it on
 the atlas calibrated to real cells, with the experiments testing the open findings as tasks of their
 own; it writes docs/reproduce_calibrated.{md,csv,png} (about 2 hours on 2 shared cores, float32).
