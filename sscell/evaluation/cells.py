@@ -161,6 +161,7 @@ class Evaluator:
         self.ran: dict[str, BaselineRun] = {}  # name -> its run on the last split embedded (method, fit time)
         self.fit_seconds: dict[str, float] = {}  # name -> the fit time first seen (one per baseline, every split)
         model, n_genes, rate = run.model, run.store.n_genes, settings.mask_rate
+        rescale = run.config.loss.get("rescale_inputs", True)  # the masked input as the run trained on it
 
         def inputs(batch, table):
             view = task_batch(batch, n_genes, table)  # the model's training-time input
@@ -182,7 +183,7 @@ class Evaluator:
             hidden = random_gene_mask(key, x.shape, rate) & measured
             return {**prepared, "z": model.apply({"params": params}, x, method="encode"), "measured": measured,
                     "hidden": hidden, "x_hat": model.apply({"params": params}, x, measured, method="reconstruct"),
-                    "x_hat_masked": model.apply({"params": params}, mask_input(x, hidden, rate), measured,
+                    "x_hat_masked": model.apply({"params": params}, mask_input(x, hidden, rate, rescale), measured,
                                                 method="reconstruct")}
 
         self._prepare, self._embed, self._embed_and_reconstruct = prepare, embed, embed_and_reconstruct
