@@ -22,7 +22,6 @@ from sscell.config import save_config
 from sscell.data.prepare import prepare_store
 from sscell.data.store import open_store
 from sscell.errors import exit_on_error
-from sscell.evaluation.evaluate import evaluate
 from sscell.losses import load_task
 from sscell.training import distributed
 from sscell.training.resume import check_compatible
@@ -67,6 +66,8 @@ def run(argv: list[str]) -> None:
         trained = time.perf_counter() - started
     times = [f"training: {trained:.0f} s wall time (this command's steps)"]
     if _EVAL.value and finished:  # not after a preemption
+        from sscell.evaluation.evaluate import evaluate  # here: a bad command line fails without its imports
+
         started = time.perf_counter()
         evaluate(workdir)
         times.append(f"evaluation: {time.perf_counter() - started:.0f} s wall time")

@@ -91,6 +91,15 @@ def test_missing_config_file(tmp_path):
     one_line_error(sscell("--config=experiments/nope.py", f"--workdir={tmp_path}"), "experiments/nope.py")
 
 
+def test_the_training_command_defers_evaluation_and_tensorboard_imports():
+    """A bad command line fails in ~half the time: evaluation's libraries and tensorboardX (which
+    imports torch where installed) load only when a run evaluates or writes metrics."""
+    heavy = ("sscell.evaluation.evaluate", "tensorboardX", "torch")
+    code = f"import sys, sscell.main; print([m for m in {heavy} if m in sys.modules])"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
 def test_evaluating_an_empty_workdir(tmp_path):
     one_line_error(sscell(f"--workdir={tmp_path}", module="sscell.evaluation"), "holds no sscell run")
 

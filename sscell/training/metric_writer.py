@@ -9,7 +9,6 @@ import os
 
 import jax
 import numpy as np
-from tensorboardX import SummaryWriter
 
 from sscell.atomic import atomic_file
 
@@ -43,6 +42,8 @@ class MetricWriter:
             return
         self._truncate_after(resume_step)
         self.earlier_seconds = last_value(self.path, TRAIN_SECONDS) or 0.0
+        from tensorboardX import SummaryWriter  # here: it imports torch where torch is installed (~3 s)
+
         self._file = open(self.path, "a")
         self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
