@@ -61,7 +61,6 @@ def test_chunk_cells_sets_x_inner_chunks_and_an_append_keeps_them(tiny_h5ad, tin
     assert_same_cells(store, tiny_store)
 
 
-
 def test_an_append_keeps_the_stores_chunk_cells(tmp_path):
     for name, seed in (("old", 0), ("new", 1)):
         make_adata(n_cells=300, n_genes=400, seed=seed, prefix=name).write_h5ad(tmp_path / f"{name}.h5ad")

@@ -25,7 +25,7 @@ from sscell.errors import SscellError
 from sscell.evaluation.baselines import Baseline, CellBatch, FitData, Fitted, Skipped, load_baselines
 from sscell.evaluation.metrics import ExplainedVariance
 from sscell.evaluation.run import Run
-from sscell.losses.masking import mask_input, random_gene_mask
+from sscell.losses.masking import mask_input, random_gene_mask, rescales_inputs
 from sscell.training.step import task_batch
 
 LABELS = ("cell_type", "donor", "dataset")
@@ -161,7 +161,7 @@ class Evaluator:
         self.ran: dict[str, BaselineRun] = {}  # name -> its run on the last split embedded (method, fit time)
         self.fit_seconds: dict[str, float] = {}  # name -> the fit time first seen (one per baseline, every split)
         model, n_genes, rate = run.model, run.store.n_genes, settings.mask_rate
-        rescale = run.config.loss.get("rescale_inputs", True)  # the masked input as the run trained on it
+        rescale = rescales_inputs(run.config.loss)  # the masked input as the run trained on it
 
         def inputs(batch, table):
             view = task_batch(batch, n_genes, table)  # the model's training-time input

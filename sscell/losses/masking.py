@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from sscell.losses.reconstruction import reconstruction_loss
 from sscell.losses.registry import register
@@ -21,6 +22,12 @@ def mask_input(x: jax.Array, mask: jax.Array, rate: float | jax.Array, rescale: 
     if not rescale:
         return jnp.where(mask, 0.0, x)
     return jnp.where(mask, 0.0, x / jnp.maximum(1.0 - rate, 1e-6))
+
+
+def rescales_inputs(loss_config: ml_collections.ConfigDict) -> bool:
+    """`loss.rescale_inputs`: whether a masking task scales the visible genes (`mask_input`);
+    True also for a run saved before the setting existed."""
+    return loss_config.get("rescale_inputs", True)
 
 
 def reconstruct_hidden(params, batch, inputs, hidden, dropout_key, *, model, config, train):
@@ -42,6 +49,6 @@ def masked_reconstruction(params, batch, key, *, model, config, train=True, extr
     x = jnp.where(batch["measured"], batch["x"], 0.0)
     mask_key, dropout_key = jax.random.split(key)
     mask = random_gene_mask(mask_key, x.shape, config.mask_rate)
-    inputs = mask_input(x, mask, config.mask_rate, config.get("rescale_inputs", True))
+    inputs = mask_input(x, mask, config.mask_rate, rescales_inputs(config))
     return reconstruct_hidden(params, batch, inputs, mask, dropout_key,
                               model=model, config=config, train=train)

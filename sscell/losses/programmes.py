@@ -8,7 +8,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from sscell.losses.masking import mask_input, reconstruct_hidden
+from sscell.losses.masking import mask_input, reconstruct_hidden, rescales_inputs
 from sscell.losses.registry import register
 
 
@@ -38,7 +38,7 @@ def programme_masking(params, batch, key, *, model, config, train=True, extra=No
     chosen = choose_programmes(mask_key, x.shape[0], len(info.programmes), config.mask_rate,
                                config.get("per_cell_masks", True))
     hidden = cover(chosen, info.programmes)
-    inputs = mask_input(x, hidden, hidden_share(hidden, batch["measured"]), config.get("rescale_inputs", True))
+    inputs = mask_input(x, hidden, hidden_share(hidden, batch["measured"]), rescales_inputs(config))
     return reconstruct_hidden(params, batch, inputs, hidden, dropout_key, model=model, config=config, train=train)
 
 
