@@ -32,9 +32,11 @@ def get_config(atlas: str = "default"):
         n_cells=100_000, n_genes=2_000, n_datasets=6, donors_per_dataset=5, seed=0, target_cells=10_000,
         target_cell_types=("CD4-positive, alpha-beta T cell", "CD8-positive, alpha-beta T cell", "B cell",
                            "natural killer cell", "classical monocyte", "dendritic cell"),
-        target_batch_effect=0.9, realism=atlas))
+        target_batch_effect=0.9, realism=atlas,
+        coarse_labels=0.2))  # a fifth of T cells and monocytes labelled at the parent level: the ontology correction counts
     config.tasks = ("masked", "gp_masked", "byol", "barlow_twins", "supervised")
     config.seeds = (0, 1, 2)
+    config.data_seeds = True  # each seed generates its own atlas and target (atlas.seed + seed)
     config.fractions = (0.01, 0.1, 1.0)
 
     pretrain = default_config()
@@ -85,3 +87,4 @@ def add_finding_experiments(config: ml_collections.ConfigDict) -> None:
     config.task_overrides.masked_nb = {"loss": {"name": "masked", "likelihood": "nb"}}
     config.tasks = (*config.tasks, "byol_no_nb", "barlow_twins_batch1024", "barlow_twins_batch8192", "masked_long",
                     "masked_nb")
+    config.references = ("masked", "masked_long")  # comparison tables: masked at the others' steps, and at 4x

@@ -10,12 +10,13 @@ A workdir's parameters are restored alone from its checkpoint (no optimiser stat
 loader); its gene table and class names come from its store. A bundle needs neither. The model
 input is built as in training (`sscell.training.step.task_batch`, genes the input lacks
 zeroed), in blocks of the run's `eval.batch_size` cells, so `embed`/`predict` here, the
-`sscell.evaluation.embed` / `predict` commands and a bundle give the same numbers, bit for bit.
+`sscell.embed` / `predict` commands and a bundle give the same numbers, bit for bit.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 import os
 from collections.abc import Iterable, Iterator
 
@@ -26,28 +27,32 @@ import ml_collections
 import numpy as np
 import pandas as pd
 import zarr
+from flax import traverse_util
 
 from sscell.bundle import HEADLINE, is_bundle, read_bundle, write_bundle
+from sscell.config import load_config
 from sscell.data.inputs import H5adInput
 from sscell.data.loader import label_names, select_rows
-from sscell.data.store import Store, resolved_location
+from sscell.data.prepare import store_path
+from sscell.data.store import Store, open_store, resolved_location
 from sscell.errors import SscellError
-from sscell.evaluation.align import MIN_OVERLAP, Overlap, anndata_input, input_batches, match_genes
+from sscell.evaluation.align import KEYWORDS, MIN_OVERLAP, Overlap, anndata_input, input_batches, match_genes
 from sscell.evaluation.report import read_results
 from sscell.evaluation.run import open_run
 from sscell.models.classifier import Classifier
-from sscell.models.mlp import encoder
+from sscell.models.mlp import ACTIVATIONS, MLP, NORMS, encoder
 from sscell.training.resume import settle_dtype
 from sscell.training.step import task_batch
 
 OBSM_KEY = "X_sscell"
 LABEL, CONFIDENCE, ONTOLOGY = "sscell_cell_type", "sscell_confidence", "sscell_cell_type_ontology_term_id"
 CLASSIFIER_LOSS = "supervised"
+MAX_BATCH_SIZE = 1 << 16  # cells per forward pass: a dense batch of 65,536 x 20,000 genes is 5 GB
 
 
 def _embed_and_classify(module: Classifier, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     z = module.encode(x)
-    return z, module.head(z)
+    return z, module.classify(z)
 
 
 @dataclasses.dataclass(eq=False)
@@ -68,18 +73,45 @@ class Model:
     classes: pd.DataFrame | None = None
     about: dict = dataclasses.field(default_factory=dict)
 
+    def __repr__(self) -> str:
+        """One line (not the parameter arrays): source, checkpoint and step, loss, widths, classes."""
+        model = self.config.model
+        classes = f", {len(self.classes)} classes" if self.is_classifier else ""
+        return (f"sscell.Model({self.source!r}: {self.checkpoint} checkpoint, step {self.step}, loss "
+                f"{self.config.loss.name}, {len(self.genes)} genes -> {list(model.hidden)} -> {model.latent}{classes})")
+
     def __post_init__(self):
-        if "encoder" not in self.params:
+        if not isinstance(self.params.get("encoder"), dict):
             raise SscellError(f"{self.source}: its model (loss {self.config.loss.name}) has no 'encoder' parameters; "
                               "sscell embeds models built on its MLP encoder (every built-in task's)")
-        n_inputs = self.params["encoder"]["dense_0"]["kernel"].shape[0]
-        if n_inputs != len(self.genes):
-            raise SscellError(f"{self.source}: the model reads {n_inputs} genes, its gene table lists "
-                              f"{len(self.genes)}; the run or bundle is inconsistent")
-        head = self.params.get("head", {}).get("kernel")
-        if self.classes is not None and (head is None or head.shape[-1] != len(self.classes)):
-            raise SscellError(f"{self.source}: the classifier has {0 if head is None else head.shape[-1]} outputs "
-                              f"for {len(self.classes)} classes; the run or bundle is inconsistent")
+        self._check_params()
+
+    def _check_params(self) -> None:
+        """Refuse parameters that are not those of the config's model for its genes (and classes):
+        a missing name, another shape or dtype, or a value that is not finite."""
+        model = self.config.model
+        if model.get("activation") not in ACTIVATIONS or model.get("norm") not in NORMS:
+            raise SscellError(f"{self.source}: its config's model.activation {model.get('activation')!r} or "
+                              f"model.norm {model.get('norm')!r} is unknown (sscell knows {', '.join(ACTIVATIONS)}; "
+                              f"{', '.join(NORMS)}); the run or bundle is damaged")
+        x = jax.ShapeDtypeStruct((1, len(self.genes)), jnp.float32)
+        try:
+            wanted = jax.eval_shape(lambda key, x: self._module.init(key, x, False), jax.random.key(0), x)["params"]
+        except (TypeError, ValueError, KeyError) as error:
+            reason = (str(error).splitlines() or [""])[0]
+            raise SscellError(f"{self.source}: its config's model section describes no model sscell builds "
+                              f"({type(error).__name__}: {reason}); the run or bundle is damaged") from None
+        have = traverse_util.flatten_dict(self.params if self.is_classifier else self.params["encoder"], sep="/")
+        for key, want in traverse_util.flatten_dict(wanted, sep="/").items():
+            value = have.get(key)
+            if value is None or value.shape != want.shape or value.dtype != want.dtype:
+                found = "missing" if value is None else f"{value.dtype}{list(value.shape)}"
+                raise SscellError(f"{self.source}: parameter {key} is {found}, its model ({len(self.genes)} genes"
+                                  f"{f', {len(self.classes)} classes' if self.is_classifier else ''}) needs "
+                                  f"{want.dtype}{list(want.shape)}; the run or bundle is inconsistent")
+            if not np.isfinite(np.asarray(value)).all():
+                raise SscellError(f"{self.source}: parameter {key} holds NaN or infinite values; the run or "
+                                  "bundle is damaged")
 
     @property
     def is_classifier(self) -> bool:
@@ -87,30 +119,39 @@ class Model:
 
     def require_classifier(self) -> None:
         """Refuse, in one line naming what to do, to predict with a model that has no classifier head."""
+        if not self.is_classifier and "head" in self.params:
+            raise SscellError(f"{self.source} has a classifier head but no class names; import it with them "
+                              "(sscell.from_study(..., classes=FILE), --classes=FILE) or embed instead")
         if not self.is_classifier:
             raise SscellError(
                 f"{self.source} was trained with loss '{self.config.loss.name}' and has no cell-type classifier "
                 "head; fine-tune one (python -m sscell.evaluation.finetune, then predict with RUN/finetune/"
-                "pretrained_1) or embed instead (python -m sscell.evaluation.embed)")
+                "pretrained_1) or embed instead (python -m sscell.embed)")
 
     @functools.cached_property
     def _device_params(self):
         return jax.device_put(self.params)
 
     @functools.cached_property
+    def _module(self) -> Classifier | MLP:
+        """The classifier, or the encoder of a model without one."""
+        body = encoder(self.config.model)
+        return Classifier(n_genes=len(self.genes), n_classes=len(self.classes), encoder=body,
+                          head_activation=self.config.model.get("head_activation", "none")) if self.is_classifier \
+            else body
+
+    @functools.cached_property
     def _forward(self):
         """jit `(params, batch, measured_table) -> (embedding,)`, or for a classifier
         `(embedding, class code, softmax max)`, from a loader-format batch."""
-        n_genes, body = len(self.genes), encoder(self.config.model)
+        n_genes, module = len(self.genes), self._module
         if self.is_classifier:
-            classifier = Classifier(n_genes=n_genes, n_classes=len(self.classes), encoder=body)
-
             def compute(params, x):
-                z, logits = classifier.apply({"params": params}, x, method=_embed_and_classify)
+                z, logits = module.apply({"params": params}, x, method=_embed_and_classify)
                 return z, jnp.argmax(logits, -1).astype(jnp.int32), jax.nn.softmax(logits).max(-1)
         else:
             def compute(params, x):
-                return (body.apply({"params": params["encoder"]}, x, False),)
+                return (module.apply({"params": params["encoder"]}, x, False),)
 
         @jax.jit
         def forward(params, batch, table):
@@ -127,6 +168,15 @@ class Model:
     @property
     def batch_size(self) -> int:
         return int(self.config.eval.batch_size)
+
+    def checked_batch_size(self, batch_size: int) -> int:
+        """`batch_size` cells per forward pass (0: the run's eval.batch_size); refused in one line
+        unless a whole number from 1 to MAX_BATCH_SIZE."""
+        chosen = batch_size or self.batch_size
+        if isinstance(chosen, bool) or not isinstance(chosen, numbers.Integral) or not 0 < chosen <= MAX_BATCH_SIZE:
+            raise SscellError(f"batch size {batch_size!r} (batch_size, --batch-size) must be a whole number of "
+                              f"cells from 1 to {MAX_BATCH_SIZE:,}, or 0 for the run's eval.batch_size")
+        return int(chosen)
 
     def prediction_columns(self, codes: np.ndarray, confidence: np.ndarray) -> dict[str, np.ndarray | pd.Categorical]:
         """obs columns of predicted class codes: LABEL, CONFIDENCE and, when the classes have
@@ -149,9 +199,10 @@ class Model:
     def _apply(self, adata: anndata.AnnData, gene_column: str | None, round_counts: bool, min_overlap: float,
                batch_size: int) -> tuple[np.ndarray, ...]:
         """The outputs (`outputs`) for every cell of `adata`; records the provenance in its uns['sscell']."""
+        batch_size = self.checked_batch_size(batch_size)  # before any work
         inp: H5adInput = anndata_input(adata, gene_column=gene_column, round_counts=round_counts)
-        overlap = match_genes(inp, self.genes, min_overlap)
-        parts = list(self.outputs(input_batches(inp, batch_size or self.batch_size), inp.measured("")[None]))
+        overlap = match_genes(inp, self.genes, min_overlap, KEYWORDS)
+        parts = list(self.outputs(input_batches(inp, batch_size), inp.measured("")[None]))
         adata.uns["sscell"] = self.provenance(overlap)
         return tuple(np.concatenate(p) for p in zip(*parts))
 
@@ -192,6 +243,12 @@ class Model:
                                                    for v in self.classes["cell_type_ontology_term_id"]]
         return str(write_bundle(path, params=self.params, genes=self.genes, config=config, meta=meta))
 
+    def export_study(self, path: str | os.PathLike) -> str:
+        """Write the model as the study's Lightning checkpoint at `path` (`sscell.study.export`); returns the path."""
+        from sscell.study.export import export_study
+
+        return str(export_study(path, self.params, self.config, self.source))
+
 
 def class_table(store: Store) -> pd.DataFrame:
     """The store's cell types in code order and, when obs has them, each type's (most common) Cell Ontology id."""
@@ -221,8 +278,14 @@ def _about(config: ml_collections.ConfigDict, workdir: str, store: Store) -> dic
     return {"training": training, "results": results}
 
 
-def _from_workdir(workdir: str, which: str | None) -> Model:
-    run = open_run(workdir, which)
+def _from_workdir(workdir: str, which: str | None, store: str | os.PathLike | None) -> Model:
+    """The model of a run; its gene table and classes from its store, or from `store` if given (a
+    store the run names at a URL is opened only when given: reading a run contacts nothing)."""
+    location = str(store or store_path(load_config(workdir), workdir))
+    if store is None and "://" in location:
+        raise SscellError(f"{workdir}'s store is {location}, which sscell contacts only when you name it: pass "
+                          f"store='{location}' (--run-store={location}) to read its gene table there, or a copy")
+    run = open_run(workdir, which, store=open_store(location))
     classes = class_table(run.store) if run.config.loss.name == CLASSIFIER_LOSS else None
     return Model(os.path.abspath(workdir), run.config, run.params, run.store.var, run.step, run.checkpoint, classes,
                  _about(run.config, workdir, run.store))
@@ -230,6 +293,10 @@ def _from_workdir(workdir: str, which: str | None) -> Model:
 
 def _from_bundle(path: str) -> Model:
     params, genes, config, meta = read_bundle(path)
+    names, ids = meta.get("classes"), meta.get("class_ontology_term_ids")
+    if names is not None and not (isinstance(names, list) and (ids is None or isinstance(ids, list)
+                                                               and len(ids) == len(names))):
+        raise SscellError(f"{path}: its classes and their ontology ids in bundle.json do not pair up; export it again")
     classes = None
     if meta.get("classes") is not None:
         classes = pd.DataFrame({"cell_type": meta["classes"]})
@@ -239,12 +306,15 @@ def _from_bundle(path: str) -> Model:
                  {"training": meta["training"], "results": meta.get("results")})
 
 
-def load(path: str | os.PathLike, checkpoint: str | None = None) -> Model:
+def load(path: str | os.PathLike, checkpoint: str | None = None, *, store: str | os.PathLike | None = None) -> Model:
     """The trained model of a run's workdir (its "latest" or "best" `checkpoint`, default the
-    run's eval.checkpoint) or of a bundle written by `Model.export`."""
+    run's eval.checkpoint) or of a bundle written by `Model.export`. No module the run's config
+    names is imported; `store` (a run only): the run's store, needed when its config names one at a URL.
+    """
     path = str(path)
     if is_bundle(path):
-        if checkpoint is not None:
-            raise SscellError(f"{path} is a bundle, which holds one checkpoint; drop the checkpoint choice")
+        if checkpoint is not None or store is not None:
+            raise SscellError(f"{path} is a bundle, which holds one checkpoint and its gene table; drop the "
+                              "checkpoint and store choices")
         return _from_bundle(path)
-    return _from_workdir(path, checkpoint)
+    return _from_workdir(path, checkpoint, store)

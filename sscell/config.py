@@ -11,6 +11,7 @@ from sscell.atomic import atomic_file
 from sscell.errors import SscellError
 
 CONFIG_FILE = "config.json"
+MODULE_FIELDS = ("eval.module", "loss.module")  # config fields naming a module to import: code of your own
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
@@ -25,14 +26,45 @@ def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
     if not os.path.exists(path):
         raise SscellError(f"{workdir} holds no sscell run (no {CONFIG_FILE}); train one with "
                           "python -m sscell.main --config=... --workdir=...")
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+    try:
+        with open(path, "rb") as f:
+            return ml_collections.ConfigDict(json.loads(f.read().decode()))
+    except (ValueError, TypeError, RecursionError) as error:  # JSON, Unicode, not an object, nested too deep
+        raise SscellError(f"{path} is not a readable sscell config ({type(error).__name__}); it is damaged") from None
+
+
+def trust_modules(config: ml_collections.ConfigDict, source: str | os.PathLike, **named: str | None) -> None:
+    """Set the module fields (MODULE_FIELDS) of a config read from someone's run at `source` to the
+    modules the user names: `named` maps a field's keyword (eval_module for eval.module) to a module
+    ("": none; None: not named). A field naming a module the user did not name is refused, so
+    reading a run imports no code it names."""
+    for field in MODULE_FIELDS:
+        section, key = field.split(".")
+        keyword = f"{section}_{key}"
+        if named.get(keyword) is not None:
+            config[section][key] = named[keyword]
+        elif config[section].get(key):
+            module = config[section][key]
+            raise SscellError(f"{source} names {field} '{module}', code sscell imports only when you name it: "
+                              f"pass --{keyword}={module} (Python: {keyword}='{module}') if you trust it, or "
+                              f"--{keyword}= ({keyword}='') to import none")
+
+
+def flatten_config(tree: dict, prefix: str = "") -> dict:
+    """{"train.lr": value, ...} of a nested config dict (tuples as lists, as JSON holds them)."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten_config(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return flat
 
 
 def default_config() -> ml_collections.ConfigDict:
     """Every field a run reads, with the study's settings; experiments/*.py start from this."""
     config = ml_collections.ConfigDict()
-    config.seed = 0
+    config.seed = 0  # seeds the parameters, masks, batch order, splits of converted data and samples
     config.data = ml_collections.ConfigDict(dict(
         store="",               # a store made by `python -m sscell.data.convert`, or
         h5ad="",                # comma-separated .h5ad paths/globs, converted into WORKDIR/store, or
@@ -53,10 +85,12 @@ def default_config() -> ml_collections.ConfigDict:
         device_memory_share=0.5,  # the most of a device's memory they may take (True refuses beyond, "auto" streams)
     ))
     config.model = ml_collections.ConfigDict(dict(
+        # encoder widths (the decoder mirrors them), embedding size, selu | relu | gelu | silu, dropout rate
         hidden=(512, 512, 256, 256), latent=64, activation="selu", dropout=0.1,
         norm="none",            # or "layer" (LayerNorm after each hidden layer)
-        dtype="auto",           # compute dtype: float32 | bfloat16 | auto (bfloat16 on AMX CPUs, Ampere+ GPUs,
-                                # TPUs; resolved when a run starts); parameters stay float32
+        dtype="auto",           # compute dtype: float32 | bfloat16 | auto (the faster of the two, measured once on a
+                                # CPU with bfloat16 instructions; bfloat16 on TPUs, Ampere+ GPUs; settled when a run
+                                # starts, in its config.json); parameters stay float32
         sparse_nonzeros=0))     # > 0: sparse first layer for up to this many nonzeros per cell
     # The pretext task (sscell/losses); each task reads only its own fields.
     config.loss = ml_collections.ConfigDict(dict(
@@ -78,18 +112,21 @@ def default_config() -> ml_collections.ConfigDict:
         aug_dropout_prob=0.5, aug_dropout_rate=0.2,
         aug_gauss_prob=0.5, aug_gauss_std=0.2))
     config.train = ml_collections.ConfigDict(dict(
+        # training steps, cells per step (all devices), adamw | lars, peak learning rate, weight decay, global-norm
+        # gradient clipping
         steps=10_000, batch_size=8192, optimizer="adamw", lr=1e-3, weight_decay=0.01, grad_clip=1.0,
         lr_decay=0.9, lr_decay_epochs=2.0,  # step_decay: lr x lr_decay every lr_decay_epochs epochs, or
         lr_decay_steps=0,       # > 0: every this many steps instead (the same schedule on any dataset size)
+        # steps between metric records, validations (of val_batches batches) and checkpoints; checkpoints kept
         log_every=50, val_every=500, val_batches=8, checkpoint_every=500, keep_checkpoints=3,
         schedule="step_decay",  # or "warmup_cosine" (warmup_steps, then cosine decay to 0 at `steps`)
-        warmup_steps=0,
+        warmup_steps=0,         # warmup_cosine: steps of linear warm-up from 0 to lr
         lr_reference_batch=0,   # > 0: lr is per this many cells, scaled by batch_size / it (Barlow Twins: 256)
         lars_exclude_bias_and_norm=True,  # lars: biases and norm parameters get no weight decay or trust ratio
         grad_accum=1,           # micro-batches of batch_size per optimiser update
         skip_nonfinite=0,       # N > 0: skip non-finite steps (state unchanged), stop at N+1 in a row
         profile_steps=(),       # (start, stop): jax.profiler trace of those steps into WORKDIR/profile
-        init_from="",           # a run's workdir: a fresh run starts from its encoder (fine-tuning)
+        init_from="",           # a run's workdir or a bundle: a fresh run starts from its encoder (fine-tuning)
         init_checkpoint="best",  # which checkpoint of init_from: "best" (lowest validation loss, the study's) or
                                  # "latest"; "best" refuses a run none of whose checkpoints was validated yet
     ))
@@ -98,7 +135,7 @@ def default_config() -> ml_collections.ConfigDict:
         rules=(),               # (regex over state paths, "fsdp" | "replicate" | spec tuple); see training/mesh.py
     ))
     config.eval = ml_collections.ConfigDict(dict(
-        knn_k=5, pca_components=64, batch_size=1024,
+        knn_k=5, pca_components=64, batch_size=1024,  # kNN neighbours, PCA baselines' dims, cells per embedding batch
         max_cells=0,            # > 0: at most this many val and test cells (a random sample) for every task
         checkpoint="best",      # "best" (lowest validation loss, the study's; refused while no checkpoint
                                 # has one: train past the next validation or choose it) or "latest"
@@ -110,6 +147,9 @@ def default_config() -> ml_collections.ConfigDict:
         knn_reference="val",    # kNN reference cells: val (the study's) | train | train+val; queries: test cells
         knn_reference_cells=20_000,  # training cells in a train / train+val reference (0: all)
         knn_method="auto",      # exact (blocked, JAX) | approximate (faiss HNSW) | auto (by size and device)
+        protocol="sscell",      # sscell | study: the study's own kNN (k+1 neighbours, nearest dropped; baselines
+                                # by the 2nd-nearest alone), PCA fitted per split and, for a bundle imported from
+                                # the study's checkpoints, the study's embedding (ReLU stack; docs/metrics.md)
         # baselines scored next to the model (sscell/evaluation/baselines/): pca (log1p counts; the
         # integration scores' unintegrated reference) | pca_hvg | hvg (the HVGs' log1p values) | scvi
         # (needs pip install -e '.[baselines]'; skipped, and said so, without it)

@@ -3,6 +3,8 @@ command-line entry points end on it or on Ctrl-C."""
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import sys
 from collections.abc import Iterator
 
@@ -29,3 +31,34 @@ def exit_on_error() -> Iterator[None]:
     except KeyboardInterrupt as interrupt:
         print(f"interrupted: {interrupt}" if str(interrupt) else "interrupted", file=sys.stderr)
         sys.exit(INTERRUPTED_EXIT_CODE)
+
+
+def _exit_interrupted(signum: int, frame) -> None:
+    """Ctrl-C where nothing needs cleaning up: `interrupted` on stderr, exit code 130, at once. A
+    KeyboardInterrupt raised there could be swallowed (in an import, a gc callback) or crash the
+    interpreter's teardown under XLA's threads."""
+    with contextlib.suppress(Exception):  # a write to stdout the signal interrupted cannot be flushed
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os.write(2, b"interrupted\n")
+    os._exit(INTERRUPTED_EXIT_CODE)
+
+
+def exit_at_once_on_ctrl_c() -> None:
+    """From now on Ctrl-C ends the process at once with exit code 130 (`ctrl_c_raises` for a block
+    that cleans up on KeyboardInterrupt); nothing changes where SIGINT is ignored (nohup, `cmd &`)."""
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _exit_interrupted)
+
+
+@contextlib.contextmanager
+def ctrl_c_raises() -> Iterator[None]:
+    """Ctrl-C raises KeyboardInterrupt in the block, where `exit_at_once_on_ctrl_c` would end the
+    process: for work that removes what it half wrote."""
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is _exit_interrupted:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

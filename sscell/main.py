@@ -5,9 +5,15 @@ the wall times of training and evaluation. Every check
 of the config against the data runs before anything is written into the workdir; one run at a
 time trains in a workdir (WORKDIR/lock). On SIGTERM (preemption) training finishes its step,
 saves a checkpoint and the command exits 0 without evaluating; on Ctrl-C the same, exit code
-130. Rerun the command to resume.
+130. Ctrl-C before training starts (imports, checks, compilation) ends the command at once, exit
+code 130, leaving nothing that blocks a rerun. Rerun the command to resume.
 """
 from __future__ import annotations
+
+from sscell.errors import ctrl_c_raises, exit_at_once_on_ctrl_c, exit_on_error
+
+if __name__ == "__main__":  # before the imports below, which take seconds
+    exit_at_once_on_ctrl_c()
 
 import os
 import sys
@@ -19,17 +25,18 @@ from ml_collections import config_flags
 
 from sscell.allocator import retain_freed_memory
 from sscell.config import save_config
+from sscell.config_help import config_help
 from sscell.data.prepare import prepare_store
 from sscell.data.store import open_store
-from sscell.errors import exit_on_error
 from sscell.losses import load_task
 from sscell.training import distributed
-from sscell.training.resume import check_compatible
+from sscell.training.resume import check_compatible, settle_dtype
 from sscell.training.train import check_run, check_settings, train
 from sscell.training.workdir_lock import workdir_lock
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. experiments/quickstart.py.",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file, e.g. experiments/quickstart.py; any field can be overridden with "
+    f"--config.FIELD=VALUE. The fields, with the defaults of sscell/config.py:\n{config_help()}", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config file name>).")
 _EVAL = flags.DEFINE_bool("eval", True, "Evaluate the run once training is done.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
@@ -56,9 +63,11 @@ def run(argv: list[str]) -> None:
         check_run(config, open_store(config.data.store))
     with workdir_lock(workdir):
         check_compatible(config, workdir)
-        store = prepare_store(config, workdir)
+        with ctrl_c_raises():  # the converter removes what it half wrote
+            store = prepare_store(config, workdir)
         if not config.data.store:  # converted into the workdir: checked once it is there
             check_run(config, store)
+        settle_dtype(config, n_genes=store.n_genes)  # a new run's "auto": the faster dtype here (saved below)
         if jax.process_index() == 0:
             save_config(config, workdir)
         started = time.perf_counter()
@@ -69,7 +78,8 @@ def run(argv: list[str]) -> None:
         from sscell.evaluation.evaluate import evaluate  # here: a bad command line fails without its imports
 
         started = time.perf_counter()
-        evaluate(workdir)
+        with ctrl_c_raises():
+            evaluate(workdir, eval_module=config.eval.module, loss_module=config.loss.module)  # your config's
         times.append(f"evaluation: {time.perf_counter() - started:.0f} s wall time")
     if jax.process_index() == 0:
         print("\n" + "\n".join(times))

@@ -15,13 +15,18 @@
 3. Writes every score to WORKDIR/scores.csv and mean +- sd over seeds, a figure and the
    hardware and runtime to `config.report_dir`/reproduce_cpu.{md,png}.
 
-Rerunning skips what is done (runs resume, or are only scored again).
+Rerunning skips what is done (runs resume, or are only scored again). `--rescore=DIR/NAME_seeds.csv`
+rewrites a report from the per-seed scores it holds (e.g. after a change to the statistics),
+training nothing: `rescore`.
 """
 from __future__ import annotations
 
+import dataclasses
+import datetime
 import os
 import platform
 import time
+from collections.abc import Sequence
 
 import jax
 import ml_collections
@@ -35,7 +40,7 @@ from sscell.atomic import atomic_file
 from sscell.data.convert import convert
 from sscell.data.store import Store, open_store
 from sscell.data.synthetic import AtlasSpec, programmes_path, target_path, tf_targets_path, write_atlas
-from sscell.errors import exit_on_error
+from sscell.errors import SscellError, exit_on_error
 from sscell.evaluation.evaluate import evaluate
 from sscell.evaluation.finetune import ARMS, finetune
 from sscell.evaluation.report import write_results
@@ -107,7 +112,7 @@ def knn_scores(rows: list[dict], baselines: bool, **labels) -> list[dict]:
 
 
 def run_seed(config: ml_collections.ConfigDict, workdir: str, seed: int, atlas: Store,
-             target: Store) -> list[dict] | None:
+             target: Store, data_folder: str) -> list[dict] | None:
     """Every score of one seed: per task, zero-shot kNN on atlas and target, then fine-tuning;
     None if a run stopped early (preemption or Ctrl-C: nothing of it is scored, rerunning resumes).
 
@@ -117,7 +122,7 @@ def run_seed(config: ml_collections.ConfigDict, workdir: str, seed: int, atlas: 
     rows = []
     for i, task in enumerate(config.tasks):
         run_dir = os.path.join(workdir, f"seed_{seed}", task)
-        run = pretrain_config(config, task, seed, atlas, os.path.join(workdir, "data"))
+        run = pretrain_config(config, task, seed, atlas, data_folder)
         if not pretrain(run, run_dir, atlas):
             return None
         baselines = None if i == 0 else ()  # the run's eval.baselines, fitted once per seed
@@ -154,10 +159,24 @@ def setting_score(setting: str) -> str:
     return "knn_macro_f1" if setting.startswith("zero-shot") else "finetune_knn_macro_f1_ontology"
 
 
-def paired_comparisons(scores: pd.DataFrame, reference: str) -> pd.DataFrame:
+def holm_adjusted(p: np.ndarray) -> np.ndarray:
+    """Holm's step-down adjustment of the p-values `p` (NaN entries are left out of the family
+    and stay NaN): the i-th smallest of m becomes max over j <= i of min(1, (m - j + 1) p_(j))."""
+    p = np.asarray(p, np.float64)
+    adjusted = np.full_like(p, np.nan)
+    valid = np.flatnonzero(~np.isnan(p))
+    order = valid[np.argsort(p[valid], kind="stable")]
+    m = len(order)
+    adjusted[order] = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * p[order]))
+    return adjusted
+
+
+def paired_comparisons(scores: pd.DataFrame, reference: str, alpha: float = 0.05) -> pd.DataFrame:
     """Per setting, `reference` (a task) minus every other method on the setting's headline score,
-    paired by seed: mean difference, 95% t-interval and paired t-test p over the seeds both ran.
-    An interval that excludes 0 names the better method; one that includes it: "not distinguishable"."""
+    paired by seed: mean difference, 95% t-interval, paired t-test p over the seeds both ran, and
+    that p Holm-adjusted over every comparison of the table. The verdict comes from the adjusted p:
+    below `alpha` names the better method, else "not distinguishable" (a difference the same on
+    every seed, whose p is undefined, names the better method)."""
     rows = []
     for setting, part in scores.groupby("setting", sort=False):
         column = setting_score(setting)
@@ -172,13 +191,21 @@ def paired_comparisons(scores: pd.DataFrame, reference: str) -> pd.DataFrame:
             diff = pair[ours] - pair[other]
             mean, sd, n = diff.mean(), diff.std(ddof=1), len(diff)
             half = scipy.stats.t.ppf(0.975, n - 1) * sd / np.sqrt(n)
-            p = scipy.stats.ttest_1samp(diff, 0.0).pvalue if sd > 0 else np.nan
-            verdict = ("not distinguishable" if mean - half <= 0 <= mean + half
-                       else (ours if mean > 0 else other) + " ahead")
-            rows.append({"setting": setting, "score": column, "comparison": f"{ours} - {other}",
-                         "difference": f"{mean:+.3f}", "95% interval": f"[{mean - half:+.3f}, {mean + half:+.3f}]",
-                         "p (paired t)": "" if np.isnan(p) else f"{p:.3f}", "seeds": n, "verdict": verdict})
-    return pd.DataFrame(rows)
+            p = scipy.stats.ttest_rel(pair[ours], pair[other]).pvalue if sd > 0 else np.nan
+            rows.append({"setting": setting, "score": column, "comparison": f"{ours} - {other}", "mean": mean,
+                         "ours": ours, "other": other, "difference": f"{mean:+.3f}",
+                         "95% interval": f"[{mean - half:+.3f}, {mean + half:+.3f}]", "p": p, "seeds": n})
+    if not rows:
+        return pd.DataFrame()
+    table = pd.DataFrame(rows)
+    table["p (Holm)"] = holm_adjusted(table.p.to_numpy())
+    ahead = np.where(table.p.isna(), table["mean"] != 0, table["p (Holm)"] < alpha)
+    table["verdict"] = np.where(ahead, np.where(table["mean"] > 0, table.ours, table.other) + " ahead",
+                                "not distinguishable")
+    table["p (paired t)"] = [f"{p:.3f}" if np.isfinite(p) else "" for p in table.p]
+    table["p (Holm)"] = [f"{p:.3f}" if np.isfinite(p) else "" for p in table["p (Holm)"]]
+    return table[["setting", "score", "comparison", "difference", "95% interval", "p (paired t)", "p (Holm)",
+                  "seeds", "verdict"]]
 
 
 def plot(scores: pd.DataFrame, path: str) -> None:
@@ -215,10 +242,15 @@ def reproduce(config: ml_collections.ConfigDict, workdir: str) -> pd.DataFrame |
     run stopped early (rerunning resumes)."""
     started = time.perf_counter()
     spec = AtlasSpec(**config.atlas.to_dict())
-    atlas, target = prepare_data(spec, os.path.join(workdir, "data"))
+    data_seeds = config.get("data_seeds", False)
     rows = []
     for seed in config.seeds:
-        seed_rows = run_seed(config, workdir, seed, atlas, target)
+        # data seeds: each seed generates its own atlas and target (atlas.seed + seed), so the
+        # intervals also hold the variation of the data, and the baselines get an sd of their own
+        data_folder = os.path.join(workdir, f"data_seed_{seed}" if data_seeds else "data")
+        atlas, target = prepare_data(dataclasses.replace(spec, seed=spec.seed + seed) if data_seeds else spec,
+                                     data_folder)
+        seed_rows = run_seed(config, workdir, seed, atlas, target, data_folder)
         if seed_rows is None:
             print("a run stopped early (preempted or interrupted): nothing was scored for it; rerun the same "
                   "command to resume")
@@ -228,47 +260,111 @@ def reproduce(config: ml_collections.ConfigDict, workdir: str) -> pd.DataFrame |
     scores.to_csv(os.path.join(workdir, "scores.csv"), index=False)
     minutes = (time.perf_counter() - started) / 60
     hardware = f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), jax {jax.__version__}"
+    seeds = f"seeds {list(config.seeds)}" + (" (each with its own atlas and target)" if data_seeds else
+                                             " (training; one atlas and target)")
     header = (f"Generated by `python -m sscell.reproduce`: atlas {atlas.n_cells} cells x {atlas.n_genes} genes, "
-              f"target {target.n_cells} cells; seeds {list(config.seeds)}; {hardware}; "
+              f"target {target.n_cells} cells; {seeds}; {hardware}; "
               f"{minutes:.0f} min (this invocation).")
-    return report(scores, config.report_dir, header, config.get("report_name", "reproduce_cpu"), config.tasks[0])
+    return report(scores, config.report_dir, header, config.get("report_name", "reproduce_cpu"),
+                  config.get("references", (config.tasks[0],)))
 
 
 def report(scores: pd.DataFrame, report_dir: str, header: str, name: str = "reproduce_cpu",
-           reference: str = "masked") -> pd.DataFrame:
-    """Write the summary of `scores` (mean +- sd over seeds), the paired comparisons with the
-    `reference` task, the figure and `header` into `report_dir`/`name`.{md,csv,png} (comparisons
-    also in `name`_comparisons.csv, the scores of every seed in `name`_seeds.csv); returns the
-    summary table."""
+           reference: str | Sequence[str] = "masked") -> pd.DataFrame:
+    """Write the summary of `scores` (mean +- sd over seeds), the paired comparisons with each
+    `reference` task, the figure and `header` into `report_dir`/`name`.{md,csv,png}: comparisons
+    with the first reference also in `name`_comparisons.{md,csv}, with each further one in
+    `name`_comparisons_<task>.{md,csv} (each table is its own Holm family); the scores of every
+    seed in `name`_seeds.csv. Returns the summary table."""
+    references = [reference] if isinstance(reference, str) else list(reference)
     table = summarise(scores)
     os.makedirs(report_dir, exist_ok=True)
     with atomic_file(os.path.join(report_dir, f"{name}_seeds.csv")) as tmp:  # every seed's scores, for pairing
         scores.to_csv(tmp, index=False)
     plot(scores, os.path.join(report_dir, f"{name}.png"))
     markdown = write_results(table.to_dict("records"), report_dir, name)
-    compared = paired_comparisons(scores, reference)
-    paired = (write_results(compared.to_dict("records"), report_dir, f"{name}_comparisons")
-              if len(compared) else "(one seed: no paired comparisons)")
+    sections = []
+    for i, task in enumerate(references):
+        compared = paired_comparisons(scores, task)
+        paired = (write_results(compared.to_dict("records"), report_dir,
+                                f"{name}_comparisons" + (f"_{task}" if i else ""))
+                  if len(compared) else "(one seed: no paired comparisons)")
+        sections.append(f"## {task} vs every other method, paired by seed\n\n{paired}")
     path = os.path.join(report_dir, f"{name}.md")
+    paired = "\n".join(sections)
     with atomic_file(path) as tmp:
-        tmp.write_text(f"{header}\n\n{markdown}\n## {reference} vs every other method, paired by seed\n\n"
-                       f"{paired}\n![scores]({name}.png)\n")
+        tmp.write_text(f"{header}\n\n{markdown}\n{paired}\n![scores]({name}.png)\n")
     print(f"\n{header}\n\n{markdown}\n{paired}\nwritten to {report_dir}/{name}.md, .csv, .png")
     return table
+
+
+RESCORED = "Comparisons recomputed from"  # how the line `rescore` adds to a report's header starts
+
+
+def rescore(seeds_csv: str, references: Sequence[str] = ()) -> pd.DataFrame:
+    """Rewrite the report of `seeds_csv` (a DIR/NAME_seeds.csv that `report` wrote) from its scores,
+    training nothing: DIR/NAME.{md,csv,png} and the comparisons, with each of `references` (tasks;
+    default the first sscell task in the file). The header paragraph of the existing NAME.md (how
+    and when the scores were generated) is kept, with a line saying when the comparisons were
+    recomputed in place of any earlier such line. Returns the summary table."""
+    if not seeds_csv.endswith("_seeds.csv"):
+        raise SscellError(f"--rescore={seeds_csv}: give the NAME_seeds.csv that python -m sscell.reproduce wrote")
+    if not os.path.isfile(seeds_csv):
+        raise SscellError(f"--rescore={seeds_csv}: no such file")
+    try:
+        scores = pd.read_csv(seeds_csv, float_precision="round_trip")  # rewritten byte for byte
+    except (ValueError, UnicodeDecodeError) as error:
+        raise SscellError(f"--rescore={seeds_csv}: not a CSV of per-seed scores ({error})") from None
+    missing = [c for c in ("seed", "setting", "method") if c not in scores]
+    if missing or not any(c in scores for c in SCORES[:-1]):
+        raise SscellError(f"--rescore={seeds_csv}: not a per-seed scores CSV of python -m sscell.reproduce "
+                          f"(needs columns seed, setting, method and a score such as knn_macro_f1; "
+                          f"has {', '.join(map(str, scores.columns))})")
+    tasks = [m.removeprefix("sscell ") for m in dict.fromkeys(scores.method) if m.startswith("sscell ")]
+    references = list(references) or tasks[:1]
+    unknown = [t for t in references if t not in tasks]
+    if not references or unknown:
+        raise SscellError(f"--rescore={seeds_csv}: no sscell {' or '.join(unknown) or 'task'} in it "
+                          f"(tasks: {', '.join(tasks) or 'none'})")
+    report_dir, name = os.path.dirname(seeds_csv) or ".", os.path.basename(seeds_csv).removesuffix("_seeds.csv")
+    previous = os.path.join(report_dir, f"{name}.md")
+    lines = []
+    if os.path.exists(previous):
+        with open(previous) as f:
+            for line in f.read().split("\n\n"):
+                if line.startswith(("|", "#")):
+                    break
+                lines.append(line)
+    lines = [line for line in lines if not line.startswith(RESCORED)]
+    lines.append(f"{RESCORED} `{name}_seeds.csv` on {datetime.date.today().isoformat()} "
+                 f"(`python -m sscell.reproduce --rescore={seeds_csv}"
+                 + (f" --references={','.join(references)}`" if len(references) > 1 else "`")
+                 + "): paired t-test per comparison, Holm-adjusted over each table; "
+                 "a verdict names the better method when the adjusted p is below 0.05.")
+    return report(scores, report_dir, "\n\n".join(lines), name, references)
 
 
 def main(argv: list[str]) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)
-    config = flags.FLAGS["config"].value
+    config, seeds_csv = flags.FLAGS["config"].value, flags.FLAGS["rescore"].value
+    if (config is None) == (seeds_csv is None):
+        raise app.UsageError("give --config (run the study) or --rescore=NAME_seeds.csv (rewrite its report)")
     workdir = flags.FLAGS["workdir"].value or os.path.join("runs", "reproduce_cpu")
     with exit_on_error():
-        reproduce(config, workdir)
+        if seeds_csv:
+            rescore(seeds_csv, [t for t in flags.FLAGS["references"].value.split(",") if t])
+        else:
+            reproduce(config, workdir)
 
 
 if __name__ == "__main__":
     config_flags.DEFINE_config_file("config", None, "Study config, e.g. experiments/reproduce_cpu.py.",
                                     lock_config=True)
     flags.DEFINE_string("workdir", None, "Where the data and runs go (default runs/reproduce_cpu).")
-    flags.mark_flags_as_required(["config"])
+    flags.DEFINE_string("rescore", None, "Rewrite the report of this NAME_seeds.csv (written by an earlier run) "
+                        "from its scores, training nothing.")
+    flags.DEFINE_string("references", "", "With --rescore: the tasks every method is compared with, "
+                        "comma-separated (default the first sscell task in the file; the config's "
+                        "`references` when running).")
     app.run(main)

@@ -1,4 +1,5 @@
 """sscell.load and embeddings of any AnnData, from Python and from the command line, and bundles."""
+import hashlib
 import json
 import os
 import shutil
@@ -15,10 +16,10 @@ import sscell
 from sscell.bundle import flatten
 from sscell.config import default_config, save_config
 from sscell.data.store import open_store
+from sscell.embed import OBSM_KEY, embed, main
 from sscell.errors import SscellError
-from sscell.evaluation.embed import OBSM_KEY, embed, main
-from sscell.evaluation.predict import predict
 from sscell.evaluation.run import open_run
+from sscell.predict import predict
 from sscell.training.train import build, train
 
 
@@ -118,7 +119,7 @@ def test_gene_column_names_the_input_var_column_with_the_ids(masked_run, atlas, 
             in capsys.readouterr().out)
     np.testing.assert_array_equal(anndata.read_h5ad(tmp_path / "out.h5ad").obsm[OBSM_KEY], by_id)
     np.testing.assert_array_equal(model.embed(probes, gene_column="ensembl"), by_id)
-    with pytest.raises(SscellError, match=r"only 0 of the input's 96 genes matched"):  # the probe names alone
+    with pytest.raises(SscellError, match=r"measures 0 of the run's 96 genes .*\(gene_column\)"):  # probe names alone
         model.embed(probes)
 
 
@@ -126,12 +127,12 @@ def test_an_input_measuring_too_few_of_the_runs_genes_is_refused(masked_run, atl
     workdir, _ = masked_run
     few = bare(atlas)[:, :40].copy()
     few.write_h5ad(tmp_path / "few.h5ad")
-    message = (r"only 40 of the input's 40 genes matched by gene id; 40 of the run's 96 genes measured \(42%\) .*"
-               r"below the minimum of 50%; .*lower --min-gene-overlap")
-    with pytest.raises(SscellError, match=message):
+    message = (r"the input measures 40 of the run's 96 genes \(42%\), under {overlap}=0.5 \(40 of its 40 genes "
+               r"matched by gene id; .*\({genes}\), or lower {overlap}$")
+    with pytest.raises(SscellError, match=message.format(overlap="--min-gene-overlap", genes="--gene-column")):
         embed(workdir, str(tmp_path / "few.h5ad"), str(tmp_path / "out.h5ad"))
-    with pytest.raises(SscellError, match=message):
-        sscell.load(workdir).embed(few)
+    with pytest.raises(SscellError, match=message.format(overlap="min_overlap", genes="gene_column")):
+        sscell.load(workdir).embed(few)  # the API names its keywords
     with pytest.raises(SystemExit) as exit_code:
         run_cli("--workdir", workdir, "--input", tmp_path / "few.h5ad", "--output", tmp_path / "out.h5ad")
     assert exit_code.value.code == 2 and capsys.readouterr().err.count("\n") == 1
@@ -207,4 +208,18 @@ def test_a_bundle_embeds_bit_for_bit_like_the_run_after_the_run_and_its_store_ar
     saved = json.loads((tmp_path / "bundle" / "config.json").read_text())
     saved["loss"]["module"] = "sscell_test_module_that_does_not_exist"
     (tmp_path / "bundle" / "config.json").write_text(json.dumps(saved))
+    meta = json.loads((tmp_path / "bundle" / "bundle.json").read_text())  # re-signed: past the checksum
+    meta["sha256"]["config.json"] = hashlib.sha256((tmp_path / "bundle" / "config.json").read_bytes()).hexdigest()
+    (tmp_path / "bundle" / "bundle.json").write_text(json.dumps(meta))
     np.testing.assert_array_equal(sscell.load(tmp_path / "bundle").embed(bare(atlas)), from_run)
+
+
+def test_export_creates_missing_folders_and_a_model_prints_as_one_short_line(masked_run, atlas, tmp_path):
+    workdir, _ = masked_run
+    model = sscell.load(workdir)
+    path = model.export(tmp_path / "bundles" / "mine")  # as in the README, with no bundles/ yet
+    assert sscell.load(path).embed(bare(atlas)).shape == (atlas.n_obs, 8)
+    assert repr(model) == (f"sscell.Model({workdir!r}: best checkpoint, step 30, loss masked, 96 genes -> [32, 32] "
+                           "-> 8)")
+    with pytest.raises(SscellError, match="cannot create .*; choose another path"):
+        model.export(tmp_path / "bundles" / "mine" / "README.md" / "inside")  # a file where a folder would go

@@ -1,11 +1,13 @@
 """The two entry points end to end, in subprocesses, on a tiny generated atlas."""
 import csv
+import json
 import os
 import subprocess
 import sys
 
 import pytest
 
+from sscell.config_help import field_docs
 from sscell.errors import exit_on_error
 
 pytestmark = pytest.mark.slow
@@ -42,6 +44,8 @@ def test_quickstart_trains_and_evaluates(quickstart_run):
     assert [r["method"].split()[0] for r in rows] == ["sscell", "PCA(8)", "PCA(8)", "HVG(96)", "scVI(30)"]
     assert all(0 < float(r["knn_macro_f1"]) <= 1 for r in rows)
     assert "knn_macro_f1" in result.stdout and "PCA(8)" in result.stdout
+    dtype = json.loads((workdir / "config.json").read_text())["model"]["dtype"]  # "auto", settled and recorded
+    assert dtype in ("float32", "bfloat16") and f"model.dtype auto -> {dtype} (" in result.stdout
 
 
 def test_rerun_goes_straight_to_evaluation(quickstart_run):
@@ -124,6 +128,15 @@ def test_ctrl_c_ends_a_command_with_one_line_and_code_130(capsys):
     with pytest.raises(SystemExit) as ended, exit_on_error():
         raise KeyboardInterrupt
     assert ended.value.code == 130 and capsys.readouterr().err == "interrupted\n"
+
+
+def test_help_lists_every_config_field_with_its_default_and_meaning():
+    result = sscell("--help")
+    text = " ".join(result.stdout.split())
+    assert "any field can be overridden with --config.FIELD=VALUE" in text  # (absl exits 1 after --help)
+    assert "train.lr=0.001" in text and "model.hidden=(512, 512, 256, 256)" in text
+    assert "eval.knn_reference='val': kNN reference cells: val (the study's) | train | train+val" in text
+    assert all(name in text for name in field_docs())
 
 
 def test_finetune_takes_config_overrides_without_a_config_file(tmp_path):

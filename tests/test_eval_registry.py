@@ -15,10 +15,10 @@ from conftest import train_tiny_run  # tests/ is on sys.path (rootdir conftest)
 
 from sscell.config import save_config
 from sscell.data.loader import label_codes
+from sscell.embed import embed
 from sscell.errors import SscellError
 from sscell.evaluation.baselines import load_baselines
 from sscell.evaluation.cells import BaselineCache, Evaluator
-from sscell.evaluation.embed import embed
 from sscell.evaluation.evaluate import CACHE_DIR, eval_settings, evaluate
 from sscell.evaluation.run import open_run
 from sscell.training import checkpoint
@@ -42,8 +42,8 @@ def run(tiny_store, tmp_path_factory):
 def test_the_example_task_runs_through_the_command_and_matches_numpy(run, tiny_store, tmp_path):
     workdir, _ = run
     done = subprocess.run([sys.executable, "-m", "sscell.evaluation", f"--workdir={workdir}",
-                           "--tasks=nearest_neighbour"], capture_output=True, text=True, cwd=tmp_path,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600, check=False)
+                           "--tasks=nearest_neighbour", f"--eval_module={EXAMPLE}"], capture_output=True, text=True,
+                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600, check=False)
     assert done.returncode == 0, done.stderr
     assert "| method | nn_accuracy |" in done.stdout  # the headline summary
     results = pd.read_csv(workdir / "results.csv")
@@ -71,9 +71,9 @@ def test_the_docs_show_the_example_module_as_it_is():
 def test_unknown_tasks_and_modules_are_refused(run):
     workdir, _ = run
     with pytest.raises(SscellError, match=r"unknown evaluation task\(s\) silhouette; choose from knn, linear_probe"):
-        evaluate(str(workdir), tasks="knn,silhouette", module="")
+        evaluate(str(workdir), tasks="knn,silhouette", eval_module="")
     with pytest.raises(SscellError, match=r"cannot import eval.module 'no_such.tasks'"):
-        evaluate(str(workdir), tasks="knn", module="no_such.tasks")
+        evaluate(str(workdir), tasks="knn", eval_module="no_such.tasks")
 
 
 def test_a_result_table_task_restores_no_checkpoint(run, tmp_path):
@@ -84,22 +84,22 @@ def test_a_result_table_task_restores_no_checkpoint(run, tmp_path):
     rows = [{"method": "fine-tuned from sscell masked", "label_fraction": 0.1, "finetune_macro_f1": 0.5}]
     pd.DataFrame(rows).to_csv(tmp_path / "finetune.csv", index=False)
     assert not (tmp_path / "checkpoints").exists()
-    assert evaluate(str(tmp_path), tasks="finetune") == rows
+    assert evaluate(str(tmp_path), eval_module=EXAMPLE, tasks="finetune") == rows
     assert pd.read_csv(tmp_path / "results.csv").to_dict("records") == rows
     with pytest.raises(SscellError, match="has no best checkpoint yet; train first"):
-        evaluate(str(tmp_path), tasks="finetune,knn")
+        evaluate(str(tmp_path), eval_module=EXAMPLE, tasks="finetune,knn")
 
 
 @pytest.mark.slow
 def test_the_baselines_cache_gives_what_a_fresh_embedding_gives(run, tiny_store, tmp_path):
     workdir, config = run
     settings = eval_settings(config)
-    first = evaluate(str(workdir), tasks="knn,reconstruction", outdir=str(tmp_path / "first"))
+    first = evaluate(str(workdir), eval_module=EXAMPLE, tasks="knn,reconstruction", outdir=str(tmp_path / "first"))
     cache = BaselineCache(workdir / CACHE_DIR, tiny_store, settings, config.seed)
     pca, pca_hvg = load_baselines(settings.baselines)
     test_file = cache.path(pca, "test", 0, True)
     assert test_file.exists() and cache.path(pca_hvg, "val", 0, False).exists()
-    again = evaluate(str(workdir), tasks="knn,reconstruction", outdir=str(tmp_path / "again"))
+    again = evaluate(str(workdir), eval_module=EXAMPLE, tasks="knn,reconstruction", outdir=str(tmp_path / "again"))
     assert again == first  # every score and fit time, from the cache
 
     fresh = Evaluator(open_run(workdir), tiny_store, settings, first[0]["method"], False)  # no cache
@@ -112,7 +112,8 @@ def test_the_baselines_cache_gives_what_a_fresh_embedding_gives(run, tiny_store,
                 assert cached.fit_seconds == next(r["fit_seconds"] for r in first if r["method"] == cached.method)
 
     test_file.write_bytes(b"not an npz")  # damaged: recomputed and rewritten
-    assert evaluate(str(workdir), tasks="knn,reconstruction", outdir=str(tmp_path / "third")) == first
+    third = evaluate(str(workdir), eval_module=EXAMPLE, tasks="knn,reconstruction", outdir=str(tmp_path / "third"))
+    assert third == first
     assert cache.read(pca, "test", 0, True) is not None
     settings.pca_components = 4  # a setting PCA depends on: another file
     assert BaselineCache(workdir / CACHE_DIR, tiny_store, settings, config.seed).path(pca, "test", 0, True) != test_file
@@ -146,7 +147,7 @@ def test_identical_embeddings_are_scored_once_with_the_same_scores(run, tmp_path
     config.eval.hvg_genes = 1000  # > the store's 96 genes
     save_config(config, workdir)
     try:
-        rows = evaluate(str(workdir), tasks="knn,linear_probe,reconstruction", outdir=str(tmp_path))
+        rows = evaluate(str(workdir), eval_module=EXAMPLE, tasks="knn,linear_probe,reconstruction", outdir=str(tmp_path))
     finally:
         config.eval.hvg_genes = 48
         save_config(config, workdir)

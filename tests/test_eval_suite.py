@@ -1,6 +1,7 @@
 """The evaluation of a tiny trained run end to end, and embeddings of an .h5ad / a store written as AnnData."""
 import csv
 import importlib.util
+import re
 
 import anndata
 import numpy as np
@@ -10,9 +11,9 @@ from sklearn.neighbors import KNeighborsClassifier
 
 from sscell.config import default_config, save_config
 from sscell.data.store import open_store
+from sscell.embed import OBSM_KEY, embed
 from sscell.errors import SscellError
 from sscell.evaluation.cells import Evaluator
-from sscell.evaluation.embed import OBSM_KEY, embed
 from sscell.evaluation.evaluate import eval_settings, evaluate
 from sscell.evaluation.run import open_run
 from sscell.training.train import build, train
@@ -82,6 +83,17 @@ def test_selected_tasks_only(trained_run):
     workdir, _ = trained_run
     rows = evaluate(str(workdir), tasks="knn")
     assert all("knn_macro_f1" in r and not any(k.startswith(("probe", "recon", "scib")) for k in r) for r in rows)
+
+
+def test_progress_per_task_and_the_summary_names_only_what_ran(trained_run, tmp_path, capsys):
+    workdir, _ = trained_run
+    evaluate(str(workdir), tasks="knn,finetune,crossmodal", baselines="pca", outdir=str(tmp_path))
+    out = capsys.readouterr().out
+    assert re.search(r"^eval: embedded \d+ val, \d+ test cells by 2 methods in \d+\.\d s$", out, re.M)
+    assert re.search(r"^eval: knn ... \d+\.\d s$", out, re.M) and "eval: finetune ... not run" in out
+    assert re.search(r"^Evaluated knn in \d+ s", out, re.M)
+    assert ("not run: finetune (no finetune.csv yet: python -m sscell.evaluation.finetune writes it); "
+            "crossmodal (no crossmodal.csv yet: python -m sscell.evaluation.crossmodal writes it)") in out
 
 
 def sklearn_knn(ref, ref_labels, query, k=5):

@@ -13,7 +13,7 @@ from sscell.config import default_config, save_config
 from sscell.data.convert import convert
 from sscell.data.loader import label_codes
 from sscell.data.store import open_store
-from sscell.evaluation.embed import embed
+from sscell.embed import embed
 from sscell.evaluation.evaluate import evaluate
 from sscell.evaluation.run import open_run
 from sscell.losses.masking import random_gene_mask

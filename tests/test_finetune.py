@@ -17,10 +17,12 @@ from sscell.data.convert import convert
 from sscell.data.loader import select_rows
 from sscell.data.store import open_store
 from sscell.data.synthetic import CELL_TYPES
+from sscell.embed import embed
 from sscell.errors import SscellError
-from sscell.evaluation.embed import embed
 from sscell.evaluation.evaluate import evaluate
 from sscell.evaluation.finetune import (
+    MAX_DECAYS,
+    arm_config,
     arm_dir,
     finetune,
     finetune_config,
@@ -30,6 +32,7 @@ from sscell.evaluation.ontology import cell_ontology_descendants
 from sscell.evaluation.report import read_results
 from sscell.training import checkpoint
 from sscell.training.mesh import make_mesh, replicated
+from sscell.training.optimizer import learning_rate, make_schedule, schedule_warning
 from sscell.training.state import abstract_state
 from sscell.training.train import build, make_loader, train
 
@@ -73,6 +76,18 @@ def classifier_config(store, init_from="", steps=0):
     config.train.update(steps=steps, init_from=init_from, **TINY_TRAIN)
     config.eval.batch_size = 128
     return config
+
+
+def test_the_default_schedule_keeps_a_learning_rate_on_a_small_target(pretrained, tiny_store):
+    """The README's finetune of a few hundred cells: the study's batch caps at the target's cells, so
+    its x0.9 every 2 epochs was x0.9 every 2 steps (lr x 1e-23 after 1,000 steps)."""
+    workdir, _ = pretrained
+    for fraction in (1.0, 0.1):
+        config = arm_config(finetune_config(), workdir, tiny_store, "pretrained", fraction, (), seed=0)
+        assert config.train.batch_size < 16_384 and config.train.lr_decay_steps == 1_000 // MAX_DECAYS
+        schedule = make_schedule(config.train, steps_per_epoch=1)
+        assert learning_rate(schedule, config.train, config.train.steps) >= 0.9 ** MAX_DECAYS * config.train.lr
+        assert schedule_warning(config.train, steps_per_epoch=1) is None
 
 
 @pytest.mark.slow
@@ -161,7 +176,7 @@ def test_finetune_trains_both_arms_on_nested_fractions_and_scores_the_test_cells
                                                                   zero_division=0))
         assert row["finetune_micro_f1"] == pytest.approx(np.mean(true == prediction["head"]))
         # The study's transfer score: kNN from the target's reference cells to its test cells on the
-        # fine-tuned encoder's embeddings (saved by sscell.evaluation.embed), ontology-corrected.
+        # fine-tuned encoder's embeddings (saved by sscell.embed), ontology-corrected.
         embed(run, tiny_store.path, str(tmp_path / "embedded.h5ad"), which="best")
         embedded = anndata.read_h5ad(tmp_path / "embedded.h5ad")
         z, names = embedded.obsm["X_sscell"].astype(np.float64), embedded.obs["cell_type"].astype(str).to_numpy()

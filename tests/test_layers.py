@@ -1,8 +1,9 @@
 """sscell's modules import only downwards and never in a cycle.
 
-Layers, lowest first: errors / config / atomic / allocator -> data -> models -> losses ->
-training -> evaluation -> api / main. Every import counts, also one inside a function. Read with `ast` from the source
-files, so the test imports nothing it checks.
+Layers, lowest first: errors / config / atomic / allocator / bundle -> data -> models -> losses ->
+training -> evaluation -> api / main -> the embed / predict commands (front ends of the API).
+Every import counts, also one inside a function. Read with `ast` from the source files, so the
+test imports nothing it checks.
 """
 from __future__ import annotations
 
@@ -13,16 +14,14 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "sscell"
 LAYERS = {  # module prefix -> rank (the longest matching prefix wins)
-    "sscell.errors": 0, "sscell.config": 0, "sscell.atomic": 0, "sscell.allocator": 0,
+    "sscell.errors": 0, "sscell.config": 0, "sscell.atomic": 0, "sscell.allocator": 0, "sscell.bundle": 0,
     "sscell.data": 1,
     "sscell.models": 2,
     "sscell.losses": 3,
     "sscell.training": 4,
     "sscell.evaluation": 5,
-    # the embed / predict commands are front ends of the Python API (sscell.api), named under
-    # evaluation for their `python -m` names; no other module imports them
-    "sscell.evaluation.embed": 6, "sscell.evaluation.predict": 6,
-    "sscell.bundle": 6, "sscell.api": 6, "sscell.main": 6, "sscell.reproduce": 6, "sscell": 6,
+    "sscell.api": 6, "sscell.main": 6, "sscell.reproduce": 6, "sscell": 6,
+    "sscell.embed": 7, "sscell.predict": 7, "sscell.from_study": 7,  # commands that are front ends of the Python API (sscell.api)
 }
 # Losses are pure functions of arrays: of sscell.data they may use only the on-device array code
 # (densify, log1p normalisation, the batch's field names), never a reader of stores or files.

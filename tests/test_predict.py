@@ -14,9 +14,9 @@ from test_api import bare, train_run
 import sscell
 from sscell.data.loader import label_names, select_rows
 from sscell.data.store import open_store
-from sscell.evaluation.embed import OBSM_KEY
-from sscell.evaluation.predict import predict
+from sscell.embed import OBSM_KEY
 from sscell.evaluation.run import open_run
+from sscell.predict import predict
 from sscell.training.train import build
 
 PREDICTED = ["sscell_cell_type", "sscell_confidence", "sscell_cell_type_ontology_term_id"]
@@ -34,7 +34,7 @@ def atlas(tiny_h5ad):
 
 def predict_cli(*args):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    return subprocess.run([sys.executable, "-m", "sscell.evaluation.predict", *map(str, args)], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "sscell.predict", *map(str, args)], capture_output=True,
                           text=True, env=env, timeout=240)
 
 

@@ -15,8 +15,8 @@ import scanpy
 import scipy.sparse as sp
 
 from sscell.data.examples import pbmc68k, recovered_counts, write_example
+from sscell.embed import OBSM_KEY
 from sscell.errors import SscellError
-from sscell.evaluation.embed import OBSM_KEY
 
 SOURCE = os.path.join(os.path.dirname(scanpy.__file__), "datasets", "10x_pbmc68k_reduced.h5ad")
 REPO = os.path.dirname(os.path.dirname(__file__))
@@ -91,7 +91,7 @@ def test_pbmc68k_converts_pretrains_embeds_finetunes_and_predicts(tmp_path):
         assert int(row["knn_reference_cells"]) > 500  # ~85% of 700 cells: the train and val splits
 
     embedded = tmp_path / "embedded.h5ad"
-    sscell(f"--workdir={workdir}", f"--input={h5ad}", f"--output={embedded}", module="sscell.evaluation.embed")
+    sscell(f"--workdir={workdir}", f"--input={h5ad}", f"--output={embedded}", module="sscell.embed")
     cells = anndata.read_h5ad(embedded)
     assert cells.obsm[OBSM_KEY].shape == (700, 32) and np.isfinite(cells.obsm[OBSM_KEY]).all()
     assert cells.obs["cell_type"].astype(str).tolist() == pbmc68k().obs["cell_type"].astype(str).tolist()
@@ -101,7 +101,7 @@ def test_pbmc68k_converts_pretrains_embeds_finetunes_and_predicts(tmp_path):
            "--config.train.val_every=50", "--config.train.checkpoint_every=50", module="sscell.evaluation.finetune")
     labelled = tmp_path / "labelled.h5ad"
     arm = workdir / "finetune" / "pretrained_1"
-    sscell(f"--workdir={arm}", f"--input={h5ad}", f"--output={labelled}", module="sscell.evaluation.predict")
+    sscell(f"--workdir={arm}", f"--input={h5ad}", f"--output={labelled}", module="sscell.predict")
     predicted = anndata.read_h5ad(labelled).obs
     true = pbmc68k().obs["cell_type"].astype(str).to_numpy()
     assert set(predicted["sscell_cell_type"].astype(str)) <= set(true)

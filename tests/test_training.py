@@ -10,6 +10,7 @@ import pytest
 from sscell.config import default_config, save_config
 from sscell.data.loader import select_rows
 from sscell.errors import SscellError
+from sscell.models import dtype_probe
 from sscell.models.precision import resolve_dtype
 from sscell.training import checkpoint
 from sscell.training.mesh import make_mesh, replicated
@@ -155,20 +156,36 @@ def test_a_cosine_schedule_cannot_be_stretched_on_resume(tiny_config, tmp_path, 
         check_compatible(tiny_config, tmp_path)
 
 
-def test_auto_dtype_resolves_to_the_hardware_choice_and_resumes_with_the_saved_dtype(tiny_config, tmp_path,
-                                                                                      checkpoints):
+@pytest.mark.parametrize("faster", ["float32", "bfloat16"])
+def test_auto_dtype_is_the_measured_choice_and_a_resume_keeps_the_recorded_dtype(tiny_config, tmp_path, checkpoints,
+                                                                                 monkeypatch, capsys, faster):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(dtype_probe, "cpu_has_bfloat16", lambda: True)
+    monkeypatch.setattr(dtype_probe, "measure", lambda shapes: {faster: 1.0, other_dtype(faster): 2.0})
     tiny_config.model.dtype = "auto"
-    check_compatible(tiny_config, tmp_path)  # a new run: this machine's choice
-    assert tiny_config.model.dtype == resolve_dtype("auto") in ("float32", "bfloat16")
-    other = {"float32": "bfloat16", "bfloat16": "float32"}[tiny_config.model.dtype]
-    tiny_config.model.dtype = other
+    check_compatible(tiny_config, tmp_path)  # a new run's "auto" waits for its store's genes
+    assert tiny_config.model.dtype == "auto"
+    check_compatible(tiny_config, tmp_path, n_genes=96)  # ... then is measured here
+    assert tiny_config.model.dtype == faster
+    assert f"model.dtype auto -> {faster} (measured: " in capsys.readouterr().out
+    tiny_config.model.dtype = other_dtype(faster)
     run_with_checkpoint(tiny_config, tmp_path, checkpoints)  # a run trained (elsewhere) in the other dtype
     tiny_config.model.dtype = "auto"
-    check_compatible(tiny_config, tmp_path)  # settles "auto" as the saved run's dtype
-    assert tiny_config.model.dtype == other
+    check_compatible(tiny_config, tmp_path, n_genes=96)  # settles "auto" as the saved run's dtype, not the probe's
+    assert tiny_config.model.dtype == other_dtype(faster)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    saved["model"]["dtype"] = "auto"  # a run saved before dtypes were settled trained in the hardware rule's
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    tiny_config.model.dtype = "auto"
+    check_compatible(tiny_config, tmp_path, n_genes=96)
+    assert tiny_config.model.dtype == resolve_dtype("auto")
     tiny_config.model.dtype = "bf16"
     with pytest.raises(SscellError, match="unknown model.dtype 'bf16'; choose one of auto, float32, bfloat16"):
         check_compatible(tiny_config, tmp_path / "new")  # before a run writes anything
+
+
+def other_dtype(dtype: str) -> str:
+    return {"float32": "bfloat16", "bfloat16": "float32"}[dtype]
 
 
 def test_check_run_refuses_what_training_would_fail_on(tiny_config, tiny_store, tmp_path):

@@ -23,7 +23,8 @@ every input moves with its cells through the same passes (proteins: a per-row sc
 peaks: per-nonzero scratch files like the counts', with their own indptr and buckets cut by both),
 so store row r keeps cell r's proteins or peaks.
 
-Genes: a --vocabulary file fixes them (genes outside it are dropped and counted); without one
+Genes: a --vocabulary file (or a bundle: its model's genes) fixes them (genes outside it are dropped and
+counted); without one
 the store's genes are the inputs' union, and `--append` grows it: genes new to the store go
 after the existing ones (stored gene indices stay valid) and count as unmeasured by every
 dataset already in the store. The store's attrs record which (`vocabulary_file`, null: derived).
@@ -538,8 +539,8 @@ def convert(inputs: Sequence[str | os.PathLike | InputOpener], output: str | os.
             bucket_nonzeros: int = BUCKET_NONZEROS, codec: str = "lz4", chunk_cells: int = CELLS_PER_CHUNK) -> dict:
     """Write the cells of `inputs` (.h5ad files, directories of them, or `InputOpener`s) into a store at `output`.
 
-    vocabulary: a text file of gene ids, one per line, fixing the store's genes and their order;
-    by default the union of the inputs' genes in first-seen order. append: add the inputs to the
+    vocabulary: a text file of gene ids, one per line, fixing the store's genes and their order
+    (or an sscell bundle, or its genes.csv: the bundle's genes in its input order); by default the union of the inputs' genes in first-seen order. append: add the inputs to the
     existing store at `output` (cells of donor units already in it keep their split; its genes
     stay, followed by the inputs' new genes unless it was made with a vocabulary file).
     gene_column: a var column holding the gene ids (default: the var index).
@@ -657,7 +658,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--append", action="store_true",
                         help="add the inputs' cells (and, unless it was made with --vocabulary, their new genes) "
                              "to the existing store")
-    parser.add_argument("--vocabulary", help="text file of gene ids, one per line (default: the inputs' genes)")
+    parser.add_argument("--vocabulary", help="text file of gene ids, one per line, or an sscell bundle (its genes, "
+                                             "e.g. to fine-tune or evaluate it on the store) (default: the inputs' genes)")
     parser.add_argument("--gene-column", help="var column holding gene ids (default: the var index)")
     parser.add_argument("--round-counts", action="store_true",
                         help="round non-integer counts (e.g. ambient-corrected) to integers instead of refusing them")

@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse
 
+from sscell.bundle import GENES_FILE, is_bundle, read_bundle_genes
 from sscell.data import modality as modalities
 from sscell.data.cell_ids import as_utf8
 from sscell.data.h5columns import Column
@@ -99,11 +100,17 @@ class H5adInput:
 
     def read(self, start: int, stop: int) -> scipy.sparse.csr_matrix:
         """Validated counts of rows [start, stop) as csr over the vocabulary, explicit zeros dropped."""
+        if np.dtype(self.counts.dtype) == np.float16:  # scipy.sparse cannot hold it
+            raise SscellError(f"{self.path}: {self.source} holds float16 values, which sscell does not read; "
+                              "write the counts as integers or float32")
         try:
             block = scipy.sparse.csr_matrix(self.counts[start:stop])
         except (OSError, KeyError, ValueError, RuntimeError) as e:
             raise SscellError(f"{self.path}: cannot read rows {start}-{stop - 1} of {self.source}, "
                               f"the file looks truncated or corrupt ({_one_line(e)})") from None
+        if block.nnz and not 0 <= block.indices.min() <= block.indices.max() < len(self.columns):
+            raise SscellError(f"{self.path}: rows {start}-{stop - 1} of {self.source} hold gene indices outside "
+                              f"its {len(self.columns)} genes; the file is corrupt")
         block.data = self._checked(block.data, start, stop)
         kept = self.columns[block.indices]
         keep = kept >= 0
@@ -150,9 +157,17 @@ class H5adInput:
         return rounded
 
 
-def _read_categorical(elem: h5py.Group | h5py.Dataset) -> pd.Categorical:
-    """An obs column as a categorical of strings, read in blocks (never as one array of objects)."""
-    return Column(elem).categorical(_COLUMN_BLOCK)
+def _read_categorical(path: Path, name: str, elem: h5py.Group | h5py.Dataset, n_cells: int) -> pd.Categorical:
+    """The obs column `name` as a categorical of strings, read in blocks (never as one array of
+    objects); refused in one line when unreadable or not one value per cell."""
+    try:
+        column = Column(elem).categorical(_COLUMN_BLOCK)
+    except Exception as e:  # noqa: BLE001 (anndata and h5py raise many types for a malformed element)
+        raise SscellError(f"{path}: obs column {name} cannot be read ({_one_line(e)})") from None
+    if len(column) != n_cells:
+        raise SscellError(f"{path}: obs column {name} has {len(column)} values for {n_cells} cells; the file is "
+                          "inconsistent")
+    return column
 
 
 def _read_obs(path: Path, group: h5py.Group, required: tuple[str, ...]) -> tuple[pd.DataFrame, Column]:
@@ -166,7 +181,7 @@ def _read_obs(path: Path, group: h5py.Group, required: tuple[str, ...]) -> tuple
     columns = {}
     for c in dict.fromkeys(REQUIRED_OBS + OPTIONAL_OBS + required):
         if c in group:
-            columns[c] = _read_categorical(group[c])
+            columns[c] = _read_categorical(path, c, group[c], len(ids))
             if c in required and (columns[c].codes < 0).any():
                 raise SscellError(f"{path}: obs column {c} has missing values; fill or drop those cells")
     obs = pd.DataFrame(columns, index=pd.RangeIndex(len(ids)))
@@ -179,7 +194,7 @@ def _read_split(path: Path, group: h5py.Group, column: str) -> np.ndarray:
     """Split codes (index into SPLITS) of a user-given obs column of train/val/test values."""
     if column not in group:
         raise SscellError(f"{path}: obs has no split column {column!r}; add it or drop --split-column")
-    values = _read_categorical(group[column])
+    values = _read_categorical(path, column, group[column], len(Column(group[group.attrs["_index"]])))
     unknown = sorted({str(v) for v in values.categories} - set(SPLITS))
     if unknown or (values.codes < 0).any():
         found = unknown[:3] if unknown else ["missing values"]
@@ -249,7 +264,12 @@ def open_input(path: str | os.PathLike, stack: contextlib.ExitStack, *, gene_col
 
 
 def read_vocabulary(path: str | os.PathLike) -> pd.Index:
-    """Gene ids, one per line, in order (blank lines ignored)."""
+    """Gene ids, one per line, in order (blank lines ignored); or the genes of an sscell bundle, in its
+    model's input order: the bundle's folder or its genes.csv (read and checked by `sscell.bundle`)."""
+    bundle = Path(path) if is_bundle(path) else Path(path).parent if Path(path).name == GENES_FILE and \
+        is_bundle(Path(path).parent) else None
+    if bundle is not None:
+        return pd.Index(read_bundle_genes(bundle).index.astype(str))
     try:
         genes = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
     except OSError as e:

@@ -112,6 +112,10 @@ class _SomaRows:
     def shape(self) -> tuple[int, int]:
         return len(self.joinids), len(self.var_joinids)
 
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.array.schema.field("soma_data").type.to_pandas_dtype())
+
     def __getitem__(self, rows: slice) -> scipy.sparse.csr_matrix:
         cells = self.joinids[rows]
         if len(cells) and cells[-1] - cells[0] == len(cells) - 1:
@@ -281,6 +285,7 @@ def write_census_like(adata, uri: str, measured: pd.DataFrame | None = None, org
     dataset_ids, and, given `measured` (datasets x var_names, bool), the
     feature_dataset_presence_matrix. Returns `uri`."""
     soma = _soma()
+    import anndata
     import pyarrow as pa
     import tiledbsoma.io
 
@@ -290,7 +295,10 @@ def write_census_like(adata, uri: str, measured: pd.DataFrame | None = None, org
         root.add_new_collection("census_data")
         root.add_new_collection("census_info")
     experiment = f"{uri}/census_data/{organism_key(organism)}"
-    tiledbsoma.io.from_anndata(experiment, adata, measurement_name="RNA", X_layer_name="raw")
+    # the counts as layer "raw" of an AnnData without X: anndata >= 0.13 lists X among its layers under the
+    # key None, which tiledbsoma.io (2.3) would also write, as a layer named None
+    counts = anndata.AnnData(obs=adata.obs, var=adata.var, layers={"raw": adata.X})
+    tiledbsoma.io.from_anndata(experiment, counts, measurement_name="RNA")
     names = sorted(measured.index if measured is not None else adata.obs["dataset_id"].astype(str).unique())
     with soma.Collection.open(uri, "w") as root:
         root["census_data"].set(organism_key(organism), soma.Experiment.open(experiment), use_relative_uri=True)

@@ -93,6 +93,10 @@ CELL_TYPES: tuple[CellType, ...] = (
 _INDEX = {t.name: i for i, t in enumerate(CELL_TYPES)}
 _LEAVES = tuple(i for i, t in enumerate(CELL_TYPES) if t.name not in {u.parent for u in CELL_TYPES})
 LEAF_NAMES = tuple(CELL_TYPES[i].name for i in _LEAVES)
+# leaf -> its parent's index, for leaves whose parent is not a root (AtlasSpec.coarse_labels)
+_COARSE = {leaf: _INDEX[t.parent] for leaf, t in enumerate(CELL_TYPES[i] for i in _LEAVES)
+           if t.parent is not None and CELL_TYPES[_INDEX[t.parent]].parent is not None}
+_LABELS = (*_LEAVES, *dict.fromkeys(_COARSE.values()))  # what cells are labelled: leaves, then coarse parents
 
 ASSAYS = ("10x 3' v3", "10x 3' v2", "10x 5' v2")  # dataset k uses ASSAYS[k % 3]
 TISSUES = ("blood", "lung")  # dataset k uses TISSUES[k % 2]
@@ -171,6 +175,10 @@ class AtlasSpec:
     n_proteins: int = 0  # > 0: a CITE-seq-like protein panel per cell (obsm['protein_counts'])
     n_peaks: int = 0  # > 0: multiome-like ATAC peaks per cell (obsm['atac_counts']); not with n_proteins
     realism: str = "default"  # one of REALISMS: "calibrated" adds `_Realism` (slower); "default": linear, fast
+    # share of the cells of leaves with a non-root parent (T cells, monocytes) labelled by that
+    # parent ("T cell", "monocyte"), as coarser annotations do: the Cell Ontology correction then
+    # changes scores (a fine prediction of a coarse label counts as right)
+    coarse_labels: float = 0.0
 
 
 def _check(spec: AtlasSpec) -> None:
@@ -202,6 +210,8 @@ def _check(spec: AtlasSpec) -> None:
                           "(0: none).")
     if spec.n_proteins and spec.n_peaks:
         raise SscellError("AtlasSpec: give n_proteins or n_peaks, not both (one second modality per atlas).")
+    if not 0.0 <= spec.coarse_labels <= 1.0:  # also refuses NaN
+        raise SscellError(f"AtlasSpec.coarse_labels={spec.coarse_labels}: a share in [0, 1].")
     if spec.realism not in REALISMS:
         raise SscellError(f"AtlasSpec.realism={spec.realism!r}: choose one of {', '.join(REALISMS)}.")
     unknown = sorted(set(spec.target_cell_types) - set(LEAF_NAMES))
@@ -469,7 +479,8 @@ def _model(spec: AtlasSpec) -> tuple[_Biology, _Cohort, _Cohort | None]:
     Random streams (numpy SeedSequence entropy): [seed, 0] biology and atlas cells, [seed, 1]
     target cells, [seed, 2, c] / [seed, 3, c] count chunk c of the atlas / target; with
     realism="calibrated" also [seed, 6] its programmes and [seed, 7, 2] / [seed, 7, 3] the cell
-    states of the atlas / target, so the default atlas draws exactly what it always drew.
+    states of the atlas / target, and with coarse_labels [seed, 8, 2] / [seed, 8, 3] which of their
+    cells are labelled coarsely, so the default atlas draws exactly what it always drew.
     """
     _check(spec)
     rng = np.random.default_rng([spec.seed, 0])
@@ -668,14 +679,15 @@ def _symbols(n_genes: int) -> list[str]:
 def _annotations(spec: AtlasSpec, bio: _Biology, cohort: _Cohort) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """obs, var and uns of a cohort's AnnData (uns names the protein panel, if any)."""
     leaf, dataset = cohort.leaf, cohort.donor // cohort.donors_per_dataset
+    label = _coarse_labels(spec, cohort)
 
     def categorical(codes: np.ndarray, values: Sequence[str]) -> pd.Categorical:
         return pd.Categorical.from_codes(codes, list(values)).remove_unused_categories()
 
     obs = pd.DataFrame(
         {
-            "cell_type": categorical(leaf, LEAF_NAMES),
-            "cell_type_ontology_term_id": categorical(leaf, [CELL_TYPES[i].ontology_id for i in _LEAVES]),
+            "cell_type": categorical(label, [CELL_TYPES[i].name for i in _LABELS]),
+            "cell_type_ontology_term_id": categorical(label, [CELL_TYPES[i].ontology_id for i in _LABELS]),
             "donor_id": categorical(cohort.donor, cohort.donor_names),
             "dataset_id": categorical(dataset, cohort.dataset_names),
             "assay": pd.Categorical(np.array(cohort.assays)[dataset]),
@@ -704,6 +716,17 @@ def _annotations(spec: AtlasSpec, bio: _Biology, cohort: _Cohort) -> tuple[pd.Da
     if peaks is not None:
         uns[names_key(ATAC_KEY)] = np.asarray(peaks.names, dtype=object)
     return obs, var, uns
+
+
+def _coarse_labels(spec: AtlasSpec, cohort: _Cohort) -> np.ndarray:
+    """Each cell's label as a position in _LABELS: its leaf, or (a seeded `spec.coarse_labels`
+    share of the leaves in _COARSE) the leaf's parent."""
+    if not spec.coarse_labels:
+        return cohort.leaf
+    rng = np.random.default_rng([spec.seed, 8, cohort.stream])
+    coarse = rng.random(len(cohort.leaf)) < spec.coarse_labels
+    parent = np.array([_LABELS.index(_COARSE[leaf]) if leaf in _COARSE else leaf for leaf in range(len(_LEAVES))])
+    return np.where(coarse, parent[cohort.leaf], cohort.leaf)
 
 
 def _in_memory(spec: AtlasSpec, bio: _Biology, cohort: _Cohort) -> anndata.AnnData:
@@ -860,6 +883,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--target-batch-effect", type=float, default=AtlasSpec.target_batch_effect)
     parser.add_argument("--proteins", type=int, default=0, help="surface proteins per cell (CITE-seq-like; 0: none)")
     parser.add_argument("--peaks", type=int, default=0, help="ATAC peaks per cell (multiome-like; 0: none)")
+    parser.add_argument("--coarse-labels", type=float, default=AtlasSpec.coarse_labels,
+                        help="share of T cells and monocytes labelled 'T cell' / 'monocyte' (several ontology levels)")
     parser.add_argument("--realism", choices=REALISMS, default=AtlasSpec.realism,
                         help="calibrated: dispersion and depth fitted to real PBMCs, differentiation trajectories, "
                              "a cell cycle and donor x programme scaling (docs/realism.md); default: linear, fast")
@@ -869,7 +894,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                          donors_per_dataset=args.donors_per_dataset, seed=args.seed,
                          target_cells=args.target_cells, target_cell_types=tuple(args.target_cell_type),
                          target_batch_effect=args.target_batch_effect, n_proteins=args.proteins,
-                         n_peaks=args.peaks, realism=args.realism)
+                         n_peaks=args.peaks, realism=args.realism, coarse_labels=args.coarse_labels)
         s = write_atlas(spec, args.output)
     zeros = 1 - s["nonzeros"] / (s["cells"] * s["genes"])
     proteins = f", {spec.n_proteins} proteins per cell" if spec.n_proteins else ""

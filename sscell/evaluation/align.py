@@ -26,6 +26,8 @@ from sscell.data.loader import shard_nonzeros
 from sscell.errors import SscellError
 
 MIN_OVERLAP = 0.5  # share of the run's genes an input must measure (see the module docstring)
+FLAGS = ("--min-gene-overlap", "--gene-column")  # what a refusal tells a command's user to change
+KEYWORDS = ("min_overlap", "gene_column")  # ... and a Python caller of sscell.Model
 IN_MEMORY = Path("AnnData")  # what messages call an in-memory input
 
 
@@ -61,9 +63,14 @@ def _gene_keys(genes: pd.DataFrame) -> dict[str, pd.Series]:
     return keys
 
 
-def match_genes(inp: H5adInput, genes: pd.DataFrame, min_overlap: float = MIN_OVERLAP) -> Overlap:
+def match_genes(inp: H5adInput, genes: pd.DataFrame, min_overlap: float = MIN_OVERLAP,
+                options: tuple[str, str] = FLAGS) -> Overlap:
     """Map `inp`'s genes onto the run's gene table `genes` (index: ids, in model order) by the key
-    that matches most; refuse, in one line, an input measuring less than `min_overlap` of them."""
+    that matches most; refuse, in one line naming the caller's `options` (FLAGS or KEYWORDS), an
+    input measuring less than `min_overlap` of them."""
+    if not 0 <= min_overlap <= 1:  # NaN too
+        raise SscellError(f"the minimum gene overlap (min_overlap, --min-gene-overlap) must be a share from 0 to 1, "
+                          f"got {min_overlap}")
     names = inp.var.index.astype(str)
     matches = {key: lookup.reindex(names) for key, lookup in _gene_keys(genes).items()}
     key = max(matches, key=lambda k: int(matches[k].notna().sum()))
@@ -73,9 +80,12 @@ def match_genes(inp: H5adInput, genes: pd.DataFrame, min_overlap: float = MIN_OV
     overlap = Overlap(key, len(names), used, len(genes), len(np.unique(columns[columns >= 0])))
     if overlap.measured < min_overlap * len(genes):
         example = f"e.g. {names[0]!r}" if len(names) else "none"
-        raise SscellError(f"{inp.path}: only {overlap.describe()} (input genes {example}, run genes e.g. "
-                          f"{genes.index[0]!r}), below the minimum of {min_overlap:.0%}; check the species and "
-                          "the gene names (--gene-column), or lower --min-gene-overlap")
+        overlap_option, gene_option = options
+        raise SscellError(f"{inp.path}: the input measures {overlap.measured} of the run's {len(genes)} genes "
+                          f"({overlap.measured / len(genes):.0%}), under {overlap_option}={min_overlap:g} "
+                          f"({overlap.used} of its {overlap.input_genes} genes matched by {key}; input genes "
+                          f"{example}, run genes e.g. {genes.index[0]!r}); check the species and the gene names "
+                          f"({gene_option}), or lower {overlap_option}")
     return overlap
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import jax
 import ml_collections
 import numpy as np
+from tqdm import tqdm
 
 from sscell.atomic import atomic_file
 from sscell.data.loader import sequential_batches
@@ -193,7 +194,11 @@ class Evaluator:
         (the input alone), "embed" or "reconstruct"."""
         start, stop = self.store.split_range(split)
         stop = min(stop, start + limit) if limit > 0 else stop
-        for batch, n_valid in sequential_batches(self.store, start, stop, self.settings.batch_size):
+        batches = tqdm(sequential_batches(self.store, start, stop, self.settings.batch_size),
+                       total=-(-(stop - start) // self.settings.batch_size), unit="batch", leave=False,
+                       desc=f"{'read' if mode == 'prepare' else 'embed'} {split} cells",
+                       disable=None if jax.process_index() == 0 else True)
+        for batch, n_valid in batches:
             if mode == "reconstruct":
                 key = jax.random.fold_in(self.key, int(batch["cell"][0]))  # masks depend on the cells only
                 out = self._embed_and_reconstruct(self.params, batch, self.table, key)
@@ -210,10 +215,16 @@ class Evaluator:
     def _fit(self, baseline: Baseline) -> Fitted | None:
         """`baseline` fitted (on first use), or None when it is skipped here."""
         if baseline.name not in self.fitted and baseline.label not in self.skipped:
+            primary = jax.process_index() == 0
+            if primary:
+                print(f"eval: fitting baseline {baseline.label} ...", end="", flush=True)
             try:
                 self.fitted[baseline.name] = baseline.fit(self.fit_data)
             except Skipped as why:
                 self.skipped[baseline.label] = str(why)
+            if primary:
+                fitted = self.fitted.get(baseline.name)
+                print(f" {fitted.fit_seconds:.1f} s" if fitted else " skipped", flush=True)
         return self.fitted.get(baseline.name)
 
     @property
@@ -252,7 +263,8 @@ class Evaluator:
             raise SscellError(f"the store has no {split} cells to evaluate; convert it with a {split} split")
         for name, (baseline, fitted) in fresh.items():
             recon = reconstructions.columns(fitted.method) if reconstruct and baseline.reconstructs else {}
-            cached[name] = BaselineRun(fitted.method, fitted.fit_seconds, np.concatenate(embedded[name]), recon)
+            embedding = getattr(fitted, "finish", np.concatenate)(embedded[name])
+            cached[name] = BaselineRun(fitted.method, fitted.fit_seconds, embedding, recon)
             if self.cache and baseline.cached:
                 self.cache.write(baseline, split, limit, reconstruct, cached[name])
         self.ran = {name: dataclasses.replace(run, fit_seconds=self.fit_seconds.setdefault(name, run.fit_seconds))

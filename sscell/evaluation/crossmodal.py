@@ -39,6 +39,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 from sklearn.linear_model import RidgeCV
 
+from sscell.bundle import is_bundle
 from sscell.config import default_config
 from sscell.data.loader import label_codes, row_batches, select_rows
 from sscell.data.modality import ATAC_KEY, PROTEIN_KEY, ModalityReader, SparseModalityReader, open_modality
@@ -172,6 +173,9 @@ def crossmodal(workdir: str, target_store: str | None = None, fractions: list[fl
     in-distribution datasets, `train.steps` (or `steps`) every run's length. `seed` (default:
     the pretrained run's) seeds the heads, the batch order and the fraction draw.
     """
+    if is_bundle(workdir):  # it would write into the bundle, and has no store of its own
+        raise SscellError(f"{workdir} is a bundle; cross-modality transfer starts from a run's workdir "
+                          "(python -m sscell.evaluation.finetune --workdir=BUNDLE --outdir=DIR fine-tunes from one)")
     base, pretrained, seed = run_settings(workdir, base or crossmodal_config(), steps, fractions, seed)
     store = open_store(target_store or store_path(pretrained, workdir))
     check_same_genes(store_path(pretrained, workdir), store, workdir)

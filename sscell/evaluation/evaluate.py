@@ -14,6 +14,13 @@ gene is one) are scored once. `fit_seconds` holds each baseline's fit time and, 
 row, the run's training wall time (`train/wall_s` in metrics.jsonl); which baselines ran, and
 why any did not, is printed and written under every markdown table.
 
+A bundle (`Model.export`, `python -m sscell.from_study`) is evaluated on a store with its genes
+(`--store`, required), writing into `--outdir` (required; the baselines' cache in OUTDIR/eval_cache),
+never into the bundle: its encoder alone (`sscell.evaluation.run.open_bundle`), no module imported,
+no task built, so no reconstruction, no training time (fit_seconds NaN) and no finetune /
+crossmodal tables. Under `eval.protocol="study"` a model imported from the study's checkpoints
+embeds as the study's evaluation does (`sscell.evaluation.run.bundle_embedder`).
+
 Writes into the workdir (or `outdir`): results.{csv,md} (one row per method, then the rows of
 the finetune / crossmodal tables), per_class_f1.{csv,md}, integration.{csv,md},
 umap_cell_type.png, umap_batch.png, bars_<task>.png and loss_curve.png; prints the headline
@@ -30,7 +37,8 @@ import numpy as np
 import pandas as pd
 
 from sscell.allocator import retain_freed_memory
-from sscell.config import default_config, load_config
+from sscell.bundle import check_outside, is_bundle
+from sscell.config import CONFIG_FILE, default_config, load_config, trust_modules
 from sscell.data.loader import label_names
 from sscell.data.store import open_store
 from sscell.errors import SscellError
@@ -39,11 +47,13 @@ from sscell.evaluation.cells import BaselineCache, Cells, Evaluator, Reconstruct
 from sscell.evaluation.figures import plot_bars
 from sscell.evaluation.ontology import store_descendants
 from sscell.evaluation.report import markdown_table, plot_loss_curves, write_results
-from sscell.evaluation.run import open_run
+from sscell.evaluation.run import open_bundle, open_run
 from sscell.evaluation.tasks import EvalTask, Inputs, Outcome, load_tasks
-from sscell.evaluation.tasks.knn import knn_reference_splits
+from sscell.evaluation.tasks.knn import check_protocol, knn_reference_splits
+from sscell.losses import load_task
 from sscell.training.metric_writer import TRAIN_SECONDS, last_value
-from sscell.training.state import check_same_genes
+from sscell.training.state import check_same_genes, pretrained_config
+from sscell.training.workdir_lock import workdir_lock
 
 __all__ = ["eval_settings", "evaluate", "headline_table"]
 
@@ -77,27 +87,67 @@ def aliases(splits: list[Cells | None], methods: list[str]) -> dict[str, str]:
 
 
 def evaluate(workdir: str, tasks=None, store: str | None = None, outdir: str | None = None,
-             knn_reference: str | None = None, module: str | None = None, baselines=None) -> list[dict]:
+             knn_reference: str | None = None, eval_module: str | None = None, baselines=None,
+             protocol: str | None = None, *, loss_module: str | None = None) -> list[dict]:
     """Run the evaluation tasks (default `eval.tasks`) on `workdir`'s `eval.checkpoint` checkpoint;
     returns the result rows (the model's first). `knn_reference` overrides `eval.knn_reference`,
-    `module` `eval.module` (a module registering tasks of your own), `baselines` (names or a
-    comma-separated string) `eval.baselines`.
+    `baselines` (names or a comma-separated string) `eval.baselines`, `protocol` `eval.protocol`
+    ("study" also scores the study's per-split PCA, baseline pca_per_split).
 
+    `eval_module` (a module registering evaluation tasks of your own) and `loss_module` (the
+    run's pretext task of your own) override `eval.module` and `loss.module`: a module the run's
+    config names is imported only when named here, else refused (`sscell.config.trust_modules`).
     `store` evaluates the cells of another store with the run's gene vocabulary (e.g. a
     transfer target) instead of the run's own; outputs go to `outdir` (default: the workdir).
     The finetune / crossmodal tables are appended only when the run's own store is evaluated.
-    Freed host memory stays in the process from then on (`sscell.allocator`).
+    `workdir` may be a bundle: `store` and `outdir` are then required (`_evaluate_bundle`).
+    The workdir is locked meanwhile (WORKDIR/lock: not while a run trains in it). Freed host
+    memory stays in the process from then on (`sscell.allocator`).
     """
+    if is_bundle(workdir):
+        return _evaluate_bundle(workdir, tasks, store, outdir, knn_reference, eval_module, baselines, protocol,
+                                loss_module)
+    config = load_config(workdir)
+    trust_modules(config, os.path.join(workdir, CONFIG_FILE), eval_module=eval_module, loss_module=loss_module)
+    with workdir_lock(workdir):
+        return _evaluate(workdir, config, tasks, store, outdir, knn_reference, baselines, protocol)
+
+
+def _evaluate_bundle(bundle: str, tasks, store: str | None, outdir: str | None, knn_reference: str | None,
+                     eval_module: str | None, baselines, protocol: str | None, loss_module: str | None) -> list[dict]:
+    """`evaluate` of a bundle: on `store` into `outdir` (both required, `outdir` outside it); its
+    config's modules are never imported (an `eval_module` you name is), and nothing locks or writes it."""
+    if not store or not outdir:
+        raise SscellError(f"{bundle} is a bundle, with neither cells nor room for results: evaluate it on a store "
+                          "with its genes into a folder of yours, --store=STORE --outdir=DIR (store=, outdir=)")
+    check_outside(bundle, outdir, "--outdir")
+    if loss_module:
+        raise SscellError(f"{bundle} is a bundle, evaluated by its encoder alone (no pretext task is built); "
+                          "drop --loss_module")
+    config = pretrained_config(bundle)
+    config.eval.module, config.loss.module = eval_module or "", ""
+    return _evaluate(bundle, config, tasks, store, outdir, knn_reference, baselines, protocol, bundle=True)
+
+
+def _evaluate(workdir: str, config: ml_collections.ConfigDict, tasks, store: str | None, outdir: str | None,
+              knn_reference: str | None, baselines, protocol: str | None, bundle: bool = False) -> list[dict]:
+    """`evaluate` with the run's `config` (its modules settled), the workdir locked; or of the
+    `bundle` at `workdir` (`_evaluate_bundle`)."""
     started = time.perf_counter()
     retain_freed_memory()
-    config = load_config(workdir)
     settings = eval_settings(config)
-    selected = load_tasks(settings.tasks if tasks is None else tasks, settings.module if module is None else module)
+    selected = load_tasks(settings.tasks if tasks is None else tasks, settings.module)
     if knn_reference is not None:
         settings.knn_reference = knn_reference
     knn_reference_splits(settings.knn_reference)  # a bad choice fails before anything is computed
+    if protocol is not None:
+        settings.protocol = protocol
     if baselines is not None:
         settings.baselines = tuple(b.name for b in load_baselines(baselines))
+    if any(t.name == "knn" for t in selected):
+        check_protocol(settings.protocol, settings.knn_reference)
+    if settings.protocol == "study" and "pca_per_split" not in settings.baselines:
+        settings.baselines = (*settings.baselines, "pca_per_split")
     check_baselines(settings.baselines, selected)
     needs = set().union(*(t.needs for t in selected))
     outdir = outdir or workdir
@@ -105,62 +155,91 @@ def evaluate(workdir: str, tasks=None, store: str | None = None, outdir: str | N
     inputs = Inputs(settings=settings, seed=config.seed, store=None, workdir=workdir, outdir=outdir,
                     own_store=store is None, loss=config.loss.name)
     outcome = Outcome({})
-    if needs:  # else (result tables only) nothing is restored
+    if needs and bundle:
+        _embed(workdir, store, selected, needs, inputs, outcome, bundle=True)
+    elif needs:  # else (result tables only) nothing is restored
+        load_task(config.loss)  # its module, if named, imported first
         _embed(workdir, store, selected, needs, inputs, outcome)
     for task in selected:
-        task.score(inputs, outcome)
+        _score(task, inputs, outcome)
 
     rows = list(outcome.rows.values()) + outcome.extra_rows
     if jax.process_index() != 0:  # every process computes, one writes
         return rows
+    ran = ", ".join(t.name for t in selected if t.name not in outcome.not_run) or "no task"
+    not_run = [f"not run: {'; '.join(f'{name} ({why})' for name, why in outcome.not_run.items())}"
+               ] if outcome.not_run else []
     if not rows:
-        print(f"Evaluated {', '.join(t.name for t in selected)}: nothing to report (no result files yet)")
+        print("\n".join([f"Evaluated {ran}: nothing to report", *not_run]))
         return rows
     footer = "\n".join(outcome.footnotes)
     write_results(rows, outdir, footer=footer)
     _write(outdir, workdir, selected, outcome, footer)
     types = f"; {len(inputs.type_names)} cell types" if inputs.type_names else ""
     ontology = "; ontology-aware F1 with the Cell Ontology" if inputs.descendants is not None else ""
-    print(f"\nEvaluated {', '.join(t.name for t in selected)} in {time.perf_counter() - started:.0f} s{types}{ontology}"
+    print(f"\nEvaluated {ran} in {time.perf_counter() - started:.0f} s{types}{ontology}"
           + "".join(f"\n- {line}" for line in outcome.described)
           + f"\n\n{headline_table(rows, selected)}" + "".join(f"\n{note}" for note in outcome.footnotes
-                                                               + outcome.notes)
+                                                               + outcome.notes + not_run)
           + f"\nfull table: {os.path.join(outdir, 'results.md')} (and .csv); also written: {', '.join(outcome.files)}")
     return rows
 
 
+def _score(task: EvalTask, inputs: Inputs, outcome: Outcome) -> None:
+    """`task`'s scores, its name and seconds printed as it starts and ends (by process 0)."""
+    primary, started = jax.process_index() == 0, time.perf_counter()
+    if primary:
+        print(f"eval: {task.name} ...", end="", flush=True)
+    task.score(inputs, outcome)
+    if primary:
+        print(" not run" if task.name in outcome.not_run else f" {time.perf_counter() - started:.1f} s", flush=True)
+
+
 def _embed(workdir: str, store: str | None, tasks: tuple[EvalTask, ...], needs: set[str], inputs: Inputs,
-           outcome: Outcome) -> None:
-    """Restore the run, embed the cells the tasks need (model and baselines) into `inputs`, and
-    start a result row per method in `outcome`."""
-    run = open_run(workdir)
+           outcome: Outcome, bundle: bool = False) -> None:
+    """Restore the run (or open the bundle on `store`), embed the cells the tasks need (model and
+    baselines) into `inputs`, and start a result row per method in `outcome`."""
     settings = inputs.settings
-    if store is None:
-        evaluated = run.store
-    else:
+    if bundle:
         evaluated = open_store(store)
-        check_same_genes(run.store.path, evaluated, workdir)
-    method = f"sscell {run.config.loss.name} (step {run.step})"
+        run = open_bundle(workdir, evaluated, settings.protocol)
+        study = " the study's embedding," if run.model.output_activation != "none" else ""
+        method = f"bundle {os.path.basename(os.path.normpath(workdir))} ({run.config.loss.name},{study} step {run.step})"
+    else:
+        run = open_run(workdir)
+        if store is None:
+            evaluated = run.store
+        else:
+            evaluated = open_store(store)
+            check_same_genes(run.store.path, evaluated, workdir)
+        method = f"sscell {run.config.loss.name} (step {run.step})"
     reconstruct = "reconstructions" in needs and hasattr(run.model, "reconstruct")  # a model without a decoder: none
-    cache = BaselineCache(os.path.join(workdir, CACHE_DIR), evaluated, settings, run.config.seed)
+    cache = BaselineCache(os.path.join(inputs.outdir if bundle else workdir, CACHE_DIR), evaluated, settings,
+                          run.config.seed)
     evaluator = Evaluator(run, evaluated, settings, method, reconstruct, cache)
     inputs.store = evaluated
     inputs.reconstructions = Reconstructions() if reconstruct else None
+    started = time.perf_counter()
     inputs.val = evaluator.cells("val", settings.max_cells)
     inputs.test = evaluator.cells("test", settings.max_cells, inputs.reconstructions)
     train_cells = train_cells_needed(tasks, settings)
     inputs.train = evaluator.cells("train", train_cells) if train_cells is not None else None
     inputs.methods = list(inputs.test.embeddings)
+    if jax.process_index() == 0:
+        train = f", {len(inputs.train):,} train" if inputs.train is not None else ""
+        print(f"eval: embedded {len(inputs.val):,} val, {len(inputs.test):,} test{train} cells by "
+              f"{len(inputs.methods)} methods in {time.perf_counter() - started:.1f} s", flush=True)
     inputs.unintegrated = evaluator.baseline_methods.get("pca", "")
     inputs.aliases = aliases([inputs.val, inputs.test, inputs.train], inputs.methods)
     inputs.type_names = label_names(evaluated, "cell_type")
     inputs.descendants = store_descendants(evaluated) if "ontology" in needs else None
     outcome.rows.update({m: {"method": m} for m in inputs.methods})
-    trained = last_value(os.path.join(workdir, "metrics.jsonl"), TRAIN_SECONDS)  # None: recorded before it was
+    # None: not recorded (a bundle, or a run from before train/wall_s)
+    trained = None if bundle else last_value(os.path.join(workdir, "metrics.jsonl"), TRAIN_SECONDS)
     outcome.rows[method]["fit_seconds"] = float("nan") if trained is None else trained
     for run in evaluator.ran.values():
         outcome.rows[run.method]["fit_seconds"] = run.fit_seconds
-    outcome.footnotes += baselines_summary(evaluator, trained)
+    outcome.footnotes += baselines_summary(evaluator, trained, bundle)
 
 
 def check_baselines(names, tasks: tuple[EvalTask, ...]) -> None:
@@ -171,11 +250,12 @@ def check_baselines(names, tasks: tuple[EvalTask, ...]) -> None:
                           "eval.baselines; add it or leave integration out of eval.tasks")
 
 
-def baselines_summary(evaluator: Evaluator, trained: float | None) -> list[str]:
+def baselines_summary(evaluator: Evaluator, trained: float | None, bundle: bool = False) -> list[str]:
     """Which baselines ran, with their fit times next to the model's training time, and why any did not."""
     ran = ", ".join(f"{run.method} {run.fit_seconds:.1f} s" for run in evaluator.ran.values()) or "none"
-    training = "training time not recorded (a run older than train/wall_s)" if trained is None else (
-        f"{trained:.0f} s of training")
+    training = "a bundle, training time not recorded" if bundle else \
+        "training time not recorded (a run older than train/wall_s)" if trained is None else \
+        f"{trained:.0f} s of training"
     return ([f"baselines (eval.baselines): {ran} to fit; sscell: {training} (fit_seconds)"]
             + [f"{label} skipped: {why}" for label, why in evaluator.skipped.items()])
 

@@ -2,14 +2,19 @@
 
     python -m sscell.evaluation.finetune --workdir=PRETRAINED_RUN --store=TARGET_STORE [--dataset=DATASET_ID]
         [--fractions=0.01,0.1,1] [--steps=N] [--seed=SEED] [--config=experiments/finetune_cpu.py]
-        [--config.train.batch_size=64 ...]
+        [--config.train.batch_size=64 ...] [--outdir=DIR]
+    python -m sscell.evaluation.finetune --workdir=BUNDLE --store=TARGET_STORE --outdir=DIR ...
 
 For each label fraction, two supervised runs train the whole classifier (the pretrained run's
 encoder architecture + a linear head, class-weighted cross-entropy; the config's optimiser, by
 default the study's fine-tuning settings) on that fraction of the target's train cells: one starting
 from the pretrained encoder (`train.init_from`), one from scratch (at fraction 1, the study's
-supervised baseline). Each is an ordinary sscell run in PRETRAINED_RUN/finetune/<arm>_<fraction>/
-(resumable: rerunning continues or, when done, only scores). Every arm's settings are checked
+supervised baseline). Each is an ordinary sscell run in OUTDIR/finetune/<arm>_<fraction>/
+(resumable: rerunning continues or, when done, only scores); OUTDIR is --outdir, by default the
+pretrained run's workdir. A bundle (`Model.export`, `python -m sscell.from_study`) pretrains as
+well as a run, read by `sscell.bundle` (checksums, no code run), and is never written into:
+--outdir is required with one. The target store must have the pretrained genes in order (convert
+it with --vocabulary=BUNDLE for a bundle). Every arm's settings are checked
 against the target before the first one trains. Fractions are nested seed-drawn
 samples of the target's train cells (`select_rows`); no other cells are read for training.
 Both arms are scored on the target's test cells (`predict_test`) two ways: the classifier head's
@@ -17,13 +22,14 @@ argmax (`finetune_*`) and, the study's transfer figures, kNN on the fine-tuned e
 embeddings with the target's validation cells (train cells if it has none) as the reference
 (`finetune_knn_*`; the
 Cell-Ontology-corrected `finetune_knn_macro_f1_ontology` is what the study reports); F1
-definitions in docs/metrics.md. Written to PRETRAINED_RUN/finetune.{md,csv}, which
-`python -m sscell.evaluation` then adds to its table.
+definitions in docs/metrics.md. Written to OUTDIR/finetune.{md,csv}, which
+`python -m sscell.evaluation` of the pretrained run then adds to its table.
 """
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -32,9 +38,9 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sscell.config import default_config, load_config
+from sscell.bundle import check_outside, is_bundle
+from sscell.config import default_config
 from sscell.data.loader import label_codes, row_batches, select_rows
-from sscell.data.prepare import store_path
 from sscell.data.store import Store, open_store, resolved_location
 from sscell.errors import SscellError, exit_on_error
 from sscell.evaluation.metrics import f1_columns
@@ -43,19 +49,21 @@ from sscell.evaluation.ontology import store_descendants
 from sscell.evaluation.report import write_results
 from sscell.evaluation.run import open_run
 from sscell.training.resume import check_compatible
-from sscell.training.state import check_same_genes
+from sscell.training.state import check_pretrained_genes, pretrained_config
 from sscell.training.step import task_batch
 from sscell.training.train import check_run
 from sscell.training.workdir_run import train_in_workdir
 
-RESULTS = "finetune"  # PRETRAINED_RUN/finetune.{md,csv} and the arms' folder PRETRAINED_RUN/finetune/
+RESULTS = "finetune"  # OUTDIR/finetune.{md,csv} and the arms' folder OUTDIR/finetune/
 ARMS = ("pretrained", "scratch")
+MAX_DECAYS = 20  # the default schedule's most lr decays in a run (x0.9 twenty times: lr x 0.12 at the end)
 
 
 def finetune_config() -> ml_collections.ConfigDict:
     """The study's fine-tuning: the whole classifier trained with 'balanced' class-weighted
     cross-entropy, AdamW lr 9e-4, weight decay 0.05, batch 16,384, clipping at norm 1, x0.9
-    every 2 epochs, scored at the checkpoint with the best validation loss."""
+    every 2 epochs (at most `MAX_DECAYS` times in a run: `arm_config`), scored at the checkpoint
+    with the best validation loss."""
     config = default_config()
     config.loss.name = "supervised"
     config.train.update(steps=1_000, batch_size=16_384, lr=9e-4, weight_decay=0.05, val_every=100,
@@ -64,9 +72,21 @@ def finetune_config() -> ml_collections.ConfigDict:
     return config
 
 
-def arm_dir(workdir: str, arm: str, fraction: float) -> str:
+def arm_dir(outdir: str, arm: str, fraction: float) -> str:
     """Where arm `arm` ("pretrained" or "scratch") at label fraction `fraction` runs."""
-    return os.path.join(workdir, RESULTS, f"{arm}_{fraction:g}")
+    return os.path.join(outdir, RESULTS, f"{arm}_{fraction:g}")
+
+
+def results_dir(workdir: str, outdir: str | None) -> str:
+    """Where the arms and the tables of fine-tuning from `workdir` go: `outdir`, by default the
+    run's workdir; a bundle is never written into, so it needs an `outdir` outside it."""
+    if not is_bundle(workdir):
+        return outdir or workdir
+    if not outdir:
+        raise SscellError(f"{workdir} is a bundle, which is never written into; name a folder for the fine-tuned "
+                          "runs and their table with --outdir=DIR (outdir=)")
+    check_outside(workdir, outdir, "--outdir")
+    return outdir
 
 
 def arm_config(base: ml_collections.ConfigDict, workdir: str, store: Store, arm: str, fraction: float,
@@ -77,10 +97,11 @@ def arm_config(base: ml_collections.ConfigDict, workdir: str, store: Store, arm:
     The batch is capped at the fraction's cells (rounded down to a multiple of the devices), and
     under step decay the decay interval is the same number of steps at every fraction:
     `base.train.lr_decay_steps` if > 0, else the study's `lr_decay_epochs` epochs of the whole
-    selection at batch `base.train.batch_size`.
+    selection at batch `base.train.batch_size`, but at least a `MAX_DECAYS`th of `train.steps`
+    (on a small target an epoch is a step or two: x0.9 every 2 steps for 1,000 steps ends at lr x 1e-23).
     """
     config = base.copy_and_resolve_references()
-    pretrained = load_config(workdir).model.to_dict()
+    pretrained = pretrained_config(workdir).model.to_dict()
     for key in config.model:  # the pretrained architecture; fields it predates keep their defaults
         value = pretrained.get(key, config.model[key])
         config.model[key] = tuple(value) if isinstance(value, list) else value
@@ -100,7 +121,8 @@ def arm_config(base: ml_collections.ConfigDict, workdir: str, store: Store, arm:
                           "devices; choose a larger fraction")
     config.train.batch_size = batch
     if config.train.schedule == "step_decay" and not config.train.lr_decay_steps:
-        config.train.lr_decay_epochs = base.train.lr_decay_epochs * (n_all // batch_all) / (n_cells // batch)
+        study = int(base.train.lr_decay_epochs * (n_all // batch_all))
+        config.train.lr_decay_steps = max(1, study, -(-config.train.steps // MAX_DECAYS))
     return config
 
 
@@ -173,35 +195,38 @@ def predict_test(arms: dict, store: Store, datasets: tuple[str, ...], batch_size
 
 def run_settings(workdir: str, base: ml_collections.ConfigDict, steps: int | None, fractions: Sequence[float],
                  seed: int | None) -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict, int]:
-    """A copy of the arms' settings `base` (with `steps` if given), the pretrained run's config
-    and the seed (default: the pretrained run's); refuses an empty list of fractions."""
+    """A copy of the arms' settings `base` (with `steps` if given), the pretrained run's (or
+    bundle's) config and the seed (default: the pretrained run's); refuses an empty list of fractions."""
     base = base.copy_and_resolve_references()
     if steps is not None:
         base.train.steps = steps
     if not fractions:
         raise SscellError("no label fractions given; pass e.g. --fractions=0.01,0.1,1")
-    pretrained = load_config(workdir)
+    pretrained = pretrained_config(workdir)
     return base, pretrained, pretrained.seed if seed is None else seed
 
 
 def finetune(workdir: str, target_store: str, fractions: list[float], *, datasets: tuple[str, ...] = (),
              steps: int | None = None, seed: int | None = None, base: ml_collections.ConfigDict | None = None,
-             arms: tuple[str, ...] = ARMS) -> list[dict]:
-    """Fine-tune from run `workdir`'s encoder vs from scratch at each label fraction of
+             arms: tuple[str, ...] = ARMS, outdir: str | None = None) -> list[dict]:
+    """Fine-tune from the encoder of run (or bundle) `workdir` vs from scratch at each label fraction of
     `target_store`'s train cells (of `datasets` only, if given), score both on its test cells,
-    write `workdir`/finetune.{md,csv}; returns the result rows ([] if preempted: rerun to resume).
+    write `outdir`/finetune.{md,csv} (and the arms' runs under `outdir`/finetune; default `outdir`:
+    the run's workdir, required for a bundle, `results_dir`); returns the result rows ([] if
+    preempted: rerun to resume).
 
     `base` holds the fine-tuning settings (default `finetune_config()`), `steps` overrides
     its train.steps (the same for every fraction and arm); `seed` (default: the pretrained
     run's) seeds the heads, the batch order and the fraction draw. `arms` may leave out
     "scratch" (e.g. when several pretrained runs share one from-scratch baseline).
     """
+    outdir = results_dir(workdir, outdir)
     base, pretrained, seed = run_settings(workdir, base or finetune_config(), steps, fractions, seed)
     store = open_store(target_store)
-    check_same_genes(store_path(pretrained, workdir), store, workdir)
+    check_pretrained_genes(workdir, store)
     datasets = tuple(datasets)
     trained = {(arm, fraction): (arm_config(base, workdir, store, arm, fraction, datasets, seed),
-                                 arm_dir(workdir, arm, fraction)) for fraction in fractions for arm in arms}
+                                 arm_dir(outdir, arm, fraction)) for fraction in fractions for arm in arms}
     for config, run in trained.values():  # every arm checked before the first trains
         check_arm(config, run, store)
     for config, run in trained.values():
@@ -213,7 +238,9 @@ def finetune(workdir: str, target_store: str, fractions: list[float], *, dataset
     true, predicted = predict_test(trained, store, datasets, base.eval.batch_size, base.eval.knn_k,
                                    base.eval.knn_method)
     descendants = store_descendants(store)
-    names = {"pretrained": f"fine-tuned from sscell {pretrained.loss.name}", "scratch": "supervised from scratch"}
+    source = f"bundle {Path(workdir).name} ({pretrained.loss.name})" if is_bundle(workdir) else \
+        f"sscell {pretrained.loss.name}"
+    names = {"pretrained": f"fine-tuned from {source}", "scratch": "supervised from scratch"}
     rows = []
     for (arm, fraction), prediction in predicted.items():
         rows.append({"method": names[arm], "label_fraction": fraction, "train_cells": cells[fraction],
@@ -221,14 +248,14 @@ def finetune(workdir: str, target_store: str, fractions: list[float], *, dataset
                      **(f1_columns("finetune_knn", true, prediction["knn"], descendants) if "knn" in prediction
                         else {})})
     if jax.process_index() == 0:
-        table = write_results(rows, workdir, RESULTS)
+        table = write_results(rows, outdir, RESULTS)
         subset = f" of {', '.join(datasets)}" if datasets else ""
         split, reference = knn_reference(store, datasets, base.eval.knn_k)
         knn = (f"finetune_knn_*: {base.eval.knn_k}-NN on the fine-tuned embeddings, reference = {len(reference)} "
                f"{split} cells{subset}" if len(reference) else "no finetune_knn_* scores: too few reference cells")
         print(f"\nFine-tuning vs from scratch: {len(true)} test cells{subset} in {store.path}, "
               f"{base.eval.checkpoint} checkpoints; finetune_*: the classifier head; {knn}\n\n{table}\n"
-              f"written to {workdir}/{RESULTS}.md, {RESULTS}.csv")
+              f"written to {outdir}/{RESULTS}.md, {RESULTS}.csv")
     return rows
 
 
@@ -247,8 +274,11 @@ def cli() -> None:
         "Fine-tuning settings, e.g. experiments/finetune_cpu.py (default: the study's, finetune_config()); "
         "override any field with --config.FIELD=VALUE, e.g. --config.train.batch_size=64 "
         "--config.train.lr_decay_steps=100", lock_config=True)
-    workdir = flags.DEFINE_string("workdir", None, "Work directory of the pretrained run.")
-    store = flags.DEFINE_string("store", None, "Target store (the same gene vocabulary as the pretrained run's).")
+    workdir = flags.DEFINE_string("workdir", None, "Work directory of the pretrained run, or a bundle.")
+    outdir = flags.DEFINE_string("outdir", None, "Where the arms' runs (OUTDIR/finetune/<arm>_<fraction>) and "
+                                 "finetune.{md,csv} go (default: the workdir; required for a bundle).")
+    store = flags.DEFINE_string("store", None, "Target store (the same gene vocabulary as the pretrained run's "
+                                "or bundle's: convert --vocabulary=BUNDLE).")
     datasets = flags.DEFINE_multi_string("dataset", [], "Target dataset_id(s) within the store (default: all).")
     fractions = flags.DEFINE_list("fractions", ["0.01", "0.1", "1"], "Label fractions of the target's train cells.")
     steps = flags.DEFINE_integer("steps", None, "Training steps of every run (default: the config's train.steps).")
@@ -261,7 +291,7 @@ def cli() -> None:
         logging.set_verbosity(logging.WARNING)
         with exit_on_error():
             finetune(workdir.value, store.value, label_fractions(fractions.value), datasets=tuple(datasets.value),
-                     steps=steps.value, seed=seed.value, base=config.value)
+                     steps=steps.value, seed=seed.value, base=config.value, outdir=outdir.value)
 
     app.run(main)
 

@@ -8,6 +8,9 @@ checkpoint's parameters (a partial orbax restore: no optimiser state, no task st
 model is rebuilt from the config and the store's shape facts (genes, cell types, measured-gene
 table, width of a second modality); nothing of training is built (no loader, optimiser, class
 counts, gene programmes or IDF statistics).
+
+A bundle is opened for evaluation on a store with its genes (`open_bundle`): its encoder alone,
+read by `sscell.bundle` (checksums, no code run), no task built.
 """
 from __future__ import annotations
 
@@ -16,17 +19,24 @@ import functools
 import os
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
+from flax import traverse_util
 
+from sscell.bundle import read_bundle
 from sscell.config import load_config
 from sscell.data.prepare import store_path
 from sscell.data.store import Store, open_store
 from sscell.data.task_data import TaskInfo, model_info
 from sscell.errors import SscellError
-from sscell.losses import load_task
+from sscell.losses import get_task
+from sscell.models.mlp import Embedder, encoder
 from sscell.training import checkpoint as checkpoints
+from sscell.training.state import check_gene_order
 
-__all__ = ["Run", "open_run"]
+__all__ = ["Run", "bundle_embedder", "open_bundle", "open_run"]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -39,6 +49,7 @@ class Run:
     params: dict
     step: int
     checkpoint: str
+    module: nn.Module | None = None  # a bundle's (`open_bundle`): its encoder alone, no task built
 
     @functools.cached_property
     def info(self) -> TaskInfo:
@@ -46,8 +57,9 @@ class Run:
 
     @functools.cached_property
     def model(self) -> nn.Module:
-        """The run's Flax module (its task's `build_model`), for `apply` with `params`."""
-        return load_task(self.config.loss).build_model(self.config, self.info)
+        """The run's Flax module (its task's `build_model`), for `apply` with `params`; a task of
+        the run's own must be registered first (its loss.module is never imported here)."""
+        return self.module or get_task(self.config.loss.name).build_model(self.config, self.info)
 
 
 def open_run(workdir: str | os.PathLike, checkpoint: str | None = None, *, store: Store | None = None) -> Run:
@@ -64,3 +76,47 @@ def open_run(workdir: str | os.PathLike, checkpoint: str | None = None, *, store
     path, step = saved
     params = checkpoints.restore_params(path, checkpoints.params_metadata(path))
     return Run(workdir, config, store or open_store(store_path(config, workdir)), params, step, which)
+
+
+def bundle_embedder(config: ml_collections.ConfigDict, meta: dict, protocol: str = "sscell") -> Embedder:
+    """The module that embeds for a bundle's evaluation: its encoder's output, or, under the study's
+    protocol for a model imported from the study's checkpoints (bundle.json's "study"), the study's
+    zero-shot embedding of it.
+
+    The study's kNN evaluation (`self_supervision/tester/classifier/test.py:117-136`) loads a pretrained
+    encoder's Linear layers into its MLPClassifier (`tester/classifier/model_utils.py:39-64`;
+    `trainer/classifier/train.py:44-109`, update_weights: encoder.N / inner_model.N / backbone.N ->
+    classifier.N, the head left random), a stack with ReLU after every hidden Linear whatever the
+    encoder trained with (`models/lightning_modules/cellnet_autoencoder.py:1471-1476`: MLP's default
+    activation, `models/base/base.py:181`), and embeds with the output of `classifier[14]`
+    (`estimator/cellnet.py:217-252`, a forward hook; `tester/classifier/data_utils.py:181,189`): the Dropout
+    after the ReLU of the 64-unit Linear (`classifier[12]`), the identity in eval mode. So: every
+    hidden activation ReLU, and a ReLU on the embedding (`classifier[3 * len(widths) - 1]` for other
+    depths).
+    """
+    body = encoder(config.model)
+    if protocol == "study" and isinstance(meta.get("study"), dict):
+        return Embedder(body.clone(activation="relu"), output_activation="relu")
+    return Embedder(body)
+
+
+def open_bundle(path: str | os.PathLike, store: Store, protocol: str = "sscell") -> Run:
+    """The bundle at `path` opened to embed `store`'s cells (`bundle_embedder` under `protocol`):
+    refused in one line unless `store` has its genes in order and its encoder is the one its config
+    describes, with finite values. `Run.store` is `store`."""
+    path = str(path)
+    params, genes, config, meta = read_bundle(path)
+    check_gene_order(genes.index, store, path)
+    module = bundle_embedder(config, meta, protocol)
+    x = jax.ShapeDtypeStruct((1, len(genes)), jnp.float32)
+    wanted = jax.eval_shape(lambda key, x: module.init(key, x, method="encode"), jax.random.key(0), x)["params"]
+    have = traverse_util.flatten_dict({"encoder": params.get("encoder") or {}}, sep="/")
+    for key, want in traverse_util.flatten_dict(wanted, sep="/").items():
+        value = have.get(key)
+        if value is None or value.shape != want.shape or value.dtype != want.dtype:
+            found = "missing" if value is None else f"{value.dtype}{list(value.shape)}"
+            raise SscellError(f"{path}: parameter {key} is {found}, its encoder ({len(genes)} genes) needs "
+                              f"{want.dtype}{list(want.shape)}; the bundle is inconsistent")
+        if not np.isfinite(value).all():
+            raise SscellError(f"{path}: parameter {key} holds NaN or infinite values; the bundle is damaged")
+    return Run(path, config, store, {"encoder": params["encoder"]}, int(meta["step"]), meta["checkpoint"], module)

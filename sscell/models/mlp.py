@@ -172,6 +172,19 @@ def encoder(model_config) -> MLP:
                model_config.norm, resolve_dtype(model_config.dtype), model_config.sparse_nonzeros)
 
 
+class Embedder(nn.Module):
+    """An encoder alone as a model with `encode` (a bundle's, evaluated on a store): `encoder`'s
+    output through `output_activation` ("none"; "relu" for the study's zero-shot embedding,
+    `sscell.evaluation.run.bundle_embedder`)."""
+
+    encoder: MLP
+    output_activation: str = "none"
+
+    def encode(self, x: jax.Array, train: bool = False) -> jax.Array:
+        z = self.encoder(x, train)
+        return z if self.output_activation == "none" else ACTIVATIONS[self.output_activation](z)
+
+
 def nb_mean(logits: jax.Array, library: jax.Array, measured: jax.Array) -> jax.Array:
     """The "nb" head's expected counts: each measured gene's softmax share of the cell's library
     (unmeasured genes get none)."""
@@ -184,7 +197,8 @@ class Autoencoder(nn.Module):
     head "mse": the decoder outputs log1p values, unbounded (they reach ~9: no sigmoid, unlike
     the study's released code). head "nb": the decoder outputs logits of each gene's share of
     the library (negative-binomial mean = softmax(logits) * library) and the model holds a
-    per-gene log inverse dispersion `log_theta`.
+    per-gene log inverse dispersion `log_theta`. `output_activation` "sigmoid" squashes the "mse"
+    head's output as the study's MLPAutoEncoder does (for its imported checkpoints only).
     """
 
     n_genes: int
@@ -196,6 +210,7 @@ class Autoencoder(nn.Module):
     dtype: str = "float32"
     head: str = "mse"
     sparse_nonzeros: int = 0
+    output_activation: str = "none"
 
     def setup(self):
         self.encoder = MLP((*self.hidden, self.latent), self.activation, self.dropout, self.norm, self.dtype,
@@ -208,7 +223,8 @@ class Autoencoder(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
         """Returns (decoder output, embedding)."""
         z = self.encode(x, train)
-        return self.decoder(z, train), z
+        out = self.decoder(z, train)
+        return (jax.nn.sigmoid(out) if self.output_activation == "sigmoid" else out), z
 
     def encode(self, x: jax.Array, train: bool = False) -> jax.Array:
         """The embedding of each cell (the encoder's last layer, no activation)."""
@@ -231,7 +247,8 @@ def build_autoencoder(config, info) -> Autoencoder:
     m = config.model
     return Autoencoder(n_genes=info.n_genes, hidden=tuple(m.hidden), latent=m.latent, activation=m.activation,
                        dropout=m.dropout, norm=m.norm, dtype=resolve_dtype(m.dtype),
-                       head=config.loss.get("likelihood", "mse"), sparse_nonzeros=m.sparse_nonzeros)
+                       head=config.loss.get("likelihood", "mse"), sparse_nonzeros=m.sparse_nonzeros,
+                       output_activation=m.get("output_activation", "none"))
 
 
 def init_params(model: nn.Module, key: jax.Array) -> dict:

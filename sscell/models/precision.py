@@ -1,5 +1,7 @@
 """The compute dtype of a model: `model.dtype` "auto" is bfloat16 where the hardware multiplies
-bfloat16 matrices fast, float32 elsewhere. Parameters, optimizer state and losses stay float32."""
+bfloat16 matrices fast, float32 elsewhere. Parameters, optimizer state and losses stay float32.
+A new run's "auto" on a CPU with bfloat16 instructions is measured instead (`dtype_probe`): flags
+alone do not say which is faster there."""
 from __future__ import annotations
 
 import functools
@@ -13,14 +15,29 @@ DTYPES = ("auto", "float32", "bfloat16")
 
 
 @functools.cache
-def cpu_flags() -> frozenset[str]:
-    """This CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
+def _cpuinfo(field: str) -> str:
+    """The first `field` entry of Linux /proc/cpuinfo ("" elsewhere)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return frozenset()
-    return frozenset(next((line.split(":", 1)[1].split() for line in text.splitlines()
-                           if line.startswith("flags")), []))
+        return ""
+    return next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.split(":", 1)[0].strip() == field),
+                "")
+
+
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
+    return frozenset(_cpuinfo("flags").split())
+
+
+def cpu_model() -> str:
+    """This CPU's model name (Linux /proc/cpuinfo; "unknown CPU" elsewhere)."""
+    return _cpuinfo("model name") or "unknown CPU"
+
+
+def cpu_has_bfloat16() -> bool:
+    """Whether this CPU has bfloat16 matrix instructions (AMX or AVX-512 BF16)."""
+    return not cpu_flags().isdisjoint({"amx_bf16", "avx512_bf16"})
 
 
 def has_bfloat16_units(device: jax.Device) -> bool:
@@ -35,11 +52,13 @@ def has_bfloat16_units(device: jax.Device) -> bool:
             return float(device.compute_capability) >= 8.0
         except (AttributeError, TypeError, ValueError):  # not an NVIDIA GPU (e.g. ROCm's "gfx90a")
             return False
-    return device.platform == "cpu" and not cpu_flags().isdisjoint({"amx_bf16", "avx512_bf16"})
+    return device.platform == "cpu" and cpu_has_bfloat16()
 
 
 def resolve_dtype(dtype: str, device: jax.Device | None = None) -> str:
-    """`dtype`, with "auto" replaced by bfloat16 or float32 for `device` (default: the first)."""
+    """`dtype`, with "auto" replaced by bfloat16 or float32 for `device` (default: the first) by the
+    hardware rule (`has_bfloat16_units`): a run's saved config names its dtype, settled by
+    `sscell.training.resume.settle_dtype`; this rule is what runs saved before that used."""
     if dtype not in DTYPES:
         raise SscellError(f"unknown model.dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
     if dtype != "auto":

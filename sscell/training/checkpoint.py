@@ -100,6 +100,8 @@ def saved_state(workdir: str | os.PathLike, train_config, which: str) -> tuple[P
     (`train_config`: the run's config.train); None if it has none."""
     if which not in ("latest", "best"):
         raise SscellError(f"unknown checkpoint '{which}'; choose latest or best")
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):  # a reader creates nothing (the manager would)
+        return None
     manager = checkpoint_manager(workdir, train_config.checkpoint_every, train_config.keep_checkpoints)
     try:
         step = best_or_latest_step(manager, which)

@@ -5,10 +5,14 @@ from __future__ import annotations
 import json
 import os
 
+import jax
 import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
 
-from sscell.config import CONFIG_FILE, default_config, load_config
+from sscell.config import CONFIG_FILE, default_config, flatten_config, load_config
 from sscell.errors import SscellError
+from sscell.models.dtype_probe import auto_dtype
 from sscell.models.precision import resolve_dtype
 from sscell.training.checkpoint import has_checkpoint
 
@@ -23,38 +27,42 @@ RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.val_every", "train
 STORE_SOURCE = ("seed", "data.h5ad", "data.vocabulary", "data.split", "data.synthetic.")  # data.split*: both fields
 
 
-def flatten_config(tree: dict, prefix: str = "") -> dict:
-    """{"train.lr": value, ...} of a nested config dict (tuples as lists, as JSON holds them)."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(flatten_config(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
-    return flat
-
-
-def settle_dtype(config: ml_collections.ConfigDict, resumed: ml_collections.ConfigDict | None = None) -> None:
+def settle_dtype(config: ml_collections.ConfigDict, resumed: ml_collections.ConfigDict | None = None,
+                 n_genes: int | None = None) -> None:
     """Set `config.model.dtype` "auto" to the dtype the checkpointed run `resumed` (its saved
-    config) trained with, so a resumed run continues exactly, or else to this hardware's choice
-    (`resolve_dtype`); an unknown dtype is refused. The one place a run's dtype is decided: the
-    saved config then names it, and model builders only resolve "auto" in configs saved before."""
+    config) trained with, so a resumed run continues exactly; else, for a new run over `n_genes`
+    genes, to the faster one here (`auto_dtype`: measured on a CPU with bfloat16 instructions, the
+    first process's choice on every process; printed); else to the hardware rule (`resolve_dtype`).
+    An unknown dtype is refused. The one place a run's dtype is decided: the saved config then
+    names it, and model builders only resolve "auto" in configs saved before."""
     if config.model.dtype == "auto" and resumed is not None:
         config.model.dtype = resumed.model.get("dtype", "float32")
+    elif config.model.dtype == "auto" and n_genes is not None:
+        choice = auto_dtype(config.model, config.train.batch_size, n_genes)
+        bfloat16 = np.int32(choice.dtype == "bfloat16")
+        if jax.process_count() > 1:
+            bfloat16 = multihost_utils.broadcast_one_to_all(bfloat16)
+        config.model.dtype = "bfloat16" if bfloat16 else "float32"
+        if jax.process_index() == 0:
+            print(choice.describe())
     config.model.dtype = resolve_dtype(config.model.dtype)
 
 
-def check_compatible(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
-    """Settle `model.dtype` "auto" for a run in `workdir` (the dtype its checkpointed run trained
-    with, so a resumed run continues exactly; else this hardware's choice, `resolve_dtype`), then
-    refuse to resume a run there whose saved config differs in what it learns.
+def check_compatible(config: ml_collections.ConfigDict, workdir: str | os.PathLike, n_genes: int | None = None) -> None:
+    """Settle `model.dtype` "auto" for a run in `workdir` (`settle_dtype`: the dtype its
+    checkpointed run trained with, so a resumed run continues exactly; for a new run, given its
+    store's `n_genes`, the faster one here, else left to `settle_dtype` once the store is there),
+    then refuse to resume a run there whose saved config differs in what it learns.
 
     A workdir without a checkpoint holds nothing learned: its saved config is simply replaced,
     unless the store converted into it was made from other data (`STORE_SOURCE`).
     """
     saved_config = load_config(workdir) if os.path.exists(os.path.join(workdir, CONFIG_FILE)) else None
     resuming = saved_config is not None and has_checkpoint(workdir)
-    settle_dtype(config, saved_config if resuming else None)
+    if resuming or n_genes is not None:
+        settle_dtype(config, saved_config if resuming else None, n_genes)
+    else:
+        resolve_dtype(config.model.dtype)  # checked; "auto" is measured with the store's genes
     if saved_config is None:
         return
     defaults = flatten_config(json.loads(default_config().to_json_best_effort()))

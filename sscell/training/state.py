@@ -2,7 +2,8 @@
 
 `extra` is the pretext task's state outside the gradient (e.g. BYOL's EMA target), from
 `init_extra(params)`; most tasks keep it empty. A fresh state may start from the encoder of
-another run's checkpoint (`train.init_from`, fine-tuning): `pretrained_encoder` reads it.
+another run's checkpoint or of a bundle (`train.init_from`, fine-tuning): `pretrained_encoder`
+reads it (a bundle through `sscell.bundle`'s checked reader: no code from it runs).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import optax
 import pandas as pd
 from jax.sharding import NamedSharding
 
+from sscell.bundle import is_bundle, read_bundle, read_bundle_genes
 from sscell.config import load_config
 from sscell.data.prepare import store_path
 from sscell.data.store import Store, open_store, resolved_location
@@ -93,17 +95,33 @@ def check_same_genes(pretrained_store: str, store: Store, run: str) -> None:
 
 
 def check_gene_order(reference: pd.Index, store: Store, run: str) -> None:
-    """Refuse `store` unless its var index is `reference` (the genes run `run` trained on), in order."""
+    """Refuse `store` unless its var index is `reference` (the genes run or bundle `run` trained on), in order."""
     reference, genes = reference.astype(str), store.var.index.astype(str)
-    fix = "convert it with --vocabulary=FILE listing the pretrained store's var index, in order"
+    if is_bundle(run):
+        source, fix = f"the bundle {run}", f"convert it with --vocabulary={run} (the bundle's genes, in order)"
+    else:
+        source, fix = (f"the pretrained run {run}'s store",
+                       "convert it with --vocabulary=FILE listing the pretrained store's var index, in order")
     if len(genes) != len(reference):
-        raise SscellError(f"{store.path} has {len(genes)} genes, the pretrained run {run}'s store "
-                          f"{len(reference)}; {fix}")
+        raise SscellError(f"{store.path} has {len(genes)} genes, {source} {len(reference)}; {fix}")
     differ = np.flatnonzero(np.asarray(genes) != np.asarray(reference))
     if len(differ):
         i = differ[0]
-        raise SscellError(f"{store.path} orders its genes unlike the pretrained run {run}'s store ({len(differ)} "
-                          f"positions differ, first gene {i}: {genes[i]} vs {reference[i]}); {fix}")
+        raise SscellError(f"{store.path} orders its genes unlike {source} ({len(differ)} positions differ, "
+                          f"first gene {i}: {genes[i]} vs {reference[i]}); {fix}")
+
+
+def pretrained_config(source: str) -> ml_collections.ConfigDict:
+    """The config of the run in `source`, or of the bundle at `source` (read and checked by `sscell.bundle`)."""
+    return read_bundle(source)[2] if is_bundle(source) else load_config(source)
+
+
+def check_pretrained_genes(source: str, store: Store) -> None:
+    """Refuse `store` unless it has the genes, in order, of the run or bundle `source` (its encoder's input)."""
+    if is_bundle(source):
+        check_gene_order(read_bundle_genes(source).index, store, source)
+    else:
+        check_same_genes(store_path(load_config(source), source), store, source)
 
 
 def _checkpoint_path(init_from: str, train_config, which: str):
@@ -117,25 +135,45 @@ def _checkpoint_path(init_from: str, train_config, which: str):
 
 
 def check_init_from(init_from: str, which: str, store: Store) -> tuple[ml_collections.ConfigDict, Path, int]:
-    """(config, train-state path, step) of the "latest" or "best" checkpoint of run `init_from`;
-    refuses a folder without a run or that checkpoint, or a run trained on other genes than `store`'s."""
+    """(config, train-state path, step) of the "latest" or "best" checkpoint of run `init_from`, or
+    (config, its folder, step) of the bundle `init_from` (one checkpoint: `which` does not apply);
+    refuses a folder without a run or that checkpoint, a damaged bundle, or other genes than `store`'s."""
+    if is_bundle(init_from):
+        _, genes, pretrained, meta = read_bundle(init_from)
+        check_gene_order(genes.index, store, init_from)
+        return pretrained, Path(init_from), int(meta["step"])
     pretrained = load_config(init_from)
     check_same_genes(store_path(pretrained, init_from), store, init_from)
     return pretrained, *_checkpoint_path(init_from, pretrained.train, which)
 
 
-def pretrained_encoder(init_from: str, which: str, store: Store, params_layout: dict) -> dict:
-    """The "encoder" parameters (numpy) of run `init_from`'s "latest" or "best" checkpoint.
+def _bundle_encoder(init_from: str, store: Store) -> tuple[ml_collections.ConfigDict, dict | None, int]:
+    """(config, "encoder" parameters or None, step) of the bundle `init_from`, its genes checked against `store`'s."""
+    params, genes, pretrained, meta = read_bundle(init_from)
+    check_gene_order(genes.index, store, init_from)
+    encoder = params.get("encoder")
+    if isinstance(encoder, dict) and not all(np.isfinite(a).all() for a in jax.tree.leaves(encoder)):
+        raise SscellError(f"train.init_from {init_from}: its encoder holds NaN or infinite values; the bundle is damaged")
+    return pretrained, encoder if isinstance(encoder, dict) else None, int(meta["step"])
 
-    Refuses, in one line naming what differs, a run trained on other genes than `store`'s or
+
+def pretrained_encoder(init_from: str, which: str, store: Store, params_layout: dict) -> dict:
+    """The "encoder" parameters (numpy) of run `init_from`'s "latest" or "best" checkpoint, or of
+    the bundle `init_from`.
+
+    Refuses, in one line naming what differs, a run or bundle of other genes than `store`'s or
     whose encoder does not have the shapes of `params_layout["encoder"]` (this run's params).
     Only the encoder is read from the checkpoint.
     """
     if "encoder" not in params_layout:
         raise SscellError("train.init_from: this run's model has no 'encoder' to initialise; choose a task "
                           "whose model has one (every built-in task's does)")
-    pretrained, path, step = check_init_from(init_from, which, store)
-    saved = checkpoint.params_metadata(path).get("encoder")
+    bundle = is_bundle(init_from)
+    if bundle:
+        pretrained, saved, step = _bundle_encoder(init_from, store)
+    else:
+        pretrained, path, step = check_init_from(init_from, which, store)
+        saved = checkpoint.params_metadata(path).get("encoder")
     if saved is None:
         raise SscellError(f"train.init_from {init_from}: its model ({pretrained.loss.name}) has no encoder")
     problems = _fit_problems(_shapes(saved), _shapes(params_layout["encoder"]))
@@ -144,7 +182,10 @@ def pretrained_encoder(init_from: str, which: str, store: Store, params_layout: 
             f"train.init_from {init_from}: its encoder does not fit this run's ({'; '.join(problems[:3])}"
             f"{'; ...' if len(problems) > 3 else ''}); use its model settings (hidden="
             f"{tuple(pretrained.model.hidden)}, latent={pretrained.model.latent}) and its genes")
-    encoder = checkpoint.restore_params(path, {"encoder": saved})["encoder"]
+    if bundle:
+        encoder = jax.tree.map(lambda a, want: np.asarray(a, want.dtype), saved, params_layout["encoder"])
+    else:
+        encoder = checkpoint.restore_params(path, {"encoder": saved})["encoder"]
     if jax.process_index() == 0:
-        print(f"encoder initialised from {init_from} (step {step}, {which} checkpoint)")
+        print(f"encoder initialised from {init_from} (step {step}, {'bundle' if bundle else f'{which} checkpoint'})")
     return encoder

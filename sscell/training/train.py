@@ -279,19 +279,17 @@ def train(config: ml_collections.ConfigDict, workdir: str, store: Store, devices
             if save:
                 checkpoint.save(manager, step, state, {"step": step, "epoch": step // steps_per_epoch},
                                 config_record, metrics=record, force=True)
-            if preemption.interrupted:
-                break
-            if preempted and step < total:
-                if primary:
+            if preempted:  # and so saved; a signal after `reached` stops the run at the next step
+                if primary and step < total and not preemption.interrupted:
                     print(f"preempted at step {step}: checkpoint saved; rerun the same command to resume")
                 break
     finally:
         if tracing:
             jax.profiler.stop_trace()
-        preemption.close()
         progress.close()
         manager.wait_until_finished()  # also on errors: the last good checkpoint is complete on disk
         manager.close()
+        preemption.close()  # after the last save: a Ctrl-C during it is recorded, announced below
         writer.close()
     if preemption.interrupted:
         raise Interrupted(f"training stopped at step {step}, checkpoint saved; rerun the same command to resume")

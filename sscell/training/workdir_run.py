@@ -16,7 +16,7 @@ def train_in_workdir(config: ml_collections.ConfigDict, workdir: str, store: Sto
     """Train (or resume, or find finished) `config` (already checked with `train.check_run`) in
     `workdir`; False if it stopped early (preemption or Ctrl-C: rerunning resumes)."""
     with workdir_lock(workdir):
-        check_compatible(config, workdir)
+        check_compatible(config, workdir, store.n_genes)
         if jax.process_index() == 0:
             save_config(config, workdir)
         return train(config, workdir, store).finished

@@ -6,7 +6,9 @@ It fits on the evaluated store's cells (`FitData`, read on first use: the first
 cells' counts) and returns an object with `method` (its rows' name in the results),
 `fit_seconds` (its fit's wall time, next to the model's training time) and `embed(cells) ->
 (cells, dims) float32` of a batch of cells (`CellBatch`). A baseline that `reconstructs` also
-has `reconstruct(x) -> x_hat` (log1p input of every gene).
+has `reconstruct(x) -> x_hat` (log1p input of every gene). One fitted on each split's own cells
+(the study's PCA) has `finish(parts) -> (cells, dims)`, which embeds a split from what `embed`
+returned for its batches.
 
 It declares with `register`: `label` (what the console calls it), `settings` (the `eval` fields
 its embeddings depend on) and `packages` (libraries whose versions they depend on): both key its

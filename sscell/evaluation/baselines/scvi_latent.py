@@ -10,8 +10,9 @@ not the batch-corrected scVI of integration benchmarks.
 
 On a CPU torch runs on one thread here: its small matrix products gain little from more, lose
 up to 70x on cores other processes share (OpenMP threads spin), and one thread sums in one order,
-so two fits with one seed give the same embedding on any machine. On a GPU (scvi-tools picks
-it when torch sees one) torch may not be deterministic.
+so two fits with one seed give the same embedding on the same machine; not across machines, whose
+kernels differ (the quickstart's scVI kNN: 0.943, 0.934 and 0.930 on three CPUs, docs/evaluation.md).
+On a GPU (scvi-tools picks it when torch sees one) torch may not be deterministic.
 """
 from __future__ import annotations
 

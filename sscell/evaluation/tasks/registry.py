@@ -73,8 +73,8 @@ class Inputs:
 @dataclasses.dataclass
 class Outcome:
     """What the tasks produce: result columns per method, rows appended after them, per-class
-    F1 columns, side tables, figures written, what was scored (one line per task), notes, and
-    footnotes (printed, and written under every markdown table)."""
+    F1 columns, side tables, figures written, what was scored (one line per task), notes,
+    footnotes (printed, and written under every markdown table) and the tasks that did not run."""
 
     rows: dict[str, dict]
     extra_rows: list[dict] = dataclasses.field(default_factory=list)
@@ -84,6 +84,7 @@ class Outcome:
     described: list[str] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)
     footnotes: list[str] = dataclasses.field(default_factory=list)  # under every table: which baselines ran
+    not_run: dict[str, str] = dataclasses.field(default_factory=dict)  # task -> why it had nothing to score
 
     def score(self, task: str, method: str, true: np.ndarray, pred: np.ndarray, type_names: list[str],
               descendants: dict | None) -> None:
