@@ -56,10 +56,11 @@ def test_the_hvg_baseline_is_the_log1p_input_of_the_validation_cells_hvgs(run, t
 
 
 def test_baselines_are_selected_by_name_and_a_bad_name_is_refused(run):
-    assert registered() == ("pca", "pca_hvg", "hvg", "scvi") == default_config().eval.baselines
+    assert registered() == ("pca", "pca_hvg", "hvg", "scvi", "pca_per_split")
+    assert default_config().eval.baselines == registered()[:4]  # pca_per_split: the study's protocol only
     assert [b.name for b in load_baselines("hvg, pca,hvg")] == ["hvg", "pca"] and load_baselines(()) == ()
     workdir, _ = run
-    with pytest.raises(SscellError, match=r"unknown baseline\(s\) umap_pca; choose from pca, pca_hvg, hvg, scvi "
+    with pytest.raises(SscellError, match=r"unknown baseline\(s\) umap_pca; choose from pca, pca_hvg, hvg, scvi, pca_per_split "
                                           r"\(eval.baselines or --baselines\)"):
         evaluate(str(workdir), tasks="knn", baselines="pca,umap_pca")
     with pytest.raises(SscellError, match="the integration task needs the pca baseline"):

@@ -1,6 +1,7 @@
 """`python -m sscell.evaluation --workdir=DIR [--tasks=knn,umap] [--baselines=pca,scvi]
 [--eval_module=my.tasks] [--loss_module=my.loss] [--knn_reference=train+val] [--protocol=study]
-[--store=STORE --outdir=DIR]`: evaluate a trained run (a module its config names is imported only if named)."""
+[--store=STORE --outdir=DIR]`: evaluate a trained run (a module its config names is imported only if named),
+or a bundle on a store: `--workdir=BUNDLE --store=STORE --outdir=DIR` (both required; nothing written into it)."""
 from __future__ import annotations
 
 from absl import app, flags, logging
@@ -11,7 +12,8 @@ from sscell.evaluation.evaluate import evaluate
 from sscell.evaluation.tasks import registered
 from sscell.evaluation.tasks.knn import KNN_REFERENCES, PROTOCOLS
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Work directory of a run made by python -m sscell.main.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Work directory of a run made by python -m sscell.main, or a "
+                                "bundle (then --store and --outdir are required).")
 _TASKS = flags.DEFINE_list("tasks", None, f"Evaluation tasks among {','.join(registered())} and those of "
                            "--eval_module (default: the run's eval.tasks).")
 _BASELINES = flags.DEFINE_list("baselines", None, f"Baselines among {','.join(registered_baselines())} "
@@ -26,7 +28,8 @@ _PROTOCOL = flags.DEFINE_string("protocol", None, f"{' | '.join(PROTOCOLS)}: ssc
                                 "(docs/metrics.md; default: the run's eval.protocol).")
 _STORE = flags.DEFINE_string("store", None, "Evaluate the cells of this store (the run's genes, e.g. a transfer "
                              "target) instead of the run's own.")
-_OUTDIR = flags.DEFINE_string("outdir", None, "Where results and figures go (default: the workdir).")
+_OUTDIR = flags.DEFINE_string("outdir", None, "Where results and figures go (default: the workdir; a bundle's "
+                               "results and baseline cache always go here).")
 flags.mark_flags_as_required(["workdir"])
 
 
