@@ -211,17 +211,14 @@ def shipped_bytes(store_path: Path, batch_size: int, batches: int, shards: int) 
             "nonzero_bytes_per_cell": nonzeros / cells, "flat_padding_share": 1 - nonzeros / slots}
 
 
-def train_step_rates(store_path: Path, batch_size: int, steps: int, prefetch: int, device_resident: bool = False,
-                     **model: object) -> dict:
-    """The study's masked autoencoder (config defaults, `config.model` overridden by `model`)
-    trained on this store: steps/s fed one in-memory batch vs the real loader (or,
-    `device_resident`, the batches gathered on the devices: sscell.training.device_resident), and
-    the share of step time spent waiting for data."""
+def step_timer(store_path: Path, batch_size: int, steps: int, prefetch: int, **model: object):
+    """The study's masked autoencoder (config defaults, `config.model` overridden by `model`) on
+    this store: (its train loader, mesh, batch sharding, `run(batches) -> (steps/s, share of wall
+    time spent waiting for a batch)` over `steps` steps of `batches`)."""
     import jax
 
     from sscell.config import default_config
-    from sscell.training.device_resident import DeviceResidentData
-    from sscell.training.mesh import batch_sharded, global_batch, local_data_shards, make_mesh
+    from sscell.training.mesh import batch_sharded, local_data_shards, make_mesh
     from sscell.training.state import create_state
     from sscell.training.step import make_train_step
     from sscell.training.train import build, sharded_state_layout
@@ -249,6 +246,22 @@ def train_step_rates(store_path: Path, batch_size: int, steps: int, prefetch: in
             state, metrics = step(state, batch, jax.random.key(1))
         jax.block_until_ready(metrics)
         return steps / (time.perf_counter() - start), waited / (time.perf_counter() - start)
+
+    return loader, mesh, batch_sharding, run
+
+
+def train_step_rates(store_path: Path, batch_size: int, steps: int, prefetch: int, device_resident: bool = False,
+                     **model: object) -> dict:
+    """The study's masked autoencoder (config defaults, `config.model` overridden by `model`)
+    trained on this store: steps/s fed one in-memory batch vs the real loader (or,
+    `device_resident`, the batches gathered on the devices: sscell.training.device_resident), and
+    the share of step time spent waiting for data."""
+    import jax
+
+    from sscell.training.device_resident import DeviceResidentData
+    from sscell.training.mesh import global_batch
+
+    loader, mesh, batch_sharding, run = step_timer(store_path, batch_size, steps, prefetch, **model)
 
     def batches(start: int, stop: int):
         return (global_batch(b, batch_sharding) for b in loader.iterate(start, stop))
