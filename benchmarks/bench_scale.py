@@ -26,7 +26,7 @@ On the largest store: the study's model trained at batch `--batch-size` fed by t
 loader from a cold cache vs one in-memory batch (steps/s, the share of step time spent waiting
 for data); device-resident packing (seconds and bytes a million cells). kNN with `--knn-refs`
 reference and `--knn-queries` query cells of 64-d clustered embeddings: time and peak RSS of the
-exact and approximate (faiss HNSW) searches, each in its own process, and their agreement
+exact and approximate (faiss IVF, re-ranked exactly) searches, each in its own process, and their agreement
 (neighbour recall, kNN label agreement). A store in a bucket: the smallest store copied to a
 local S3 server (moto, as the tests use) and read by the loader (local: no network latency).
 `--plot PNG` draws the curves from the JSON (`--from-json`).
@@ -607,7 +607,7 @@ def run(args: argparse.Namespace) -> dict:
     result: dict = {"machine": machine(), "genes": args.genes, "batch_size": args.batch_size,
                     "load_average_start": os.getloadavg()[0], "sizes": {}}
     stores = {}
-    for cells in args.sizes:
+    for cells in [] if args.knn_only else args.sizes:
         path = workdir / f"store_{cells}x{args.genes}"
         entry = result["sizes"][str(cells)] = {"build": build(path, cells, args.genes, args.seed, args.pool_cells)}
         stores[cells] = path
@@ -622,7 +622,9 @@ def run(args: argparse.Namespace) -> dict:
                                                              "convert")
         shutil.rmtree(path, ignore_errors=True)
         _emit(result, args.out)
-    largest = stores[max(stores)]
+    if args.knn_only:
+        args.skip = ["train", "resident", "bucket"]
+    largest = stores[max(stores)] if stores else None
     if "train" not in args.skip:
         result["train"] = _child(["--train-probe", str(largest), "--batch-size", str(args.batch_size),
                                   "--steps", str(args.train_steps), "--threads", str(TRAIN_PREFETCH)])
@@ -716,6 +718,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--knn-queries", type=int, default=100_000)
     parser.add_argument("--knn-methods", nargs="+", default=["exact", "approximate"])
     parser.add_argument("--k", type=int, default=5)
+    parser.add_argument("--knn-only", action="store_true", help="measure the kNN part alone (no stores built)")
     parser.add_argument("--bucket-read-cells", type=int, default=20_480)
     parser.add_argument("--skip", nargs="*", default=[], choices=["loader", "train", "resident", "knn", "bucket"])
     parser.add_argument("--evict", choices=["drop_caches", "fadvise"], default="drop_caches",

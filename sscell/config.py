@@ -146,7 +146,7 @@ def default_config() -> ml_collections.ConfigDict:
         module="",              # a module registering evaluation tasks of your own (docs/extending.md)
         knn_reference="val",    # kNN reference cells: val (the study's) | train | train+val; queries: test cells
         knn_reference_cells=20_000,  # training cells in a train / train+val reference (0: all)
-        knn_method="auto",      # exact (blocked, JAX) | approximate (faiss HNSW) | auto (by size and device)
+        knn_method="auto",      # exact (blocked, JAX) | approximate (faiss IVF, re-ranked) | auto (by size and device)
         protocol="sscell",      # sscell | study: the study's own kNN (k+1 neighbours, nearest dropped; baselines
                                 # by the 2nd-nearest alone), PCA fitted per split and, for a bundle imported from
                                 # the study's checkpoints, the study's embedding (ReLU stack; docs/metrics.md)

@@ -47,7 +47,7 @@ def test_study_knn_equals_the_study_functions_and_differs_from_sscell_s():
     for method in ("exact", "approximate"):
         voted = study_knn_predict(ref, ref_labels, query, 5, method=method)
         second = study_knn_predict(ref, ref_labels, query, 5, second_only=True, method=method)
-        agreement = 1.0 if method == "exact" else 0.99  # HNSW may miss a neighbour now and then
+        agreement = 1.0 if method == "exact" else 0.99  # the approximate search may miss a neighbour now and then
         assert np.mean(voted == study_perform_knn(ref, ref_labels, query)) >= agreement
         assert np.mean(second == study_knn_from_file(ref, ref_labels, query)) >= agreement
     # the study's rules are not sscell's: dropping the nearest neighbour changes labels here
