@@ -182,3 +182,12 @@ def test_rescore_rewrites_a_report_from_its_seeds_csv_keeping_the_header(tmp_pat
             rescore(str(path))
     with pytest.raises(SscellError, match="no sscell byol"):
         rescore(str(docs / "study_seeds.csv"), ["byol"])
+
+
+def test_zero_shot_comparisons_score_the_ontology_corrected_f1_where_the_scores_have_it():
+    rows = [{"seed": s, "setting": "zero-shot target", "method": m, "knn_macro_f1": plain,
+             "knn_macro_f1_ontology": corrected}
+            for s in range(3) for m, plain, corrected in (("sscell masked", 0.6 + 0.01 * s, 0.9 + 0.01 * s),
+                                                          ("PCA(64) log1p", 0.7, 0.8))]
+    row = paired_comparisons(pd.DataFrame(rows), "masked").iloc[0]
+    assert row["score"] == "knn_macro_f1_ontology" and row["difference"] == "+0.110"
