@@ -1,7 +1,7 @@
 """Atlas-scale benchmark: stores of millions of cells built, read cold and warm, trained from and
 evaluated against, with the cost curves; prints one JSON object (docs/scale.md).
 
-    python -m benchmarks.bench_scale --workdir=/work/scale_data --sizes 1000000 3000000
+    python -m benchmarks.bench_scale --workdir=runs/scale --sizes 1000000 3000000
     python -m benchmarks.bench_scale --sizes 4000 --genes 300 --pool-cells 1024 ...   # seconds (the test)
 
 Stores (`--sizes` cells x `--genes` genes, 1,500-2,500 nonzeros a cell) are written by streaming a
