@@ -39,7 +39,6 @@ import contextlib
 import datetime
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -593,10 +592,9 @@ def bucket_rates(store_path: Path, batch_size: int, cells: int, threads: list[in
 
 
 def machine() -> dict:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())
-    flags = Path("/proc/cpuinfo").read_text()
-    return {"cpu": model, "cores": os.cpu_count(), "amx": "amx_tile" in flags,
+    from sscell.models.precision import cpu_flags, cpu_model  # here: it imports jax, which no probe needs
+
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "amx": "amx_tile" in cpu_flags(),
             "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
             "date": datetime.date.today().isoformat()}
 

@@ -27,9 +27,8 @@ import ml_collections
 import numpy as np
 import pandas as pd
 import zarr
-from flax import traverse_util
 
-from sscell.bundle import HEADLINE, is_bundle, read_bundle, write_bundle
+from sscell.bundle import HEADLINE, check_parameters, is_bundle, read_bundle, write_bundle
 from sscell.config import load_config
 from sscell.data.inputs import H5adInput
 from sscell.data.loader import label_names, select_rows
@@ -101,17 +100,9 @@ class Model:
             reason = (str(error).splitlines() or [""])[0]
             raise SscellError(f"{self.source}: its config's model section describes no model sscell builds "
                               f"({type(error).__name__}: {reason}); the run or bundle is damaged") from None
-        have = traverse_util.flatten_dict(self.params if self.is_classifier else self.params["encoder"], sep="/")
-        for key, want in traverse_util.flatten_dict(wanted, sep="/").items():
-            value = have.get(key)
-            if value is None or value.shape != want.shape or value.dtype != want.dtype:
-                found = "missing" if value is None else f"{value.dtype}{list(value.shape)}"
-                raise SscellError(f"{self.source}: parameter {key} is {found}, its model ({len(self.genes)} genes"
-                                  f"{f', {len(self.classes)} classes' if self.is_classifier else ''}) needs "
-                                  f"{want.dtype}{list(want.shape)}; the run or bundle is inconsistent")
-            if not np.isfinite(np.asarray(value)).all():
-                raise SscellError(f"{self.source}: parameter {key} holds NaN or infinite values; the run or "
-                                  "bundle is damaged")
+        classes = f", {len(self.classes)} classes" if self.is_classifier else ""
+        check_parameters(self.source, self.params if self.is_classifier else self.params["encoder"], wanted,
+                         f"its model ({len(self.genes)} genes{classes})", "the run or bundle")
 
     @property
     def is_classifier(self) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import os
 import re
 import shutil
@@ -49,9 +50,15 @@ def _clear_stale(path: Path) -> None:
             leftover.unlink(missing_ok=True)
 
 
+@functools.cache
+def _renameat2():
+    """libc's renameat2, or None where the C library lacks it (looked up once)."""
+    return getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+
+
 def _exchange(a: Path, b: Path) -> bool:
     """Swap paths `a` and `b` atomically; False where the system or its file system cannot."""
-    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    renameat2 = _renameat2()
     if renameat2 is None:
         return False
     if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:

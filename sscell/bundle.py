@@ -44,6 +44,21 @@ def flatten(params: dict) -> dict[str, np.ndarray]:
     return {key: np.asarray(value) for key, value in traverse_util.flatten_dict(params, sep="/").items()}
 
 
+def check_parameters(source: str, params: dict, wanted: dict, needs: str, kind: str) -> None:
+    """Refuse `params` unless they hold every parameter of `wanted` (abstract arrays: the model's
+    `jax.eval_shape`d init) with its shape and dtype, every value finite. The one line names
+    `source`, what `needs` them (e.g. "its encoder (2000 genes)") and `kind` ("the bundle")."""
+    have = traverse_util.flatten_dict(params, sep="/")
+    for key, want in traverse_util.flatten_dict(wanted, sep="/").items():
+        value = have.get(key)
+        if value is None or value.shape != want.shape or value.dtype != want.dtype:
+            found = "missing" if value is None else f"{value.dtype}{list(value.shape)}"
+            raise SscellError(f"{source}: parameter {key} is {found}, {needs} needs {want.dtype}{list(want.shape)}; "
+                              f"{kind} is inconsistent")
+        if not np.isfinite(np.asarray(value)).all():
+            raise SscellError(f"{source}: parameter {key} holds NaN or infinite values; {kind} is damaged")
+
+
 def is_bundle(path: str | os.PathLike) -> bool:
     return (Path(path) / META_FILE).is_file()
 

@@ -27,7 +27,6 @@ def predict(workdir: str, input_path: str, output: str, batch_size: int = 0, whi
     `workdir` into `output` (`store`: the run's store, as `sscell.load` takes it); returns
     `write_outputs`' summary."""
     model = load(workdir, which, store=store)
-    model.require_classifier()
     summary = write_outputs(model, input_path, output, predict=True, batch_size=batch_size, gene_column=gene_column,
                             round_counts=round_counts, min_overlap=min_overlap)
     return {**summary, "classes": len(model.classes)}

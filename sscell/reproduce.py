@@ -221,8 +221,9 @@ def plot(scores: pd.DataFrame, path: str) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     for ax, setting in zip(axes[:2], ("zero-shot atlas", "zero-shot target")):
-        column = setting_score(setting, scores[scores.setting == setting])
-        part = scores[scores.setting == setting].groupby("method", sort=False)[column]
+        rows = scores[scores.setting == setting]
+        column = setting_score(setting, rows)
+        part = rows.groupby("method", sort=False)[column]
         ax.bar(range(part.ngroups), part.mean(), yerr=part.std(ddof=1), capsize=3, color="tab:blue")
         ax.set_xticks(range(part.ngroups), list(part.groups), rotation=35, ha="right", fontsize=8)
         ax.set_title(f"{setting}: {column}")

@@ -190,11 +190,11 @@ def _read_obs(path: Path, group: h5py.Group, required: tuple[str, ...]) -> tuple
     return obs, ids
 
 
-def _read_split(path: Path, group: h5py.Group, column: str) -> np.ndarray:
+def _read_split(path: Path, group: h5py.Group, column: str, n_cells: int) -> np.ndarray:
     """Split codes (index into SPLITS) of a user-given obs column of train/val/test values."""
     if column not in group:
         raise SscellError(f"{path}: obs has no split column {column!r}; add it or drop --split-column")
-    values = _read_categorical(path, column, group[column], len(Column(group[group.attrs["_index"]])))
+    values = _read_categorical(path, column, group[column], n_cells)
     unknown = sorted({str(v) for v in values.categories} - set(SPLITS))
     if unknown or (values.codes < 0).any():
         found = unknown[:3] if unknown else ["missing values"]
@@ -243,7 +243,7 @@ def open_input(path: str | os.PathLike, stack: contextlib.ExitStack, *, gene_col
                 raise SscellError(f"{path}: counts in {source} are stored as {counts.format}; "
                                   "rewrite them as csr (e.g. adata.X = adata.X.tocsr()) and convert again")
         obs, ids = _read_obs(path, f["obs"], required_obs)
-        given_split = _read_split(path, f["obs"], split_column) if split_column else None
+        given_split = _read_split(path, f["obs"], split_column, len(obs)) if split_column else None
         var = anndata.io.read_elem(f[var_key])
         found = modalities.find_any(f, path)
     except (OSError, KeyError, ValueError, RuntimeError) as e:

@@ -155,11 +155,10 @@ def _evaluate(workdir: str, config: ml_collections.ConfigDict, tasks, store: str
     inputs = Inputs(settings=settings, seed=config.seed, store=None, workdir=workdir, outdir=outdir,
                     own_store=store is None, loss=config.loss.name)
     outcome = Outcome({})
-    if needs and bundle:
-        _embed(workdir, store, selected, needs, inputs, outcome, bundle=True)
-    elif needs:  # else (result tables only) nothing is restored
-        load_task(config.loss)  # its module, if named, imported first
-        _embed(workdir, store, selected, needs, inputs, outcome)
+    if needs:  # else (result tables only) nothing is restored
+        if not bundle:
+            load_task(config.loss)  # its module, if named, imported first
+        _embed(workdir, store, selected, needs, inputs, outcome, bundle)
     for task in selected:
         _score(task, inputs, outcome)
 

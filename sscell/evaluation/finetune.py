@@ -39,7 +39,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from sscell.bundle import check_outside, is_bundle
-from sscell.config import default_config
+from sscell.config import default_config, load_config
 from sscell.data.loader import label_codes, row_batches, select_rows
 from sscell.data.store import Store, open_store, resolved_location
 from sscell.errors import SscellError, exit_on_error
@@ -101,7 +101,8 @@ def arm_config(base: ml_collections.ConfigDict, workdir: str, store: Store, arm:
     (on a small target an epoch is a step or two: x0.9 every 2 steps for 1,000 steps ends at lr x 1e-23).
     """
     config = base.copy_and_resolve_references()
-    pretrained = pretrained_config(workdir).model.to_dict()
+    # config.json of the run or bundle alone: every arm re-reads it, and `finetune` checked a bundle already
+    pretrained = load_config(workdir).model.to_dict()
     for key in config.model:  # the pretrained architecture; fields it predates keep their defaults
         value = pretrained.get(key, config.model[key])
         config.model[key] = tuple(value) if isinstance(value, list) else value

@@ -22,10 +22,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
-from flax import traverse_util
 
-from sscell.bundle import read_bundle
+from sscell.bundle import check_parameters, read_bundle
 from sscell.config import load_config
 from sscell.data.prepare import store_path
 from sscell.data.store import Store, open_store
@@ -110,13 +108,6 @@ def open_bundle(path: str | os.PathLike, store: Store, protocol: str = "sscell")
     module = bundle_embedder(config, meta, protocol)
     x = jax.ShapeDtypeStruct((1, len(genes)), jnp.float32)
     wanted = jax.eval_shape(lambda key, x: module.init(key, x, method="encode"), jax.random.key(0), x)["params"]
-    have = traverse_util.flatten_dict({"encoder": params.get("encoder") or {}}, sep="/")
-    for key, want in traverse_util.flatten_dict(wanted, sep="/").items():
-        value = have.get(key)
-        if value is None or value.shape != want.shape or value.dtype != want.dtype:
-            found = "missing" if value is None else f"{value.dtype}{list(value.shape)}"
-            raise SscellError(f"{path}: parameter {key} is {found}, its encoder ({len(genes)} genes) needs "
-                              f"{want.dtype}{list(want.shape)}; the bundle is inconsistent")
-        if not np.isfinite(value).all():
-            raise SscellError(f"{path}: parameter {key} holds NaN or infinite values; the bundle is damaged")
+    check_parameters(path, {"encoder": params.get("encoder") or {}}, wanted, f"its encoder ({len(genes)} genes)",
+                     "the bundle")
     return Run(path, config, store, {"encoder": params["encoder"]}, int(meta["step"]), meta["checkpoint"], module)

@@ -29,6 +29,7 @@ TORCH_ACTIVATIONS = {v: k for k, v in ACTIVATIONS.items()}
 OUTPUT_ACTIVATIONS = {"Sigmoid": "sigmoid", "Identity": "none"}
 MASKING_LOSSES = {"random": "masked", "gene_program": "gp_masked", "single_gene_program": "gp_to_gp",
                   "gp_to_tf": "gp_to_tf"}
+MASKING_STRATEGIES = {v: k for k, v in MASKING_LOSSES.items()}  # sscell loss -> the study's masking_strategy
 # module -> (prefix of its encoder MLP, constructor default dropout)
 MODULES = {"MLPClassifier": ("classifier.", 0.0), "MLPAutoEncoder": ("encoder.", 0.1), "MLPNegBin": ("encoder.", 0.1),
            "MLPBYOL": ("inner_model.", 0.1), "MLPBarlowTwins": ("inner_model.", 0.0), "BarlowTwins": ("backbone.", 0.0)}
@@ -188,7 +189,7 @@ def to_state(params: dict, config: ml_collections.ConfigDict, where: str) -> dic
         module = "MLPClassifier"
     elif "decoder" in params and config.loss.get("likelihood", "mse") == "mse":
         state = {**_torch_layers(params["encoder"], "encoder."), **_torch_layers(params["decoder"], "decoder.0.")}
-        strategy = {v: k for k, v in MASKING_LOSSES.items()}.get(config.loss.name)
+        strategy = MASKING_STRATEGIES.get(config.loss.name)
         hparams = {**common, "units_encoder": units, "units_decoder": list(reversed(m.hidden)),
                    "reconstruction_loss": "mse", "masking_strategy": strategy,
                    "masking_rate": float(config.loss.mask_rate) if strategy else None}
