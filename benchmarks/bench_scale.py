@@ -108,9 +108,8 @@ class ScaleAtlas:
         self.run_start = rng.integers(0, pool_cells - RUN_CELLS + 1, n_runs)
         self.run_shift = rng.integers(0, MAX_SHIFT, n_runs).astype(self.pool_genes.dtype)
         lengths = np.diff(self.pool_indptr)
-        self.lengths = lengths[(self.run_start[:, None] + np.arange(RUN_CELLS)).ravel()[:n_cells]]
-        self.indptr = np.zeros(n_cells + 1, np.int64)
-        np.cumsum(self.lengths, out=self.indptr[1:])
+        self.lengths = lengths[(self.run_start[:, None] + np.arange(RUN_CELLS)).ravel()[:n_cells]].astype(np.int16)
+        self.nonzeros = int(self.lengths.sum(dtype=np.int64))
         codes = np.random.default_rng([seed, 3])
         self.obs_codes = {"cell_type": codes.integers(0, CELL_TYPES, n_cells).astype(np.int8),
                           "dataset_id": codes.integers(0, DATASETS, n_cells).astype(np.int8)}
@@ -128,7 +127,7 @@ class ScaleAtlas:
             genes.append(self.pool_genes[lo:hi] + self.run_shift[r])
             counts.append(self.pool_counts[lo:hi])
         return scipy.sparse.csr_matrix((np.concatenate(counts), np.concatenate(genes),
-                                        self.indptr[start:stop + 1] - self.indptr[start]),
+                                        np.r_[0, np.cumsum(self.lengths[start:stop], dtype=np.int64)]),
                                        shape=(stop - start, self.n_genes))
 
     def ids(self, start: int, stop: int) -> np.ndarray:
@@ -197,7 +196,8 @@ def write_store(path: Path, atlas: ScaleAtlas, codec: str = "lz4") -> None:
     attrs = {"inputs": [f"bench_scale generator (seed {atlas.seed})"], "counts_source": ["generated"],
              "seed": atlas.seed, "split_fractions": [0.7, 0.15, 0.15], "vocabulary_file": None, "split": "cells",
              "rounded_counts": {}, "codec": codec, "chunk_cells": CELLS_PER_CHUNK}
-    writer = StoreWriter(path, atlas.indptr, atlas.n_genes, np.dtype(np.uint16), attrs)
+    writer = StoreWriter(path, np.r_[0, np.cumsum(atlas.lengths, dtype=np.int64)], atlas.n_genes, np.dtype(np.uint16),
+                         attrs)
     block = BLOCK_RUNS * RUN_CELLS
     for start in range(0, n, block):
         stop = min(start + block, n)
@@ -226,8 +226,8 @@ def build_probe(path: str, cells: int, genes: int, seed: int, pool_cells: int, h
         seconds = time.perf_counter() - start
     size = _disk_bytes(path)
     x_size = _disk_bytes(path / "X")
-    return {"how": how, "cells": cells, "genes": genes, "nonzeros": int(atlas.indptr[-1]),
-            "nonzeros_per_cell": float(atlas.indptr[-1] / cells), "seconds": seconds,
+    return {"how": how, "cells": cells, "genes": genes, "nonzeros": atlas.nonzeros,
+            "nonzeros_per_cell": atlas.nonzeros / cells, "seconds": seconds,
             "cells_per_s": cells / seconds, "generator_setup_seconds": generator_seconds,
             "peak_rss_bytes": _peak_rss(), "rss_imports_bytes": rss_imports,
             "store_bytes": size, "bytes_per_cell": size / cells, "x_bytes_per_cell": x_size / cells,

@@ -1,6 +1,7 @@
 """Converter: out-of-core bucket shuffle, --append, and recovery from a SIGKILL at any point."""
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import pandas as pd
 import pytest
 from test_store import dense, input_rows, make_adata
 
+import sscell.data.convert
 import sscell.data.store
 from sscell.data.convert import convert
 from sscell.data.store import SPLITS, open_store
@@ -43,6 +45,30 @@ def test_bucket_size_changes_nothing_but_memory(tmp_path, monkeypatch):
     both = ad.concat(inputs)
     np.testing.assert_array_equal(dense(many.read_rows(0, many.n_cells)), dense(both.X[input_rows(many, both)]))
     assert sorted(os.listdir(tmp_path)) == ["in0.h5ad", "in1.h5ad", "in2.h5ad", "many_buckets", "one_bucket"]
+
+
+def test_scratch_is_compressed_and_shrinks_while_the_store_grows(tmp_path, monkeypatch):
+    """The bucket pass's scratch holds the counts compressed, and each bucket's file is gone once
+    its cells are in the store: the peak disk is about the larger of scratch and store, not their sum."""
+    adata = make_adata(n_cells=2000, n_genes=300, n_donors=10, seed=4)
+    adata.write_h5ad(tmp_path / "in.h5ad")
+    scratch_bytes = []
+    append_bucket = sscell.data.convert._append_bucket
+
+    def watched(writer, part, lo, hi, *args):  # the real write, with the scratch measured before each bucket
+        scratch = next(tmp_path.glob(".store.tmp-*")) / "buckets"
+        scratch_bytes.append(sum(f.stat().st_size for f in scratch.iterdir()))
+        append_bucket(writer, part, lo, hi, *args)
+
+    monkeypatch.setattr(sscell.data.convert, "_append_bucket", watched)
+    convert([tmp_path / "in.h5ad"], tmp_path / "store", seed=0, bucket_nonzeros=5000)
+    store = open_store(tmp_path / "store")
+    uncompressed = store.indptr[-1] * (store.data_dtype.itemsize + 2) + store.n_cells * 8  # uint16 genes, ids, rows
+    assert len(scratch_bytes) > 5 and scratch_bytes[-1] == 0
+    assert all(a > b for a, b in itertools.pairwise(scratch_bytes))  # a bucket's file leaves with its cells
+    assert scratch_bytes[0] < 0.6 * uncompressed
+    np.testing.assert_array_equal(dense(store.read_rows(0, store.n_cells)),
+                                  dense(adata.X[input_rows(store, adata)]))
 
 
 def test_append_keeps_splits_of_known_units(tmp_path):
@@ -121,7 +147,7 @@ def test_sigkill_at_any_point_then_rerun_finishes(tmp_path):  # multi-process, ~
     convert([tmp_path / "in.h5ad"], tmp_path / "reference", seed=0)
     output = tmp_path / "store"
     args = [f"--output={output}", str(tmp_path / "in.h5ad"), "--block-cells=16", "--bucket-nonzeros=8000"]
-    points = [lambda d: d, lambda d: d / "buckets" / "data", lambda d: d / "store" / "X" / "data" / "c"]
+    points = [lambda d: d, lambda d: d / "buckets" / "0", lambda d: d / "store" / "X" / "data" / "c"]
     killed = 0
     for point in points:
         process = start_cli(*args)

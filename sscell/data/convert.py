@@ -13,14 +13,16 @@ indptr; never the cell-id strings), whatever the input size, in streaming passes
 0. ids: hash every cell id (8 bytes a cell) to find repeated ids (sscell.data.cell_ids);
 1. count: validate every block of counts, count nonzeros per cell, find the largest count;
 2. bucket: the split and the shuffled order give each cell its store row; read each input once
-   in blocks and append every cell (counts and id) to a scratch file region per bucket (a range
-   of store rows holding about `bucket_nonzeros` nonzeros), so no pass gathers scattered rows;
-3. write: load one bucket at a time, order its rows and append them (and their ids) to the store.
-Scratch space: the uncompressed counts and ids, once (beside the output, removed at the end).
+   in blocks and append every cell (counts and id) to a scratch file per bucket (a range of
+   store rows holding about `bucket_nonzeros` nonzeros), compressed, so no pass gathers scattered rows;
+3. write: load one bucket at a time, order its rows, append them (and their ids) to the store and
+   delete the bucket's file.
+Scratch space (beside the output): the counts and ids compressed (lz4, about the store's size),
+shrinking while the store grows, so the peak disk is about the larger of the two plus a bucket.
 
 A second modality (obsm['protein_counts'] or obsm['atac_counts'], sscell.data.modality) held by
-every input moves with its cells through the same passes (proteins: a per-row scratch file; ATAC
-peaks: per-nonzero scratch files like the counts', with their own indptr and buckets cut by both),
+every input moves with its cells through the same passes (proteins: per-row parts of the bucket files;
+ATAC peaks: per-nonzero parts like the counts', with their own indptr and buckets cut by both),
 so store row r keeps cell r's proteins or peaks.
 
 Genes: a --vocabulary file (or a bundle: its model's genes) fixes them (genes outside it are dropped and
@@ -53,6 +55,7 @@ from pathlib import Path
 from typing import Protocol
 
 import anndata
+import numcodecs
 import numpy as np
 import pandas as pd
 import scipy.sparse
@@ -285,13 +288,6 @@ def _count_pass(sources: Sequence[_Source], block_cells: int) -> tuple[np.ndarra
     return nnz, max_count
 
 
-def _pwrite(fd: int, array: np.ndarray, offset: int) -> None:
-    view = memoryview(np.ascontiguousarray(array)).cast("B")
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view, offset = view[written:], offset + written
-
-
 def _bucket_starts(indptrs: Sequence[np.ndarray], bucket_nonzeros: int, bucket_rows: int) -> np.ndarray:
     """First store row of each bucket: a new bucket wherever any of the (same-length) indptrs
     crosses a multiple of `bucket_nonzeros`, and at least every `bucket_rows` rows."""
@@ -303,33 +299,72 @@ def _bucket_starts(indptrs: Sequence[np.ndarray], bucket_nonzeros: int, bucket_r
     return starts
 
 
+class _BucketFiles:
+    """Scratch of the bucket shuffle: one file per bucket under `folder`, a sequence of records
+    (one per block of cells sent to the bucket), each the named parts compressed (blosc lz4, byte
+    shuffle) after a header of their compressed lengths. A bucket's file is read whole and removed
+    once its cells are in the store, so the scratch shrinks as the store grows. `widths`: values
+    per element of parts that are rows of a matrix (e.g. a dense modality)."""
+
+    _codec = numcodecs.Blosc(cname="lz4", clevel=1, shuffle=numcodecs.Blosc.SHUFFLE)
+
+    def __init__(self, folder: Path, dtypes: dict[str, np.dtype], widths: dict[str, int] | None = None):
+        self.folder, self.dtypes, self.widths = folder, dtypes, widths or {}
+        folder.mkdir()
+
+    def append(self, bucket: int, parts: dict[str, np.ndarray]) -> None:
+        encoded = [self._codec.encode(np.ascontiguousarray(parts[name], self.dtypes[name])) for name in self.dtypes]
+        record = b"".join([np.array([len(e) for e in encoded], np.int64).tobytes(), *encoded])
+        fd = os.open(self.folder / str(bucket), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        try:
+            view = memoryview(record)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+
+    def take(self, bucket: int) -> dict[str, np.ndarray]:
+        """The bucket's parts, records concatenated in the order they came; its file removed."""
+        path = self.folder / str(bucket)
+        raw = memoryview(path.read_bytes()) if path.exists() else memoryview(b"")
+        pieces: dict[str, list[np.ndarray]] = {name: [] for name in self.dtypes}
+        at, header = 0, 8 * len(self.dtypes)
+        while at < len(raw):
+            lengths = np.frombuffer(raw[at:at + header], np.int64)
+            at += header
+            for name, length in zip(self.dtypes, lengths.tolist()):
+                values = np.frombuffer(self._codec.decode(raw[at:at + length]), self.dtypes[name])
+                pieces[name].append(values.reshape(-1, self.widths[name]) if name in self.widths else values)
+                at += length
+        path.unlink(missing_ok=True)
+        return {name: np.concatenate(p) if p else np.empty((0, *[self.widths[name]] * (name in self.widths)),
+                                                           self.dtypes[name]) for name, p in pieces.items()}
+
+
 def _shuffle_into(writer: StoreWriter, sources: Sequence[_Source], dest: np.ndarray, id_bytes: int, scratch: Path,
                   block_cells: int, bucket_nonzeros: int, n_features: int = 0,
                   peak_indptr: np.ndarray | None = None) -> None:
     """Append the cells to `writer` with their ids, concatenated-source cell i as store row dest[i].
 
     Passes 2 and 3 of the module docstring: bucket k holds store rows [starts[k], starts[k+1]) and
-    nonzeros [indptr[starts[k]], indptr[starts[k+1]]), so each bucket is one region of each scratch
-    file (rows, ids, indices, data, and the modality's rows when `n_features` > 0, or a sparse
-    modality's indices and data, laid out by `peak_indptr`, when given), filled from its start by a cursor.
+    about `bucket_nonzeros` nonzeros; each block of each source sends every bucket its cells'
+    parts (rows, ids, indices, data, and the modality's rows when `n_features` > 0, or a sparse
+    modality's indices and data when `peak_indptr` is given) as one compressed record (`_BucketFiles`).
     """
     n = len(dest)
-    nonzeros = {"": writer.indptr}  # scratch-name prefix -> the store-order indptr of a sparse stream
+    nonzeros = {"": writer.indptr}  # part-name prefix -> the store-order indptr of a sparse stream
     if peak_indptr is not None:
         nonzeros["peak_"] = peak_indptr
     starts = _bucket_starts(list(nonzeros.values()), bucket_nonzeros, BUCKET_ROWS)
     bounds = np.append(starts, n)
-    row_cursor, nz_cursor = starts.copy(), {prefix: indptr[starts].copy() for prefix, indptr in nonzeros.items()}
     dtypes = {"rows": dest.dtype, "ids": np.dtype(f"S{id_bytes}"), "indices": writer.indices_dtype,
               "data": writer.data_dtype}
-    per_row = ("rows", "ids")
     if peak_indptr is not None:
         dtypes.update(peak_indices=index_dtype(n_features), peak_data=np.dtype(np.float32))
     elif n_features:
-        dtypes["modality"] = np.dtype((np.float32, (n_features,)))
-        per_row += ("modality",)
-    scratch.mkdir()
-    fds = {name: os.open(scratch / name, os.O_RDWR | os.O_CREAT) for name in dtypes}
+        dtypes["modality"] = np.dtype(np.float32)
+    per_row = [name for name in ("rows", "ids", "modality") if name in dtypes]
+    buckets_on_disk = _BucketFiles(scratch, dtypes, {"modality": n_features} if "modality" in dtypes else None)
     try:
         offset = 0
         with _progress(n, "bucketing") as bar:
@@ -346,35 +381,24 @@ def _shuffle_into(writer: StoreWriter, sources: Sequence[_Source], dest: np.ndar
                     elif n_features:
                         parts["modality"] = src.read_modality(start, stop)[by_bucket]
                     for prefix, block in blocks.items():
-                        parts[f"{prefix}indices"] = block.indices.astype(dtypes[f"{prefix}indices"])
-                        parts[f"{prefix}data"] = block.data.astype(dtypes[f"{prefix}data"])
+                        parts[f"{prefix}indices"] = block.indices
+                        parts[f"{prefix}data"] = block.data
                     buckets = np.searchsorted(starts, rows, "right") - 1
                     cuts = np.flatnonzero(np.diff(buckets)) + 1
                     for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(rows)]):
-                        k = buckets[lo]
-                        for name in per_row:
-                            _pwrite(fds[name], parts[name][lo:hi], row_cursor[k] * dtypes[name].itemsize)
+                        record = {name: parts[name][lo:hi] for name in per_row}
                         for prefix, block in blocks.items():
                             nz_lo, nz_hi = block.indptr[lo], block.indptr[hi]
-                            for name in (f"{prefix}indices", f"{prefix}data"):
-                                _pwrite(fds[name], parts[name][nz_lo:nz_hi],
-                                        nz_cursor[prefix][k] * dtypes[name].itemsize)
-                            nz_cursor[prefix][k] += nz_hi - nz_lo
-                        row_cursor[k] += hi - lo
+                            record |= {f"{prefix}{name}": parts[f"{prefix}{name}"][nz_lo:nz_hi]
+                                       for name in ("indices", "data")}
+                        buckets_on_disk.append(int(buckets[lo]), record)
                     bar.update(stop - start)
                 offset += src.n_cells
         with _progress(n, "writing") as bar:
-            for lo, hi in itertools.pairwise(bounds):
-                spans = {name: (lo, hi) for name in per_row}
-                for prefix, indptr in nonzeros.items():
-                    spans |= {f"{prefix}{name}": (indptr[lo], indptr[hi]) for name in ("indices", "data")}
-                part = {name: np.fromfile(scratch / name, dtypes[name], offset=a * dtypes[name].itemsize, count=b - a)
-                        for name, (a, b) in spans.items()}
-                _append_bucket(writer, part, lo, hi, peak_indptr, n_features)
+            for k, (lo, hi) in enumerate(itertools.pairwise(bounds)):
+                _append_bucket(writer, buckets_on_disk.take(k), lo, hi, peak_indptr, n_features)
                 bar.update(hi - lo)
     finally:
-        for fd in fds.values():
-            os.close(fd)
         shutil.rmtree(scratch, ignore_errors=True)
 
 
@@ -424,6 +448,16 @@ def _record_rounding(sources: Sequence[_Source], attrs: dict) -> None:
                       "(--round-counts); they were not raw counts", file=sys.stderr)
 
 
+def _indptr_in_order(lengths: np.ndarray, order: np.ndarray, block_cells: int) -> np.ndarray:
+    """The indptr of rows of `lengths` taken in `order`, a block at a time (no cell-long temporary)."""
+    indptr = np.zeros(len(order) + 1, np.int64)
+    for lo in range(0, len(order), block_cells):
+        hi = min(lo + block_cells, len(order))
+        np.cumsum(lengths[order[lo:hi]], dtype=np.int64, out=indptr[lo + 1:hi + 1])
+        indptr[lo + 1:hi + 1] += indptr[lo]
+    return indptr
+
+
 def _build(sources: Sequence[_Source], var: pd.DataFrame, known: np.ndarray, attrs: dict, tmp: Path, *,
            seed: int, split_fractions: Sequence[float], block_cells: int, bucket_nonzeros: int,
            given_by: str = "") -> None:
@@ -441,17 +475,17 @@ def _build(sources: Sequence[_Source], var: pd.DataFrame, known: np.ndarray, att
     nnz, max_count = _count_pass(sources, block_cells)
     _record_rounding(sources, attrs)
     order = _shuffled_order(split, rng)
-    obs = pd.DataFrame({c: pd.Categorical.from_codes(obs[c].cat.codes.to_numpy()[order], dtype=obs[c].dtype)
-                        for c in obs} | {"split": pd.Categorical.from_codes(split[order], SPLITS)})
-    indptr = np.zeros(len(order) + 1, np.int64)
-    np.cumsum(nnz[order], out=indptr[1:])
+    for c in obs:  # into store order a column at a time
+        obs[c] = pd.Categorical.from_codes(obs[c].cat.codes.to_numpy()[order], dtype=obs[c].dtype)
+    obs["split"] = pd.Categorical.from_codes(split[order], SPLITS)
+    indptr = _indptr_in_order(nnz, order, block_cells)
     peak_indptr = None
     if panel and panel[0] in modalities.SPARSE_KEYS:  # the peaks' indptr in store order
-        peak_indptr = np.zeros(len(order) + 1, np.int64)
-        np.cumsum(np.concatenate([src.modality_lengths() for src in sources])[order], out=peak_indptr[1:])
+        peak_indptr = _indptr_in_order(np.concatenate([src.modality_lengths() for src in sources]), order, block_cells)
     del nnz, split
     dest = np.empty_like(order)
-    dest[order] = np.arange(len(order), dtype=order.dtype)
+    for lo in range(0, len(order), block_cells):  # dest[order] = arange, without a cell-long temporary
+        dest[order[lo:lo + block_cells]] = np.arange(lo, min(lo + block_cells, len(order)), dtype=order.dtype)
     del order
     writer = StoreWriter(tmp / "store", indptr, len(var), count_dtype(max_count), attrs,
                          modality=panel + (peak_indptr,) if peak_indptr is not None else panel)
