@@ -107,9 +107,8 @@ class ScaleAtlas:
         n_runs = -(-n_cells // RUN_CELLS)
         self.run_start = rng.integers(0, pool_cells - RUN_CELLS + 1, n_runs)
         self.run_shift = rng.integers(0, MAX_SHIFT, n_runs).astype(self.pool_genes.dtype)
-        lengths = np.diff(self.pool_indptr)
-        self.lengths = lengths[(self.run_start[:, None] + np.arange(RUN_CELLS)).ravel()[:n_cells]].astype(np.int16)
-        self.nonzeros = int(self.lengths.sum(dtype=np.int64))
+        run_cells = np.minimum(RUN_CELLS, n_cells - RUN_CELLS * np.arange(n_runs))  # the last run may be short
+        self.nonzeros = int((self.pool_indptr[self.run_start + run_cells] - self.pool_indptr[self.run_start]).sum())
         codes = np.random.default_rng([seed, 3])
         self.obs_codes = {"cell_type": codes.integers(0, CELL_TYPES, n_cells).astype(np.int8),
                           "dataset_id": codes.integers(0, DATASETS, n_cells).astype(np.int8)}
@@ -119,16 +118,16 @@ class ScaleAtlas:
     def rows(self, start: int, stop: int) -> scipy.sparse.csr_matrix:
         """Cells [start, stop) as csr (sorted gene indices, uint16 counts)."""
         first, last = start // RUN_CELLS, -(-stop // RUN_CELLS)
-        genes, counts = [], []
+        genes, counts, lengths = [], [], []
         for r in range(first, last):
             a = max(start, r * RUN_CELLS) - r * RUN_CELLS + self.run_start[r]
             b = min(stop, (r + 1) * RUN_CELLS) - r * RUN_CELLS + self.run_start[r]
             lo, hi = self.pool_indptr[a], self.pool_indptr[b]
             genes.append(self.pool_genes[lo:hi] + self.run_shift[r])
             counts.append(self.pool_counts[lo:hi])
+            lengths.append(np.diff(self.pool_indptr[a:b + 1]))
         return scipy.sparse.csr_matrix((np.concatenate(counts), np.concatenate(genes),
-                                        np.r_[0, np.cumsum(self.lengths[start:stop], dtype=np.int64)]),
-                                       shape=(stop - start, self.n_genes))
+                                        np.r_[0, np.cumsum(np.concatenate(lengths))]), shape=(stop - start, self.n_genes))
 
     def ids(self, start: int, stop: int) -> np.ndarray:
         return np.char.add("cell", np.arange(start, stop).astype(str))
@@ -196,8 +195,7 @@ def write_store(path: Path, atlas: ScaleAtlas, codec: str = "lz4") -> None:
     attrs = {"inputs": [f"bench_scale generator (seed {atlas.seed})"], "counts_source": ["generated"],
              "seed": atlas.seed, "split_fractions": [0.7, 0.15, 0.15], "vocabulary_file": None, "split": "cells",
              "rounded_counts": {}, "codec": codec, "chunk_cells": CELLS_PER_CHUNK}
-    writer = StoreWriter(path, np.r_[0, np.cumsum(atlas.lengths, dtype=np.int64)], atlas.n_genes, np.dtype(np.uint16),
-                         attrs)
+    writer = StoreWriter(path, n, atlas.nonzeros, atlas.n_genes, np.dtype(np.uint16), attrs)
     block = BLOCK_RUNS * RUN_CELLS
     for start in range(0, n, block):
         stop = min(start + block, n)

@@ -2,6 +2,7 @@
 command-line entry points end on it or on Ctrl-C."""
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import signal
@@ -29,8 +30,18 @@ def exit_on_error() -> Iterator[None]:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as interrupt:
-        print(f"interrupted: {interrupt}" if str(interrupt) else "interrupted", file=sys.stderr)
+        print(f"interrupted: {interrupt}" if str(interrupt) else "interrupted", file=sys.stderr, flush=True)
+        atexit.register(_silence_stderr)  # runs before the handlers registered earlier
         sys.exit(INTERRUPTED_EXIT_CODE)
+
+
+def _silence_stderr() -> None:
+    """At exit after Ctrl-C: the interpreter's teardown still runs (atexit flushes), but a library
+    interrupted mid-call may complain there (zarr: "Cannot close a running event loop", with a
+    traceback); the `interrupted` line stays the last word."""
+    with contextlib.suppress(Exception):
+        sys.stderr.flush()
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
 
 
 def _exit_interrupted(signum: int, frame) -> None:

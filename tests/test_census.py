@@ -152,7 +152,7 @@ def test_sigkill_mid_stream_leaves_nothing_and_a_rerun_finishes(tmp_path):  # mu
     args = [sys.executable, "-m", "sscell.data.census", f"--output={output}", f"--uri={tmp_path / 'census'}",
             "--block-cells=8", "--bucket-nonzeros=4000"]
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    assert kill_when(process, build_dir(output, process.pid) / "buckets" / "data")
+    assert kill_when(process, build_dir(output, process.pid) / "buckets" / "0")
     assert not output.exists()
     with pytest.raises(SscellError, match="not an sscell store"):
         open_store(build_dir(output, process.pid) / "store")

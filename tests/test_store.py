@@ -237,23 +237,43 @@ def test_output_exists_or_input_missing(tmp_path, converted):
     assert leftovers(tmp_path, []) == []
 
 
-def test_writer_across_many_shards(tmp_path):
+@pytest.mark.parametrize("shard_elements", [2**12, 2**7])  # indptr in one shard / in 4, written as rows come
+def test_writer_across_many_shards(tmp_path, shard_elements):
     rng = np.random.default_rng(0)
     counts = scipy.sparse.random(500, 300, density=0.2, format="csr", random_state=1,
                                  data_rvs=lambda k: rng.integers(1, 100_000, k)).astype(np.uint32)
+    counts = (scipy.sparse.diags((np.arange(500) != 17).astype(np.uint32), dtype=np.uint32) @ counts).tocsr()  # an empty row
+    counts.eliminate_zeros()
     obs = pd.DataFrame({"split": pd.Categorical.from_codes(np.repeat([0, 1, 2], [300, 100, 100]), SPLITS)},
                        index=[f"c{i}" for i in range(500)])
-    writer = StoreWriter(tmp_path / "store", counts.indptr, 300, np.uint32, {}, shard_elements=2**12)
+    writer = StoreWriter(tmp_path / "store", 500, counts.nnz, 300, np.uint32, {}, shard_elements=shard_elements)
     cuts = np.sort(rng.choice(np.arange(1, 500), 30, replace=False))
     for start, stop in zip(np.r_[0, cuts], np.r_[cuts, 500]):
         writer.append(counts[start:stop])
     writer.close(obs, pd.DataFrame(index=[f"g{j}" for j in range(300)]))
     store = open_store(tmp_path / "store")
 
-    assert len(list((tmp_path / "store/X/data/c").iterdir())) == -(-counts.nnz // 2**12) > 5
+    assert len(list((tmp_path / "store/X/data/c").iterdir())) == -(-counts.nnz // shard_elements) > 5
+    assert len(list((tmp_path / "store/X/indptr/c").iterdir())) == -(-501 // shard_elements)
+    np.testing.assert_array_equal(store.indptr, counts.indptr)
     np.testing.assert_array_equal(dense(store.read_rows(0, 500)), dense(counts))
     np.testing.assert_array_equal(dense(ad.read_zarr(tmp_path / "store").X), dense(counts))
     assert store.split_range("val") == (300, 400)
+
+
+def test_writer_refuses_rows_or_nonzeros_beyond_its_totals(tmp_path):
+    counts = scipy.sparse.csr_matrix(np.arange(12, dtype=np.uint16).reshape(4, 3))  # 11 nonzeros
+    obs = pd.DataFrame({"split": pd.Categorical.from_codes([0, 0, 1, 2], SPLITS)}, index=list("abcd"))
+    var = pd.DataFrame(index=list("xyz"))
+    for n_cells, nnz in [(4, 10), (3, 11)]:
+        writer = StoreWriter(tmp_path / f"store{n_cells}{nnz}", n_cells, nnz, 3, np.uint16, {})
+        writer.append(counts[:3] if n_cells == 4 else counts[:2])
+        with pytest.raises(ValueError, match="appended to a matrix of"):
+            writer.append(counts[3:] if n_cells == 4 else counts[2:])
+    writer = StoreWriter(tmp_path / "short", 4, 11, 3, np.uint16, {})
+    writer.append(counts[:3])
+    with pytest.raises(ValueError, match="3 rows appended to a store of 4"):
+        writer.close(obs, var)
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # anndata's own zarr writer, used for the plain store

@@ -26,6 +26,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 60
 
 
+def interactive_ctrl_c() -> None:
+    """In the child before exec: SIGINT as a terminal's foreground command gets it. A runner that
+    ignores SIGINT (nohup, `pytest &`) passes that on, and sscell then leaves Ctrl-C ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(workdir, store, *extra, env=None, dtype="float32"):
     args = ["--config=experiments/quickstart.py", f"--workdir={workdir}", "--noeval", f"--config.data.store={store}",
             "--config.model.hidden=(32,32)", "--config.model.latent=8", f"--config.model.dtype={dtype}",
@@ -36,7 +42,7 @@ def start(workdir, store, *extra, env=None, dtype="float32"):
             # which differs between one process and two (each shuffles its own slice)
             "--config.loss.name=supervised", "--config.model.dropout=0.0", *extra]
     return subprocess.Popen([sys.executable, "-m", "sscell.main", *args], cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=interactive_ctrl_c,
                             env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})})
 
 
@@ -156,7 +162,8 @@ def test_ctrl_c_while_converting_ends_with_one_line_and_code_130(tmp_path):
     process = subprocess.Popen(
         [sys.executable, "-m", "sscell.main", "--config=experiments/quickstart.py", f"--workdir={tmp_path}",
          "--config.data.synthetic.n_cells=3000000"], cwd=ROOT, text=True, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"})
+        stderr=subprocess.PIPE, preexec_fn=interactive_ctrl_c,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"})
     assert process.stdout.readline().startswith("generating a synthetic atlas")
     process.send_signal(signal.SIGINT)
     _, err = finish(process, expect=130, stderr=True)

@@ -7,9 +7,9 @@ Cells are split by donor unit (dataset_id + donor_id) into train/val/test, which
 donor units, or with `--split=cells` cell by cell (seeded; obs donor_id then optional), or by an
 obs column of train/val/test values (`--split-column`); the store's attrs record the policy and
 `--append` follows it. No split may end up empty. Cells are stored grouped by split, shuffled
-within each (inputs: sscell.data.inputs). Memory stays bounded by a block of rows
-plus ~25-40 bytes a cell (obs columns as categorical codes, nonzeros and store row per cell,
-indptr; never the cell-id strings), whatever the input size, in streaming passes:
+within each (inputs: sscell.data.inputs). Memory stays bounded by a block of rows plus the
+obs columns as categorical codes (1-2 bytes a column a cell) and at most ~9 bytes a cell
+(`_build`; never the cell-id strings or an indptr), whatever the input size, in streaming passes:
 0. ids: hash every cell id (8 bytes a cell) to find repeated ids (sscell.data.cell_ids);
 1. count: validate every block of counts, count nonzeros per cell, find the largest count;
 2. bucket: the split and the shuffled order give each cell its store row; read each input once
@@ -288,15 +288,21 @@ def _count_pass(sources: Sequence[_Source], block_cells: int) -> tuple[np.ndarra
     return nnz, max_count
 
 
-def _bucket_starts(indptrs: Sequence[np.ndarray], bucket_nonzeros: int, bucket_rows: int) -> np.ndarray:
-    """First store row of each bucket: a new bucket wherever any of the (same-length) indptrs
-    crosses a multiple of `bucket_nonzeros`, and at least every `bucket_rows` rows."""
-    n = len(indptrs[0]) - 1
-    starts = np.arange(0, n, bucket_rows)
-    for indptr in indptrs:
-        crossings = np.searchsorted(indptr[:-1], np.arange(0, int(indptr[-1]) + 1, bucket_nonzeros), "left")
-        starts = np.union1d(starts, crossings[crossings < n])
-    return starts
+def _bucket_starts(lengths: Sequence[np.ndarray], order: np.ndarray, bucket_nonzeros: int, bucket_rows: int,
+                   block_cells: int) -> np.ndarray:
+    """First store row of each bucket: a new bucket wherever the nonzeros before a row (of any of
+    the per-cell `lengths`, cells taken in store `order`) reach a multiple of `bucket_nonzeros`,
+    and at least every `bucket_rows` rows. Walked a block of rows at a time (no indptr held)."""
+    starts = [np.arange(0, len(order), bucket_rows)]
+    for per_cell in lengths:
+        before, last = 0, -1  # nonzeros before the block; multiples reached before its previous row
+        for lo in range(0, len(order), block_cells):
+            ahead = per_cell[order[lo:lo + block_cells]]
+            ends = before + np.cumsum(ahead, dtype=np.int64)
+            reached = (ends - ahead) // bucket_nonzeros
+            starts.append(lo + np.flatnonzero(np.diff(reached, prepend=last)))
+            before, last = int(ends[-1]), int(reached[-1])
+    return np.unique(np.concatenate(starts))
 
 
 class _BucketFiles:
@@ -341,96 +347,78 @@ class _BucketFiles:
                                                            self.dtypes[name]) for name, p in pieces.items()}
 
 
-def _shuffle_into(writer: StoreWriter, sources: Sequence[_Source], dest: np.ndarray, id_bytes: int, scratch: Path,
-                  block_cells: int, bucket_nonzeros: int, n_features: int = 0,
-                  peak_indptr: np.ndarray | None = None) -> None:
-    """Append the cells to `writer` with their ids, concatenated-source cell i as store row dest[i].
-
-    Passes 2 and 3 of the module docstring: bucket k holds store rows [starts[k], starts[k+1]) and
-    about `bucket_nonzeros` nonzeros; each block of each source sends every bucket its cells'
-    parts (rows, ids, indices, data, and the modality's rows when `n_features` > 0, or a sparse
-    modality's indices and data when `peak_indptr` is given) as one compressed record (`_BucketFiles`).
-    """
-    n = len(dest)
-    nonzeros = {"": writer.indptr}  # part-name prefix -> the store-order indptr of a sparse stream
-    if peak_indptr is not None:
-        nonzeros["peak_"] = peak_indptr
-    starts = _bucket_starts(list(nonzeros.values()), bucket_nonzeros, BUCKET_ROWS)
-    bounds = np.append(starts, n)
-    dtypes = {"rows": dest.dtype, "ids": np.dtype(f"S{id_bytes}"), "indices": writer.indices_dtype,
-              "data": writer.data_dtype}
-    if peak_indptr is not None:
-        dtypes.update(peak_indices=index_dtype(n_features), peak_data=np.dtype(np.float32))
-    elif n_features:
-        dtypes["modality"] = np.dtype(np.float32)
-    per_row = [name for name in ("rows", "ids", "modality") if name in dtypes]
+def _bucket_pass(sources: Sequence[_Source], dest: np.ndarray, starts: np.ndarray, id_bytes: int,
+                 dtypes: dict[str, np.dtype], scratch: Path, block_cells: int, n_features: int = 0,
+                 sparse_modality: bool = False) -> _BucketFiles:
+    """Pass 2 of the module docstring: concatenated-source cell i goes to store row dest[i], in
+    the bucket k with starts[k] <= dest[i] < starts[k + 1]; each block of each source sends every
+    bucket its cells' parts (rows, ids, lengths, indices, data, and the modality's rows when
+    `n_features` > 0, or a sparse modality's lengths, indices and data) as one compressed record."""
     buckets_on_disk = _BucketFiles(scratch, dtypes, {"modality": n_features} if "modality" in dtypes else None)
-    try:
-        offset = 0
-        with _progress(n, "bucketing") as bar:
-            for src in sources:
-                for start in range(0, src.n_cells, block_cells):
-                    stop = min(start + block_cells, src.n_cells)
-                    rows = dest[offset + start:offset + stop]
-                    by_bucket = np.argsort(np.searchsorted(starts, rows, "right"), kind="stable")
-                    blocks = {"": src.read(start, stop)[by_bucket]}
-                    rows = rows[by_bucket]
-                    parts = {"rows": rows, "ids": np.asarray(src.read_ids(start, stop), dtypes["ids"])[by_bucket]}
-                    if peak_indptr is not None:
-                        blocks["peak_"] = src.read_modality(start, stop)[by_bucket]
-                    elif n_features:
-                        parts["modality"] = src.read_modality(start, stop)[by_bucket]
+    per_row = [name for name in ("rows", "ids", "modality") if name in dtypes]
+    offset = 0
+    with _progress(len(dest), "bucketing") as bar:
+        for src in sources:
+            for start in range(0, src.n_cells, block_cells):
+                stop = min(start + block_cells, src.n_cells)
+                rows = dest[offset + start:offset + stop]
+                by_bucket = np.argsort(np.searchsorted(starts, rows, "right"), kind="stable")
+                blocks = {"": src.read(start, stop)[by_bucket]}
+                rows = rows[by_bucket]
+                parts = {"rows": rows, "ids": np.asarray(src.read_ids(start, stop), dtypes["ids"])[by_bucket]}
+                if sparse_modality:
+                    blocks["peak_"] = src.read_modality(start, stop)[by_bucket]
+                elif n_features:
+                    parts["modality"] = src.read_modality(start, stop)[by_bucket]
+                buckets = np.searchsorted(starts, rows, "right") - 1
+                cuts = np.flatnonzero(np.diff(buckets)) + 1
+                for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(rows)]):
+                    record = {name: parts[name][lo:hi] for name in per_row}
                     for prefix, block in blocks.items():
-                        parts[f"{prefix}indices"] = block.indices
-                        parts[f"{prefix}data"] = block.data
-                    buckets = np.searchsorted(starts, rows, "right") - 1
-                    cuts = np.flatnonzero(np.diff(buckets)) + 1
-                    for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(rows)]):
-                        record = {name: parts[name][lo:hi] for name in per_row}
-                        for prefix, block in blocks.items():
-                            nz_lo, nz_hi = block.indptr[lo], block.indptr[hi]
-                            record |= {f"{prefix}{name}": parts[f"{prefix}{name}"][nz_lo:nz_hi]
-                                       for name in ("indices", "data")}
-                        buckets_on_disk.append(int(buckets[lo]), record)
-                    bar.update(stop - start)
-                offset += src.n_cells
-        with _progress(n, "writing") as bar:
-            for k, (lo, hi) in enumerate(itertools.pairwise(bounds)):
-                _append_bucket(writer, buckets_on_disk.take(k), lo, hi, peak_indptr, n_features)
-                bar.update(hi - lo)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+                        nz_lo, nz_hi = block.indptr[lo], block.indptr[hi]
+                        record |= {f"{prefix}lengths": np.diff(block.indptr[lo:hi + 1]),
+                                   f"{prefix}indices": block.indices[nz_lo:nz_hi],
+                                   f"{prefix}data": block.data[nz_lo:nz_hi]}
+                    buckets_on_disk.append(int(buckets[lo]), record)
+                bar.update(stop - start)
+            offset += src.n_cells
+    return buckets_on_disk
 
 
-def _gather_rows(indptr: np.ndarray, starts: np.ndarray, lo: int, a: int, b: int, values: dict[str, np.ndarray],
+def _write_pass(writer: StoreWriter, buckets_on_disk: _BucketFiles, starts: np.ndarray, n_features: int = 0) -> None:
+    """Pass 3: each bucket's cells appended to `writer` in store order, its file removed."""
+    with _progress(writer.n_cells, "writing") as bar:
+        for k, (lo, hi) in enumerate(itertools.pairwise(np.append(starts, writer.n_cells))):
+            _append_bucket(writer, buckets_on_disk.take(k), lo, hi, n_features)
+            bar.update(hi - lo)
+
+
+def _gather_rows(lengths: np.ndarray, starts: np.ndarray, a: int, b: int, indices: np.ndarray, data: np.ndarray,
                  n_columns: int) -> scipy.sparse.csr_matrix:
-    """Store rows [lo + a, lo + b) as csr, gathered from a bucket's scratch `values` ("indices",
-    "data") laid out by the store-order `indptr`; `starts[i]`: where store row lo + i begins in them."""
-    local = indptr[lo + a:lo + b + 1] - indptr[lo + a]
-    gather = np.repeat(starts[a:b] - local[:-1], np.diff(local)) + np.arange(local[-1])
-    return scipy.sparse.csr_matrix((values["data"][gather], values["indices"][gather], local), shape=(b - a, n_columns))
+    """Rows [a, b) of a bucket in store order as csr: `lengths` / `starts` (per row, in store
+    order) locate each row's nonzeros in the bucket's `indices` / `data`."""
+    local = np.r_[0, np.cumsum(lengths[a:b])]
+    gather = np.repeat(starts[a:b] - local[:-1], lengths[a:b]) + np.arange(local[-1])
+    return scipy.sparse.csr_matrix((data[gather], indices[gather], local), shape=(b - a, n_columns))
 
 
-def _append_bucket(writer: StoreWriter, part: dict[str, np.ndarray], lo: int, hi: int,
-                   peak_indptr: np.ndarray | None = None, n_peaks: int = 0) -> None:
-    """Append store rows [lo, hi) to `writer` from a bucket's scratch arrays (rows in bucket
-    order), gathering ~APPEND_NONZEROS nonzeros at a time so no full copy of the bucket is made."""
-    indptr, rows = writer.indptr, part["rows"]
-    in_order = np.argsort(rows)
+def _append_bucket(writer: StoreWriter, part: dict[str, np.ndarray], lo: int, hi: int, n_peaks: int = 0) -> None:
+    """Append store rows [lo, hi) to `writer` from a bucket's parts (rows in the order they came),
+    gathering ~APPEND_NONZEROS nonzeros at a time so no full copy of the bucket is made."""
+    in_order = np.argsort(part["rows"])
 
-    def starts(indptr: np.ndarray) -> np.ndarray:  # where each store row's nonzeros are in the bucket
-        lengths = indptr[rows + 1] - indptr[rows]
-        return (np.cumsum(lengths) - lengths)[in_order]
+    def layout(prefix: str) -> tuple[np.ndarray, np.ndarray]:  # each row's length and first nonzero, store order
+        lengths = part[f"{prefix}lengths"].astype(np.int64)
+        return lengths[in_order], (np.cumsum(lengths) - lengths)[in_order]
 
-    x_starts = starts(indptr)
-    peak_starts = starts(peak_indptr) if peak_indptr is not None else None
-    peaks = {"indices": part.get("peak_indices"), "data": part.get("peak_data")}
-    step = max(1, APPEND_NONZEROS * (hi - lo) // max(int(indptr[hi] - indptr[lo]), 1))
+    x = layout("")
+    peaks = layout("peak_") if "peak_lengths" in part else None
+    step = max(1, APPEND_NONZEROS * (hi - lo) // max(int(x[0].sum()), 1))
     for a in range(0, hi - lo, step):
         b = min(a + step, hi - lo)
-        block = _gather_rows(indptr, x_starts, lo, a, b, part, writer.n_genes)
-        if peak_indptr is not None:
-            modality = _gather_rows(peak_indptr, peak_starts, lo, a, b, peaks, n_peaks)
+        block = _gather_rows(*x, a, b, part["indices"], part["data"], writer.n_genes)
+        if peaks is not None:
+            modality = _gather_rows(*peaks, a, b, part["peak_indices"], part["peak_data"], n_peaks)
         else:
             modality = part["modality"][in_order[a:b]] if "modality" in part else None
         writer.append(block, np.char.decode(part["ids"][in_order[a:b]], "utf-8"), modality)
@@ -448,24 +436,15 @@ def _record_rounding(sources: Sequence[_Source], attrs: dict) -> None:
                       "(--round-counts); they were not raw counts", file=sys.stderr)
 
 
-def _indptr_in_order(lengths: np.ndarray, order: np.ndarray, block_cells: int) -> np.ndarray:
-    """The indptr of rows of `lengths` taken in `order`, a block at a time (no cell-long temporary)."""
-    indptr = np.zeros(len(order) + 1, np.int64)
-    for lo in range(0, len(order), block_cells):
-        hi = min(lo + block_cells, len(order))
-        np.cumsum(lengths[order[lo:hi]], dtype=np.int64, out=indptr[lo + 1:hi + 1])
-        indptr[lo + 1:hi + 1] += indptr[lo]
-    return indptr
-
-
 def _build(sources: Sequence[_Source], var: pd.DataFrame, known: np.ndarray, attrs: dict, tmp: Path, *,
            seed: int, split_fractions: Sequence[float], block_cells: int, bucket_nonzeros: int,
            given_by: str = "") -> None:
     """Write the store of `sources` (gene order: var) at tmp/store; `known`: fixed splits (-1:
     assign by attrs["split"]; given_by: where the fixed ones come from, for errors).
 
-    Memory beyond a block: at most ~40 bytes a cell (obs codes, nonzeros, order, indptr), ~25
-    while the cells move (obs codes in store order, each cell's store row, indptr).
+    Memory beyond a block and the obs codes, a cell: 9 bytes while checking ids (hash, split), 9
+    while ordering (nonzeros, store order, split), 8 while mapping cells to rows, 4 while the
+    cells move to buckets (each cell's store row), none while writing the store.
     """
     panel = modalities.common_panel(sources)  # before the long passes: inputs with different panels fail fast
     obs = _merge_obs(sources)
@@ -478,19 +457,30 @@ def _build(sources: Sequence[_Source], var: pd.DataFrame, known: np.ndarray, att
     for c in obs:  # into store order a column at a time
         obs[c] = pd.Categorical.from_codes(obs[c].cat.codes.to_numpy()[order], dtype=obs[c].dtype)
     obs["split"] = pd.Categorical.from_codes(split[order], SPLITS)
-    indptr = _indptr_in_order(nnz, order, block_cells)
-    peak_indptr = None
-    if panel and panel[0] in modalities.SPARSE_KEYS:  # the peaks' indptr in store order
-        peak_indptr = _indptr_in_order(np.concatenate([src.modality_lengths() for src in sources]), order, block_cells)
-    del nnz, split
+    del split
+    sparse_modality = bool(panel) and panel[0] in modalities.SPARSE_KEYS  # ATAC peaks: nonzeros of their own
+    lengths = [nnz] + ([np.concatenate([src.modality_lengths() for src in sources])] if sparse_modality else [])
+    starts = _bucket_starts(lengths, order, bucket_nonzeros, BUCKET_ROWS, block_cells)
+    nonzeros = [int(per_cell.sum(dtype=np.int64)) for per_cell in lengths]
+    del nnz, lengths
     dest = np.empty_like(order)
     for lo in range(0, len(order), block_cells):  # dest[order] = arange, without a cell-long temporary
         dest[order[lo:lo + block_cells]] = np.arange(lo, min(lo + block_cells, len(order)), dtype=order.dtype)
     del order
-    writer = StoreWriter(tmp / "store", indptr, len(var), count_dtype(max_count), attrs,
-                         modality=panel + (peak_indptr,) if peak_indptr is not None else panel)
-    _shuffle_into(writer, sources, dest, id_bytes, tmp / "buckets", block_cells, bucket_nonzeros,
-                  len(panel[1]) if panel else 0, peak_indptr)
+    writer = StoreWriter(tmp / "store", len(dest), nonzeros[0], len(var), count_dtype(max_count), attrs,
+                         modality=(*panel, nonzeros[1]) if sparse_modality else panel)
+    n_features = len(panel[1]) if panel else 0
+    dtypes = {"rows": dest.dtype, "ids": np.dtype(f"S{id_bytes}"), "lengths": np.dtype(np.int32),
+              "indices": writer.indices_dtype, "data": writer.data_dtype}
+    if sparse_modality:
+        dtypes |= {"peak_lengths": np.dtype(np.int32), "peak_indices": index_dtype(n_features),
+                   "peak_data": np.dtype(np.float32)}
+    elif n_features:
+        dtypes["modality"] = np.dtype(np.float32)
+    buckets_on_disk = _bucket_pass(sources, dest, starts, id_bytes, dtypes, tmp / "buckets", block_cells,
+                                   n_features, sparse_modality)
+    del dest
+    _write_pass(writer, buckets_on_disk, starts, n_features)
     writer.close(obs, var, {"measured": _measured(sources, var.index)})
 
 

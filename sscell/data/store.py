@@ -38,7 +38,8 @@ cells at 32): a loader block of 64 cells (the default) decodes ~1.5x the cells i
 with 128-cell chunks, the layout before 2026-12-05, which reads ~1.4x slower a core:
 docs/performance.md); shards hold
 2**24 elements (32 MiB of uint16 before compression), so 20 M cells of ~2,000 nonzeros make a
-few thousand shard files per array rather than millions of chunk files.
+few thousand shard files per array rather than millions of chunk files; indptr's shards hold
+INDPTR_SHARD = 2**20 entries, each written once as the rows arrive.
 """
 from __future__ import annotations
 
@@ -59,6 +60,7 @@ from sscell.errors import SscellError
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
 SHARD_ELEMENTS = 2**24
+INDPTR_SHARD = 2**20  # indptr entries per shard: written whole as rows arrive (8 MiB)
 CELLS_PER_CHUNK = 32  # cells' worth of nonzeros per inner chunk of X (convert --chunk-cells)
 ID_CHUNK = 2**16  # cell ids per chunk of obs/_index
 MODALITY_CHUNK_CELLS = 256  # rows per chunk of an obsm modality (a loader block reads one or two)
@@ -167,41 +169,49 @@ def open_array(kvstore: dict, ctx: ts.Context) -> ts.TensorStore:
 
 
 class CsrWriter:
-    """Writes the CSR group `name` of `parent` (on disk at `path`): data/indices are created at
-    their final size from the known `indptr` and filled by rows appended in order, in
-    shard-aligned pieces (each shard written once; the tail by `close`). At most one piece is
-    being written while the caller prepares the next block."""
+    """Writes the CSR group `name` of `parent` (on disk at `path`) of `n_rows` rows holding `nnz`
+    nonzeros in all: data/indices are created at that size and filled by rows appended in order,
+    in shard-aligned pieces (each shard written once; the tail by `close`), and indptr from the
+    rows' lengths in pieces of INDPTR_SHARD entries, so no array of the whole matrix is held.
+    At most one piece of each is being written while the caller prepares the next block."""
 
-    def __init__(self, parent: zarr.Group, name: str, path: Path, indptr: np.ndarray, n_columns: int,
+    def __init__(self, parent: zarr.Group, name: str, path: Path, n_rows: int, nnz: int, n_columns: int,
                  data_dtype: np.dtype, shard_elements: int, ctx: ts.Context, codec: str = "lz4",
                  chunk_cells: int = CELLS_PER_CHUNK):
-        self.indptr = np.asarray(indptr, dtype=np.int64)
-        self.shard_elements = shard_elements
-        n_cells, nnz = len(self.indptr) - 1, int(self.indptr[-1])
+        self.n_rows, self.nnz, self.shard_elements = n_rows, nnz, shard_elements
         parent.create_group(name).attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0",
-                                                "shape": [n_cells, n_columns]})
-        chunks = (min(inner_chunk_elements(nnz, n_cells, chunk_cells), shard_elements), shard_elements)
+                                                "shape": [n_rows, n_columns]})
+        chunks = (min(inner_chunk_elements(nnz, n_rows, chunk_cells), shard_elements), shard_elements)
         self._data = _create_array(path / "data", nnz, data_dtype, chunks, ctx, codec)
         self._indices = _create_array(path / "indices", nnz, index_dtype(n_columns), chunks, ctx, codec)
-        _create_array(path / "indptr", n_cells + 1, np.int64, chunks, ctx, codec).write(self.indptr).result()
+        indptr_shard = min(INDPTR_SHARD, shard_elements)
+        self._indptr = _create_array(path / "indptr", n_rows + 1, np.int64,
+                                     (min(chunks[0], indptr_shard), indptr_shard), ctx, codec)
         self.data_dtype, self.indices_dtype = np.dtype(data_dtype), index_dtype(n_columns)
         self.rows = 0         # rows appended so far
+        self._nonzeros = 0    # nonzeros appended so far
         self._flushed = 0     # nonzeros written to disk so far
         self._buffer: list[tuple[np.ndarray, np.ndarray]] = []
         self._pending: list[ts.WriteFutures] = []
+        self._indptr_buffer, self._indptr_flushed = [np.zeros(1, np.int64)], 0  # entries pending / written
+        self._indptr_pending: ts.WriteFutures | None = None
 
     def append(self, block: scipy.sparse.csr_matrix) -> None:
         """Append the next rows (csr) after those already appended."""
-        stop = self.rows + block.shape[0]
-        expected = self.indptr[stop] - self.indptr[self.rows]
-        if block.nnz != expected:
-            raise ValueError(f"rows {self.rows}:{stop} have {block.nnz} nonzeros, indptr says {expected}")
+        if self.rows + block.shape[0] > self.n_rows or self._nonzeros + block.nnz > self.nnz:
+            raise ValueError(f"{self.rows + block.shape[0]} rows with {self._nonzeros + block.nnz} nonzeros appended "
+                             f"to a matrix of {self.n_rows} rows with {self.nnz}")
         self._buffer.append((block.data.astype(self.data_dtype, copy=False),  # buffered at store width
                              block.indices.astype(self.indices_dtype, copy=False)))
-        self.rows = stop
-        buffered = int(self.indptr[stop]) - self._flushed
+        self._indptr_buffer.append(np.asarray(block.indptr[1:], np.int64) - block.indptr[0] + self._nonzeros)
+        self.rows += block.shape[0]
+        self._nonzeros += block.nnz
+        buffered = self._nonzeros - self._flushed
         if buffered >= self.shard_elements:
             self._flush(buffered // self.shard_elements * self.shard_elements)
+        shard = self._indptr.chunk_layout.write_chunk.shape[0]
+        if self.rows + 1 - self._indptr_flushed >= shard:
+            self._flush_indptr((self.rows + 1 - self._indptr_flushed) // shard * shard)
 
     def _flush(self, n: int) -> None:
         data = np.concatenate([d for d, _ in self._buffer])
@@ -218,28 +228,44 @@ class CsrWriter:
         ]
         self._flushed = hi
 
+    def _flush_indptr(self, n: int) -> None:
+        entries = np.concatenate(self._indptr_buffer)
+        self._indptr_buffer = [entries[n:].copy()]
+        if self._indptr_pending is not None:
+            self._indptr_pending.result()
+        lo = self._indptr_flushed
+        self._indptr_pending = self._indptr[lo:lo + n].write(entries[:n], can_reference_source_data_indefinitely=True)
+        self._indptr_flushed = lo + n
+
     def close(self) -> None:
-        """Write the remaining nonzeros and wait for every write."""
-        if self._flushed < self.indptr[-1]:
-            self._flush(int(self.indptr[-1]) - self._flushed)
-        for pending in self._pending:
-            pending.result()
+        """Write the remaining nonzeros and indptr entries and wait for every write."""
+        if (self.rows, self._nonzeros) != (self.n_rows, self.nnz):
+            raise ValueError(f"{self.rows} rows with {self._nonzeros} nonzeros appended to a matrix of "
+                             f"{self.n_rows} rows with {self.nnz}")
+        if self._flushed < self.nnz:
+            self._flush(self.nnz - self._flushed)
+        if self._indptr_flushed < self.n_rows + 1:
+            self._flush_indptr(self.n_rows + 1 - self._indptr_flushed)
+        for pending in [*self._pending, self._indptr_pending]:
+            if pending is not None:
+                pending.result()
 
 
 class StoreWriter:
-    """Writes a new store at `path`: X rows (and their cell ids) appended in order, then obs and var.
+    """Writes a new store at `path`: `n_cells` X rows holding `nnz` nonzeros (and their cell ids)
+    appended in order, then obs and var.
 
-    The row layout (`indptr`) is known up front, so X is written by a `CsrWriter`.
+    X is written by a `CsrWriter`, which needs the totals up front but no row layout.
     `data_dtype` must hold every count; blocks may carry any dtypes that cast exactly.
     Cell ids given with the rows go to obs/_index in chunk-aligned pieces, so they are never all
     in memory; without them, `close` takes them from obs.index. `modality` = (key, names) adds
     obsm[key] (float32, one column per name), whose rows come with every `append`; (key, names,
-    its indptr) adds a sparse one (a CSR group like X with float32 counts), whose rows come as csr.
+    its nonzeros in all) adds a sparse one (a CSR group like X with float32 counts), whose rows come as csr.
     """
 
-    def __init__(self, path: str | os.PathLike, indptr: np.ndarray, n_genes: int,
+    def __init__(self, path: str | os.PathLike, n_cells: int, nnz: int, n_genes: int,
                  data_dtype: np.dtype, attrs: dict, shard_elements: int = SHARD_ELEMENTS,
-                 modality: tuple[str, Sequence[str]] | tuple[str, Sequence[str], np.ndarray] | None = None):
+                 modality: tuple[str, Sequence[str]] | tuple[str, Sequence[str], int] | None = None):
         self.path = Path(path)
         root = zarr.open_group(self.path, mode="w-", zarr_format=3)
         root.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
@@ -249,10 +275,9 @@ class StoreWriter:
         chunk_cells = self.attrs.setdefault("chunk_cells", CELLS_PER_CHUNK)
         if codec not in CODECS:
             raise SscellError(f"codec '{codec}' is not one of {', '.join(CODECS)}; choose one")
-        self._x = CsrWriter(root, "X", self.path / "X", indptr, n_genes, data_dtype, shard_elements, ctx, codec,
+        self._x = CsrWriter(root, "X", self.path / "X", n_cells, nnz, n_genes, data_dtype, shard_elements, ctx, codec,
                             chunk_cells)
-        self.indptr, n_cells = self._x.indptr, len(self._x.indptr) - 1
-        self.n_genes = n_genes
+        self.n_cells, self.n_genes = n_cells, n_genes
         self.data_dtype, self.indices_dtype = self._x.data_dtype, self._x.indices_dtype
         self._ids = root.create_group("obs").create_array(
             "_index", shape=(n_cells,), dtype=str, chunks=(max(1, min(n_cells, ID_CHUNK)),),
@@ -265,7 +290,7 @@ class StoreWriter:
         if modality is not None:
             obsm = root.create_group("obsm", attributes={"encoding-type": "dict", "encoding-version": "0.1.0"})
         if modality is not None and len(modality) == 3:
-            self._modality = CsrWriter(obsm, modality[0], self.path / "obsm" / modality[0], modality[2],
+            self._modality = CsrWriter(obsm, modality[0], self.path / "obsm" / modality[0], n_cells, modality[2],
                                        len(modality[1]), np.dtype(np.float32), shard_elements, ctx, codec,
                                        chunk_cells)
         elif modality is not None:
@@ -310,8 +335,8 @@ class StoreWriter:
     def close(self, obs: pd.DataFrame, var: pd.DataFrame, varm: dict[str, pd.DataFrame] | None = None) -> None:
         """Write the remaining nonzeros, obs, var and varm (obs rows in store order; its index is
         ignored if the ids came with the rows), then the sscell attribute."""
-        if self._rows != len(self.indptr) - 1:
-            raise ValueError(f"{self._rows} rows appended, indptr describes {len(self.indptr) - 1}")
+        if self._rows != self.n_cells:
+            raise ValueError(f"{self._rows} rows appended to a store of {self.n_cells}")
         self._x.close()
         if isinstance(self._modality, CsrWriter):
             self._modality.close()
