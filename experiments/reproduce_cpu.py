@@ -13,7 +13,8 @@ masked then fine-tuned vs scratch at 1% labels 0.908 vs 0.626; zero-shot on the 
 docs/reproduction.md says what reproduces the study and what does not, and why.
 `:calibrated` (python -m sscell.reproduce --config=experiments/reproduce_cpu.py:calibrated) runs it on
 the atlas calibrated to real cells, with the experiments testing the open findings as tasks of their
-own; it writes docs/reproduce_calibrated.{md,csv,png} (about 2 hours on 2 shared cores, float32).
+own; it writes docs/reproduce_calibrated.{md,csv,png} (about 2 hours on 2 shared cores, float32; with data
+seeds, 2026-12-07: 131 min, bfloat16 on AMX, as --config.report_name=reproduce_calibrated_data_seeds).
 Bigger: --config.atlas.n_cells=1000000 --config.pretrain.train.steps=20000
 --config.pretrain.model.hidden='(512,512,256,256)'; fewer seeds: --config.seeds='(0,)'.
 """
