@@ -320,19 +320,14 @@ class _BucketFiles:
 
     def append(self, bucket: int, parts: dict[str, np.ndarray]) -> None:
         encoded = [self._codec.encode(np.ascontiguousarray(parts[name], self.dtypes[name])) for name in self.dtypes]
-        record = b"".join([np.array([len(e) for e in encoded], np.int64).tobytes(), *encoded])
-        fd = os.open(self.folder / str(bucket), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-        try:
-            view = memoryview(record)
-            while view:
-                view = view[os.write(fd, view):]
-        finally:
-            os.close(fd)
+        with open(self.folder / str(bucket), "ab") as file:
+            file.write(np.array([len(e) for e in encoded], np.int64).tobytes() + b"".join(encoded))
 
     def take(self, bucket: int) -> dict[str, np.ndarray]:
-        """The bucket's parts, records concatenated in the order they came; its file removed."""
+        """The bucket's parts, records concatenated in the order they came (every bucket holds a
+        row, so it has a file); its file removed."""
         path = self.folder / str(bucket)
-        raw = memoryview(path.read_bytes()) if path.exists() else memoryview(b"")
+        raw = memoryview(path.read_bytes())
         pieces: dict[str, list[np.ndarray]] = {name: [] for name in self.dtypes}
         at, header = 0, 8 * len(self.dtypes)
         while at < len(raw):
@@ -342,19 +337,17 @@ class _BucketFiles:
                 values = np.frombuffer(self._codec.decode(raw[at:at + length]), self.dtypes[name])
                 pieces[name].append(values.reshape(-1, self.widths[name]) if name in self.widths else values)
                 at += length
-        path.unlink(missing_ok=True)
-        return {name: np.concatenate(p) if p else np.empty((0, *[self.widths[name]] * (name in self.widths)),
-                                                           self.dtypes[name]) for name, p in pieces.items()}
+        path.unlink()
+        return {name: np.concatenate(p) for name, p in pieces.items()}
 
 
-def _bucket_pass(sources: Sequence[_Source], dest: np.ndarray, starts: np.ndarray, id_bytes: int,
-                 dtypes: dict[str, np.dtype], scratch: Path, block_cells: int, n_features: int = 0,
-                 sparse_modality: bool = False) -> _BucketFiles:
+def _bucket_pass(sources: Sequence[_Source], dest: np.ndarray, starts: np.ndarray, buckets_on_disk: _BucketFiles,
+                 block_cells: int) -> None:
     """Pass 2 of the module docstring: concatenated-source cell i goes to store row dest[i], in
     the bucket k with starts[k] <= dest[i] < starts[k + 1]; each block of each source sends every
-    bucket its cells' parts (rows, ids, lengths, indices, data, and the modality's rows when
-    `n_features` > 0, or a sparse modality's lengths, indices and data) as one compressed record."""
-    buckets_on_disk = _BucketFiles(scratch, dtypes, {"modality": n_features} if "modality" in dtypes else None)
+    bucket its cells' parts (those `buckets_on_disk` holds: rows, ids, lengths, indices, data, and
+    a dense modality's rows or a sparse one's lengths, indices and data) as one compressed record."""
+    dtypes = buckets_on_disk.dtypes
     per_row = [name for name in ("rows", "ids", "modality") if name in dtypes]
     offset = 0
     with _progress(len(dest), "bucketing") as bar:
@@ -366,9 +359,9 @@ def _bucket_pass(sources: Sequence[_Source], dest: np.ndarray, starts: np.ndarra
                 blocks = {"": src.read(start, stop)[by_bucket]}
                 rows = rows[by_bucket]
                 parts = {"rows": rows, "ids": np.asarray(src.read_ids(start, stop), dtypes["ids"])[by_bucket]}
-                if sparse_modality:
+                if "peak_lengths" in dtypes:
                     blocks["peak_"] = src.read_modality(start, stop)[by_bucket]
-                elif n_features:
+                elif "modality" in dtypes:
                     parts["modality"] = src.read_modality(start, stop)[by_bucket]
                 buckets = np.searchsorted(starts, rows, "right") - 1
                 cuts = np.flatnonzero(np.diff(buckets)) + 1
@@ -382,7 +375,6 @@ def _bucket_pass(sources: Sequence[_Source], dest: np.ndarray, starts: np.ndarra
                     buckets_on_disk.append(int(buckets[lo]), record)
                 bar.update(stop - start)
             offset += src.n_cells
-    return buckets_on_disk
 
 
 def _write_pass(writer: StoreWriter, buckets_on_disk: _BucketFiles, starts: np.ndarray, n_features: int = 0) -> None:
@@ -477,8 +469,8 @@ def _build(sources: Sequence[_Source], var: pd.DataFrame, known: np.ndarray, att
                    "peak_data": np.dtype(np.float32)}
     elif n_features:
         dtypes["modality"] = np.dtype(np.float32)
-    buckets_on_disk = _bucket_pass(sources, dest, starts, id_bytes, dtypes, tmp / "buckets", block_cells,
-                                   n_features, sparse_modality)
+    buckets_on_disk = _BucketFiles(tmp / "buckets", dtypes, {"modality": n_features} if "modality" in dtypes else None)
+    _bucket_pass(sources, dest, starts, buckets_on_disk, block_cells)
     del dest
     _write_pass(writer, buckets_on_disk, starts, n_features)
     writer.close(obs, var, {"measured": _measured(sources, var.index)})

@@ -184,9 +184,9 @@ class CsrWriter:
         chunks = (min(inner_chunk_elements(nnz, n_rows, chunk_cells), shard_elements), shard_elements)
         self._data = _create_array(path / "data", nnz, data_dtype, chunks, ctx, codec)
         self._indices = _create_array(path / "indices", nnz, index_dtype(n_columns), chunks, ctx, codec)
-        indptr_shard = min(INDPTR_SHARD, shard_elements)
+        self._indptr_shard = min(INDPTR_SHARD, shard_elements)
         self._indptr = _create_array(path / "indptr", n_rows + 1, np.int64,
-                                     (min(chunks[0], indptr_shard), indptr_shard), ctx, codec)
+                                     (min(chunks[0], self._indptr_shard), self._indptr_shard), ctx, codec)
         self.data_dtype, self.indices_dtype = np.dtype(data_dtype), index_dtype(n_columns)
         self.rows = 0         # rows appended so far
         self._nonzeros = 0    # nonzeros appended so far
@@ -209,9 +209,9 @@ class CsrWriter:
         buffered = self._nonzeros - self._flushed
         if buffered >= self.shard_elements:
             self._flush(buffered // self.shard_elements * self.shard_elements)
-        shard = self._indptr.chunk_layout.write_chunk.shape[0]
-        if self.rows + 1 - self._indptr_flushed >= shard:
-            self._flush_indptr((self.rows + 1 - self._indptr_flushed) // shard * shard)
+        pending = self.rows + 1 - self._indptr_flushed
+        if pending >= self._indptr_shard:
+            self._flush_indptr(pending // self._indptr_shard * self._indptr_shard)
 
     def _flush(self, n: int) -> None:
         data = np.concatenate([d for d, _ in self._buffer])
